@@ -1,0 +1,347 @@
+"""Client CPU per streamed token: raw httpx, openai-python and this library, in one run.
+
+Run::
+
+    .venv/bin/python benchmarks/client_overhead.py [--tokens 200] [--streams 10] [--rounds 7]
+        [--llama-server PATH --model PATH]
+
+The replay server (``llamatelemetry_async.testing._replay``, unpaced) runs in its own process,
+so only the client's work counts: CPU time of this process (``time.process_time``) divided by
+the tokens received, one stream at a time. Arms take turns within each round, so a noisy
+neighbour slows them all alike; the table reports the median round. With ``--llama-server``
+and ``--model``, arms (a) and (c) are repeated against a real llama-server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import importlib.util
+import json
+import queue
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+PROMPT = "Tell me a story about a llama who measured its own latency."
+
+# One arm: entered once, then called once per stream; each call returns the tokens it got.
+OneStream = Callable[[], Awaitable[int]]
+ArmFactory = Callable[[str, int], AbstractAsyncContextManager[OneStream]]
+
+
+@dataclass
+class Arm:
+    """A client under test and the per-round samples it collected (µs per token)."""
+
+    name: str
+    endpoint: str
+    factory: ArmFactory
+    samples: list[float] = field(default_factory=list)
+    tokens_per_round: int = 0
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+
+def _bootstrap_path() -> None:
+    """Let ``python benchmarks/x.py`` import the package from a checkout that is not installed."""
+    if importlib.util.find_spec("llamatelemetry_async") is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+# -- arms ------------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def raw_httpx(url: str, tokens: int) -> AsyncIterator[OneStream]:
+    """(a) One ``httpx.AsyncClient``, ``aiter_lines`` and ``json.loads`` per event."""
+    # ignore_eos: a real model must not stop early, or per-request costs swamp per-token ones.
+    body = {"prompt": PROMPT, "n_predict": tokens, "stream": True, "ignore_eos": True}
+    async with httpx.AsyncClient(timeout=httpx.Timeout(60.0)) as client:
+
+        async def once() -> int:
+            n = 0
+            async with client.stream("POST", url + "/completion", json=body) as response:
+                response.raise_for_status()
+                async for line in response.aiter_lines():
+                    if line.startswith("data: "):
+                        event = json.loads(line[6:])
+                        if not event.get("stop"):
+                            n += 1
+            return n
+
+        yield once
+
+
+@contextlib.asynccontextmanager
+async def openai_chat(url: str, tokens: int) -> AsyncIterator[OneStream]:
+    """(b) openai-python ``AsyncOpenAI`` chat stream."""
+    from openai import AsyncOpenAI
+
+    async with AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as client:
+
+        async def once() -> int:
+            n = 0
+            stream = await client.chat.completions.create(
+                model="replay",
+                messages=[{"role": "user", "content": PROMPT}],
+                max_tokens=tokens,
+                stream=True,
+            )
+            async with stream:
+                async for chunk in stream:
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        n += 1
+            return n
+
+        yield once
+
+
+@contextlib.asynccontextmanager
+async def library_completion(url: str, tokens: int) -> AsyncIterator[OneStream]:
+    """(c) This library, ``stream_completion`` against ``/completion``."""
+    from llamatelemetry_async import AsyncLlamaClient
+
+    async with AsyncLlamaClient(url) as client:
+
+        async def once() -> int:
+            n = 0
+            async with client.stream_completion(
+                PROMPT, n_predict=tokens, ignore_eos=True
+            ) as stream:
+                async for chunk in stream:
+                    if chunk.text:
+                        n += 1
+            return n
+
+        yield once
+
+
+@contextlib.asynccontextmanager
+async def library_chat(url: str, tokens: int) -> AsyncIterator[OneStream]:
+    """(c) This library, ``stream_chat`` against ``/v1/chat/completions``."""
+    from llamatelemetry_async import AsyncLlamaClient
+
+    async with AsyncLlamaClient(url) as client:
+
+        async def once() -> int:
+            n = 0
+            async with client.stream_chat(
+                [{"role": "user", "content": PROMPT}], max_tokens=tokens, ignore_eos=True
+            ) as stream:
+                async for chunk in stream:
+                    if chunk.text:
+                        n += 1
+            return n
+
+        yield once
+
+
+def library_available() -> str | None:
+    """Return why this library's client cannot be benchmarked, or None when it can."""
+    try:
+        from llamatelemetry_async import AsyncLlamaClient  # noqa: F401
+    except ImportError as exc:
+        return f"this library's client does not import yet ({exc})"
+    return None
+
+
+# -- measurement -----------------------------------------------------------------------------
+
+
+async def run_arms(url: str, arms: list[Arm], args: argparse.Namespace) -> None:
+    """Warm every arm up, then run rounds in which the arms take turns."""
+    async with contextlib.AsyncExitStack() as stack:
+        streams: list[OneStream] = []
+        for arm in arms:
+            once = await stack.enter_async_context(arm.factory(url, args.tokens))
+            for _ in range(args.warmup):
+                await once()
+            streams.append(once)
+        for _ in range(args.rounds):
+            for arm, once in zip(arms, streams, strict=True):
+                received = 0
+                start = time.process_time()
+                for _ in range(args.streams):
+                    received += await once()
+                elapsed = time.process_time() - start
+                if received == 0:
+                    raise RuntimeError(f"{arm.name}: no tokens received")
+                arm.samples.append(elapsed / received * 1e6)
+                arm.tokens_per_round = received
+
+
+def print_table(title: str, arms: list[Arm]) -> None:
+    baseline = next((a for a in arms if a.name.startswith("(a)")), None)
+    print(f"\n### {title}\n")
+    print("| arm | endpoint | µs/token (median) | min | max | tokens/round | vs raw httpx |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for arm in arms:
+        ratio = f"{arm.median / baseline.median:.2f}x" if baseline else "-"
+        print(
+            f"| {arm.name} | `{arm.endpoint}` | {arm.median:.1f} | {min(arm.samples):.1f} "
+            f"| {max(arm.samples):.1f} | {arm.tokens_per_round} | {ratio} |"
+        )
+
+
+def print_ratios(arms: list[Arm]) -> None:
+    by_name = {arm.name: arm for arm in arms}
+    raw = by_name.get("(a) raw httpx")
+    openai = by_name.get("(b) openai-python")
+    ours = by_name.get("(c) this library")
+    ours_chat = by_name.get("(c) this library, chat")
+    rows: list[tuple[str, float, str, bool | None]] = []
+    if raw and ours:
+        value = ours.median / raw.median
+        rows.append(("this client / raw httpx (`/completion`)", value, "≤ 0.5x", value <= 0.5))
+    if openai and ours_chat:
+        value = openai.median / ours_chat.median
+        rows.append(("openai / this client (chat)", value, "≥ 10x", value >= 10))
+    if openai and raw:
+        rows.append(("openai / raw httpx", openai.median / raw.median, "-", None))
+    if not rows:
+        return
+    print("\n| ratio | value | target | met |")
+    print("| --- | ---: | --- | --- |")
+    for label, value, target, met in rows:
+        mark = "-" if met is None else ("yes" if met else "**no**")
+        print(f"| {label} | {value:.2f}x | {target} | {mark} |")
+
+
+# -- real llama-server -----------------------------------------------------------------------
+
+_LISTENING = re.compile(r"listening on (http://[^\s/]+):(\d+)")
+
+
+@contextlib.contextmanager
+def llama_server(binary: str, model: str, timeout: float) -> Iterator[str]:
+    """Start llama-server on a free port, wait until /health is 200, stop and reap it on exit."""
+    argv = [binary, "-m", model, "--host", "127.0.0.1", "--port", "0", "-np", "1"]
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+    found: queue.Queue[str] = queue.Queue()
+
+    def drain() -> None:
+        # Read the log to its end, always: a full pipe would block the server.
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            tail.append(line)
+            match = _LISTENING.search(line)
+            if match and found.empty():
+                found.put(f"{match[1]}:{match[2]}")
+
+    pump = threading.Thread(target=drain, name="llama-server-log", daemon=True)
+    pump.start()
+    try:
+        try:
+            url = found.get(timeout=timeout)
+        except queue.Empty:
+            raise RuntimeError(
+                "llama-server did not report its port; log tail:\n" + "\n".join(tail)
+            ) from None
+        if url.endswith(":0"):
+            raise RuntimeError("this llama-server does not support --port 0")
+        deadline = time.monotonic() + timeout
+        # /health answers 503 while the model loads.
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("llama-server did not get ready; log tail:\n" + "\n".join(tail))
+            time.sleep(0.1)
+        yield url
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        proc.wait()
+        pump.join(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--tokens", type=int, default=200, help="tokens per stream")
+    parser.add_argument("--streams", type=int, default=10, help="streams per arm per round")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=3, help="streams per arm before rounds")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="replay pacing, tokens/s per stream (0: unpaced; try 1000 for one read per token)",
+    )
+    parser.add_argument("--llama-server", metavar="PATH", help="llama-server binary")
+    parser.add_argument("--model", metavar="PATH", help="a small GGUF model for llama-server")
+    parser.add_argument("--server-timeout", type=float, default=120.0)
+    args = parser.parse_args()
+
+    _bootstrap_path()
+    from llamatelemetry_async.testing._replay import replay_server
+
+    missing = library_available()
+    arms = [
+        Arm("(a) raw httpx", "/completion", raw_httpx),
+        Arm("(b) openai-python", "/v1/chat/completions", openai_chat),
+    ]
+    if missing is None:
+        arms += [
+            Arm("(c) this library", "/completion", library_completion),
+            Arm("(c) this library, chat", "/v1/chat/completions", library_chat),
+        ]
+    print(
+        f"client CPU per token: {args.rounds} rounds x {args.streams} streams x "
+        f"{args.tokens} tokens per arm, median round; python {sys.version.split()[0]}, "
+        f"httpx {httpx.__version__}"
+    )
+    if missing is not None:
+        print(f"\nnote: arm (c) skipped: {missing}")
+
+    with replay_server(tokens=args.tokens, rate=args.rate) as url:
+        asyncio.run(run_arms(url, arms, args))
+    pacing = f"paced at {args.rate:g} tokens/s" if args.rate > 0 else "unpaced"
+    print_table(f"replay server ({pacing}, own process)", arms)
+    print_ratios(arms)
+
+    if not (args.llama_server and args.model):
+        print("\nnote: real llama-server part skipped (give --llama-server PATH and --model PATH)")
+        return 0
+    real = [Arm("(a) raw httpx", "/completion", raw_httpx)]
+    if missing is None:
+        real += [
+            Arm("(c) this library", "/completion", library_completion),
+            Arm("(c) this library, chat", "/v1/chat/completions", library_chat),
+        ]
+    with llama_server(args.llama_server, args.model, args.server_timeout) as url:
+        asyncio.run(run_arms(url, real, args))
+    print_table(f"real llama-server ({Path(args.model).name}, -np 1)", real)
+    print_ratios(real)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

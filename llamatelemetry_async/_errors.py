@@ -1,0 +1,174 @@
+"""The one exception tree of llamatelemetry_async.
+
+```
+LlamaError
+├── UsageError ..................... the caller did something the API does not allow
+│   ├── ClientClosedError .......... a client used after aclose()
+│   └── StreamConsumedError ........ a TokenStream iterated again after it ended or was closed
+├── TransportError ................. the request did not get a complete HTTP answer
+│   ├── ConnectError ............... no connection could be made (server down, wrong port)
+│   ├── ReadError .................. the connection broke while reading the response
+│   ├── WriteError ................. the connection broke while sending the request
+│   ├── RemoteProtocolError ........ the server sent malformed HTTP, SSE or JSON
+│   └── TimeoutException ........... (also a builtin TimeoutError)
+│       ├── ConnectTimeout
+│       ├── ReadTimeout
+│       ├── WriteTimeout
+│       └── PoolTimeout
+├── APIError ....................... the server answered, with an error
+│   ├── HTTPStatusError ............ a non-2xx status, with the server's own message and type
+│   └── StreamError ................ an error event in the middle of an SSE stream
+└── LlamaServerError ............... getting or running the llama-server binary
+    ├── LlamaServerNotFoundError ... no binary found; says how to get one
+    └── BuildError ................. building llama-server from source failed
+```
+
+Dependency errors (httpx, OSError, msgspec) are translated at the edges with
+``raise ... from exc`` so that callers only ever catch this tree.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "APIError",
+    "BuildError",
+    "ClientClosedError",
+    "ConnectError",
+    "ConnectTimeout",
+    "HTTPStatusError",
+    "LlamaError",
+    "LlamaServerError",
+    "LlamaServerNotFoundError",
+    "PoolTimeout",
+    "ReadError",
+    "ReadTimeout",
+    "RemoteProtocolError",
+    "StreamConsumedError",
+    "StreamError",
+    "TimeoutException",
+    "TransportError",
+    "UsageError",
+    "WriteError",
+    "WriteTimeout",
+]
+
+
+class LlamaError(Exception):
+    """Base class of every error this library raises."""
+
+
+class UsageError(LlamaError):
+    """The API was used in a way it does not allow; the message says what to do instead."""
+
+
+class ClientClosedError(UsageError):
+    """A client (or engine) was used after ``aclose()``; open a new one."""
+
+
+class StreamConsumedError(UsageError):
+    """A ``TokenStream`` was iterated after it ended or was closed; start a new request."""
+
+
+class TransportError(LlamaError):
+    """The request did not get a complete HTTP answer.
+
+    ``url`` names the request, when one was being made.
+    """
+
+    def __init__(self, message: str, *, url: str | None = None) -> None:
+        super().__init__(message)
+        self.url = url
+
+
+class ConnectError(TransportError):
+    """No connection could be made: is the server running, on that host and port?"""
+
+
+class ReadError(TransportError):
+    """The connection broke while the response was being read."""
+
+
+class WriteError(TransportError):
+    """The connection broke while the request was being sent."""
+
+
+class RemoteProtocolError(TransportError):
+    """The server sent something that is not valid HTTP/1.1, SSE or JSON."""
+
+
+class TimeoutException(TransportError, TimeoutError):
+    """A time limit ran out; raise the matching part of ``httpx.Timeout`` if it is too short."""
+
+
+class ConnectTimeout(TimeoutException):
+    """Connecting took longer than the connect timeout."""
+
+
+class ReadTimeout(TimeoutException):
+    """No byte arrived for longer than the read timeout (a long prefill needs a larger one)."""
+
+
+class WriteTimeout(TimeoutException):
+    """Sending the request took longer than the write timeout."""
+
+
+class PoolTimeout(TimeoutException):
+    """No connection became free within the pool timeout (``max_connections`` reached)."""
+
+
+class APIError(LlamaError):
+    """The server answered with an error.
+
+    ``message`` and ``error_type`` are the server's own (llama-server sends
+    ``{"error": {"code", "message", "type"}}``); ``body`` is the raw decoded body.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        error_type: str | None = None,
+        body: object = None,
+        url: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.error_type = error_type
+        self.body = body
+        self.url = url
+
+
+class HTTPStatusError(APIError):
+    """The server answered with a 4xx or 5xx status.
+
+    ``status_code``, ``message`` and ``error_type`` say what the server objected to.
+    """
+
+
+class StreamError(APIError):
+    """The server sent an error event in the middle of a stream."""
+
+
+class LlamaServerError(LlamaError):
+    """Getting or running the llama-server binary failed."""
+
+
+class LlamaServerNotFoundError(LlamaServerError):
+    """No llama-server binary was found in any of the places searched.
+
+    ``searched`` lists them in order.
+    """
+
+    def __init__(self, message: str, *, searched: list[str]) -> None:
+        super().__init__(message)
+        self.searched = searched
+
+
+class BuildError(LlamaServerError):
+    """Building llama-server from source failed; ``log_tail`` holds the last build lines."""
+
+    def __init__(self, message: str, *, log_tail: str = "") -> None:
+        super().__init__(f"{message}\n{log_tail}" if log_tail else message)
+        self.log_tail = log_tail

@@ -1,0 +1,459 @@
+"""``TokenStream``: an SSE response read as an async iterator of typed chunks.
+
+The per-token path: the connection parses HTTP chunks straight into the SSE decoder
+(inside ``data_received`` on asyncio), the stream takes the finished ``data`` payloads in
+batches and decodes each with one msgspec call. No per-token allocation beyond the
+chunk object itself, no per-token timer, no per-token task switch when events arrive
+together.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Generic, Self, TypeVar
+
+import httpx
+import msgspec
+
+from .._errors import (
+    LlamaError,
+    RemoteProtocolError,
+    StreamConsumedError,
+    StreamError,
+    UsageError,
+)
+from ._errors_map import map_httpx_error, status_error
+from ._http import Connection, ConnectionPool, Timeouts
+from ._sse import SSEDecoder
+from ._types import (
+    ChatChunk,
+    CompletionChunk,
+    TextCompletionChunk,
+    Timings,
+    Usage,
+    native_finish_reason,
+)
+
+__all__ = ["TokenStream"]
+
+ChunkT = TypeVar("ChunkT", CompletionChunk, ChatChunk, TextCompletionChunk)
+
+_NEW, _OPEN, _FINISHING, _DONE, _CLOSED = range(5)
+_MAX_ERROR_BODY = 1 << 20
+
+
+class _Source(abc.ABC):
+    """Where a stream's bytes come from: the O(1) pool, or any httpx client."""
+
+    url: str
+
+    @abc.abstractmethod
+    async def open(self, sink: Callable[[bytes], None], backlog: Callable[[], int]) -> None:
+        """Send the request; raise ``HTTPStatusError`` for an error status."""
+
+    @abc.abstractmethod
+    async def fill(self) -> bool:
+        """Feed more body bytes to the sink; ``False`` once the body has ended."""
+
+    @abc.abstractmethod
+    def taken(self) -> None:
+        """The consumer took what was buffered (lets a paused connection read again)."""
+
+    @abc.abstractmethod
+    async def finish(self) -> None:
+        """Read the body to its end and give the connection back for reuse."""
+
+    @abc.abstractmethod
+    async def abort(self) -> None:
+        """Abandon the response: close its connection (the server stops generating)."""
+
+    @abc.abstractmethod
+    def abort_nowait(self) -> None:
+        """``abort`` for the garbage collector: no awaiting."""
+
+
+class PoolSource(_Source):
+    __slots__ = ("_body", "_conn", "_head", "_host", "_pool", "_port", "_timeouts", "url")
+
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        host: str,
+        port: int,
+        head: bytes,
+        body: bytes,
+        timeouts: Timeouts,
+        url: str,
+    ) -> None:
+        self._pool = pool
+        self._host = host
+        self._port = port
+        self._head = head
+        self._body = body
+        self._timeouts = timeouts
+        self._conn: Connection | None = None
+        self.url = url
+
+    async def open(self, sink: Callable[[bytes], None], backlog: Callable[[], int]) -> None:
+        conn = await self._pool.request(self._host, self._port, self._head, self._body, self._timeouts)
+        head = conn.parser.head
+        assert head is not None
+        if head.status >= 400:
+            pieces: list[bytes] = []
+            conn.parser.set_sink(pieces.append)
+            try:
+                while not conn.parser.done and sum(map(len, pieces)) < _MAX_ERROR_BODY:
+                    await conn.wait()
+            finally:
+                await (self._pool.release if conn.parser.done else self._pool.discard)(conn)
+            raise status_error(head.status, b"".join(pieces), self.url)
+        self._conn = conn
+        conn.watch_buffer(backlog)
+        conn.parser.set_sink(sink)
+
+    async def fill(self) -> bool:
+        conn = self._conn
+        assert conn is not None
+        if conn.parser.done:
+            return False
+        await conn.wait()
+        return True
+
+    def taken(self) -> None:
+        if self._conn is not None:
+            self._conn.resume_if_drained()
+
+    async def finish(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        conn.parser.sink = _ignore  # events after the last one are not the user's
+        while not conn.parser.done:
+            await conn.wait()
+        self._conn = None
+        head = conn.parser.head
+        if head is not None and head.get(b"server") == b"llama.cpp":
+            # llama-server (cpp-httplib) closes the connection after every streamed
+            # response although it advertises keep-alive; pooling it would cost the next
+            # request a failed round trip and a retry.
+            await self._pool.discard(conn)
+        else:
+            await self._pool.release(conn)
+
+    async def abort(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await self._pool.discard(conn)
+
+    def abort_nowait(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.abort()
+
+
+def _ignore(data: bytes) -> None:
+    return None
+
+
+class HttpxSource(_Source):
+    """The portable path through any ``httpx.AsyncClient`` (a user's own, or for TLS)."""
+
+    def __init__(self, http: httpx.AsyncClient, request: httpx.Request) -> None:
+        self._http = http
+        self._request = request
+        self._response: httpx.Response | None = None
+        self._chunks: Any = None
+        self._sink: Callable[[bytes], None] = _ignore
+        self.url = str(request.url)
+
+    async def open(self, sink: Callable[[bytes], None], backlog: Callable[[], int]) -> None:
+        try:
+            response = await self._http.send(self._request, stream=True)
+        except httpx.HTTPError as exc:
+            raise map_httpx_error(exc, self.url) from exc
+        if response.status_code >= 400:
+            try:
+                body = await response.aread()
+            finally:
+                await response.aclose()
+            raise status_error(response.status_code, body, self.url)
+        self._response = response
+        self._chunks = response.aiter_raw()
+        self._sink = sink
+
+    async def fill(self) -> bool:
+        try:
+            data = await self._chunks.__anext__()
+        except StopAsyncIteration:
+            return False
+        except httpx.HTTPError as exc:
+            raise map_httpx_error(exc, self.url) from exc
+        self._sink(data)
+        return True
+
+    def taken(self) -> None:
+        return
+
+    async def finish(self) -> None:
+        self._sink = _ignore
+        while await self.fill():
+            pass
+        await self.abort()
+
+    async def abort(self) -> None:
+        response, self._response = self._response, None
+        if response is not None:
+            await response.aclose()
+
+    def abort_nowait(self) -> None:
+        # httpx responses close asynchronously; the pool reclaims the connection.
+        self._response = None
+
+
+class TokenStream(Generic[ChunkT]):
+    """A streaming response: ``async for chunk in stream`` yields typed chunks.
+
+    Use it as an async context manager (or call ``aclose()``) so the connection is
+    released however the loop ends. ``aclose()`` may be called from any task, any number
+    of times; closing mid-generation closes the HTTP response and llama-server stops
+    generating for it. After the end, ``text``, ``finish_reason``, ``usage`` and
+    ``timings`` describe the whole response.
+
+    The request is sent on ``__aenter__`` or on the first ``__anext__``.
+    """
+
+    __slots__ = (
+        "_batch",
+        "_decode",
+        "_decoder",
+        "_done_marker",
+        "_final_seen",
+        "_parts",
+        "_pos",
+        "_reported_end",
+        "_source",
+        "_state",
+        "chunks",
+        "finish_reason",
+        "timings",
+        "usage",
+    )
+
+    def __init__(self, source: _Source, chunk_type: type[ChunkT]) -> None:
+        self._source = source
+        self._decode: Callable[[bytes], ChunkT] = _decoder_for(chunk_type)
+        self._done_marker = chunk_type is not CompletionChunk  # OpenAI shapes end with [DONE]
+        self._decoder = SSEDecoder()
+        self._state = _NEW
+        self._batch: list[bytes] = []
+        self._pos = 0
+        self._parts: list[str] = []
+        self._final_seen = False
+        self._reported_end = False
+        self.chunks = 0
+        """Chunks yielded so far."""
+        self.finish_reason: str | None = None
+        """Why generation stopped ("stop", "length", ...), once the stream has ended."""
+        self.usage: Usage | None = None
+        """Token counts from the server, once the stream has ended."""
+        self.timings: Timings | None = None
+        """llama.cpp's timings of the request, once the stream has ended."""
+
+    @property
+    def url(self) -> str:
+        return self._source.url
+
+    @property
+    def text(self) -> str:
+        """All text received so far (the whole completion once the stream has ended)."""
+        return "".join(self._parts)
+
+    @property
+    def closed(self) -> bool:
+        """True once the stream has ended or was closed."""
+        return self._state in (_DONE, _CLOSED)
+
+    async def __aenter__(self) -> Self:
+        if self._state == _NEW:
+            await self._open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> ChunkT:
+        if self._state != _OPEN:
+            if self._state == _NEW:
+                await self._open()
+            else:
+                return self._end_of_iteration()
+        try:
+            while True:
+                batch = self._batch
+                while self._pos < len(batch):
+                    payload = batch[self._pos]
+                    self._pos += 1
+                    chunk = self._handle(payload)
+                    if chunk is not None:
+                        self.chunks += 1
+                        self._parts.append(chunk.text)
+                        return chunk
+                    if self._final_seen:
+                        break
+                if self._final_seen:
+                    await self._finish()
+                    return self._end_of_iteration()
+                events = self._decoder.events
+                if events:
+                    self._decoder.events = []
+                    self._batch = events
+                    self._pos = 0
+                    self._source.taken()
+                    continue
+                if not await self._source.fill():
+                    if self._decoder.events:
+                        continue
+                    await self._finish()
+                    return self._end_of_iteration()
+                if self._state != _OPEN:
+                    return self._end_of_iteration()
+        except (LlamaError, httpx.HTTPError) as exc:
+            if self._state == _CLOSED:
+                # aclose() from another task broke the read: the loop just ends.
+                return self._end_of_iteration()
+            await self._fail()
+            if isinstance(exc, httpx.HTTPError):
+                raise map_httpx_error(exc, self.url) from exc
+            raise
+        except BaseException:
+            await self._fail()
+            raise
+
+    def _handle(self, payload: bytes) -> ChunkT | None:
+        if payload.startswith(b'{"error"'):
+            raise _stream_error(payload, self.url)
+        if self._done_marker and payload == b"[DONE]":
+            self._final_seen = True
+            return None
+        try:
+            chunk = self._decode(payload)
+        except msgspec.DecodeError as exc:
+            raise RemoteProtocolError(
+                f"the server sent an event that is not valid JSON: {payload[:200]!r}",
+                url=self.url,
+            ) from exc
+        if isinstance(chunk, CompletionChunk):
+            if chunk.stop:
+                self._final_seen = True
+                self.finish_reason = native_finish_reason(chunk.stop_type)
+                self.timings = chunk.timings
+                self.usage = Usage(
+                    chunk.tokens_evaluated,
+                    chunk.tokens_predicted,
+                    chunk.tokens_evaluated + chunk.tokens_predicted,
+                )
+            return chunk if chunk.content else None
+        # OpenAI shapes: the finish reason, usage and timings may come on separate chunks.
+        choices = chunk.choices
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+        if chunk.timings is not None:
+            self.timings = chunk.timings
+        if not choices:
+            return None
+        choice = choices[0]
+        if choice.finish_reason is not None:
+            self.finish_reason = choice.finish_reason
+        if chunk.text:
+            return chunk
+        delta = getattr(choice, "delta", None)
+        if delta is not None and (delta.reasoning_content or delta.tool_calls):
+            return chunk
+        return None
+
+    def _end_of_iteration(self) -> ChunkT:
+        if self._reported_end:
+            raise StreamConsumedError(
+                "this stream has already ended or was closed; start a new request "
+                "to generate again (its text, usage and timings stay readable)"
+            )
+        self._reported_end = True
+        raise StopAsyncIteration
+
+    async def _open(self) -> None:
+        if self._state != _NEW:
+            raise UsageError("the stream was already started")
+        self._state = _OPEN
+        decoder = self._decoder
+        try:
+            await self._source.open(decoder.feed, decoder.events.__len__)
+        except BaseException:
+            self._state = _CLOSED
+            raise
+
+    async def _finish(self) -> None:
+        self._state = _FINISHING
+        try:
+            await self._source.finish()
+        except BaseException:
+            await self._fail()
+            raise
+        if self._state == _FINISHING:
+            self._state = _DONE
+
+    async def _fail(self) -> None:
+        self._state = _CLOSED
+        self._reported_end = True
+        await self._source.abort()
+
+    async def aclose(self) -> None:
+        """Stop the stream and release its connection; safe from any task, twice."""
+        if self._state in (_DONE, _CLOSED):
+            return
+        self._state = _CLOSED
+        await self._source.abort()
+
+    def __del__(self) -> None:
+        # A loop left with `break` and no `async with`: do not keep the server generating.
+        if self._state in (_OPEN, _FINISHING):
+            self._source.abort_nowait()
+
+    def __repr__(self) -> str:
+        states = ("new", "open", "finishing", "done", "closed")
+        return f"<TokenStream {self.url} {states[self._state]} chunks={self.chunks}>"
+
+
+_DECODERS: dict[type[Any], Callable[[bytes], Any]] = {
+    t: msgspec.json.Decoder(t).decode for t in (CompletionChunk, ChatChunk, TextCompletionChunk)
+}
+
+
+def _decoder_for(chunk_type: type[ChunkT]) -> Callable[[bytes], ChunkT]:
+    return _DECODERS[chunk_type]
+
+
+def _stream_error(payload: bytes, url: str) -> StreamError:
+    try:
+        error = msgspec.json.decode(payload).get("error")
+    except (msgspec.DecodeError, AttributeError):
+        error = None
+    if not isinstance(error, dict):
+        return StreamError(f"the server sent an error event: {payload[:500]!r}", url=url)
+    message = str(error.get("message", "unknown error"))
+    return StreamError(
+        f"the server reported an error mid-stream: {message}",
+        status_code=error.get("code") if isinstance(error.get("code"), int) else None,
+        error_type=error.get("type"),
+        body=error,
+        url=url,
+    )
+

@@ -1,0 +1,161 @@
+"""An httpx transport on the O(1) connection pool, so every httpx feature still works."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from .._errors import (
+    ConnectError,
+    ConnectTimeout,
+    PoolTimeout,
+    ReadError,
+    ReadTimeout,
+    RemoteProtocolError,
+    TransportError,
+    WriteError,
+    WriteTimeout,
+)
+from ._http import Backend, Connection, ConnectionPool, PoolStats, Timeouts
+
+__all__ = ["LlamaTransport", "httpx_timeouts"]
+
+# Our transport errors -> the httpx ones a transport is expected to raise.
+_TO_HTTPX: list[tuple[type[TransportError], type[httpx.TransportError]]] = [
+    (ConnectTimeout, httpx.ConnectTimeout),
+    (ReadTimeout, httpx.ReadTimeout),
+    (WriteTimeout, httpx.WriteTimeout),
+    (PoolTimeout, httpx.PoolTimeout),
+    (ConnectError, httpx.ConnectError),
+    (ReadError, httpx.ReadError),
+    (WriteError, httpx.WriteError),
+    (RemoteProtocolError, httpx.RemoteProtocolError),
+]
+
+
+def _to_httpx(exc: TransportError, request: httpx.Request) -> httpx.TransportError:
+    for ours, theirs in _TO_HTTPX:
+        if isinstance(exc, ours):
+            return theirs(str(exc), request=request)
+    return httpx.TransportError(str(exc), request=request)
+
+
+def httpx_timeouts(timeout: httpx.Timeout | dict[str, Any]) -> Timeouts:
+    """Our ``Timeouts`` from an ``httpx.Timeout`` or httpx's per-request timeout dict."""
+    get = timeout.get if isinstance(timeout, dict) else timeout.as_dict().get
+    return Timeouts(
+        connect=get("connect"), read=get("read"), write=get("write"), pool=get("pool")
+    )
+
+
+class _ResponseStream(httpx.AsyncByteStream):
+    def __init__(
+        self, pool: ConnectionPool, conn: Connection, request: httpx.Request
+    ) -> None:
+        self._pool = pool
+        self._conn = conn
+        self._request = request
+        self._pieces: list[bytes] = []
+        self._released = False
+        conn.watch_buffer(self._pieces.__len__)
+        conn.parser.set_sink(self._pieces.append)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        conn = self._conn
+        pieces = self._pieces
+        try:
+            while True:
+                if pieces:
+                    data = b"".join(pieces)
+                    pieces.clear()
+                    conn.resume_if_drained()
+                    yield data
+                elif conn.parser.done:
+                    break
+                else:
+                    await conn.wait()
+        except TransportError as exc:
+            raise _to_httpx(exc, self._request) from exc
+        await self._release()
+
+    async def _release(self) -> None:
+        if not self._released:
+            self._released = True
+            await self._pool.release(self._conn)
+
+    async def aclose(self) -> None:
+        if not self._released:
+            self._released = True
+            if self._conn.parser.done:
+                await self._pool.release(self._conn)
+            else:
+                await self._pool.discard(self._conn)
+
+
+class LlamaTransport(httpx.AsyncBaseTransport):
+    """An ``httpx.AsyncBaseTransport`` (plain HTTP/1.1) on an O(1) connection pool.
+
+    ``AsyncLlamaClient`` uses it by default; pass it to your own ``httpx.AsyncClient`` to
+    get the same behaviour at high concurrency::
+
+        httpx.AsyncClient(transport=LlamaTransport(max_connections=None))
+    """
+
+    def __init__(
+        self,
+        *,
+        max_connections: int | None = None,
+        max_idle: int = 256,
+        keepalive_expiry: float = 4.0,
+        backend: Backend = "auto",
+    ) -> None:
+        self.pool = ConnectionPool(
+            max_connections=max_connections,
+            max_idle=max_idle,
+            keepalive_expiry=keepalive_expiry,
+            backend=backend,
+        )
+
+    @property
+    def stats(self) -> PoolStats:
+        """Connections opened so far, active and idle now, requests sent."""
+        return self.pool.stats
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        if url.scheme != "http":
+            raise httpx.UnsupportedProtocol(
+                f"LlamaTransport speaks plain http, not {url.scheme!r}: pass an "
+                "httpx.AsyncClient with its default transport for TLS",
+                request=request,
+            )
+        body = await request.aread()
+        lines = [request.method.encode("ascii"), b" ", url.raw_path, b" HTTP/1.1\r\n"]
+        for name, value in request.headers.raw:
+            lines += (name, b": ", value, b"\r\n")
+        lines.append(b"\r\n")
+        timeouts = httpx_timeouts(request.extensions.get("timeout", {}))
+        try:
+            conn = await self.pool.request(
+                url.host,
+                url.port or 80,
+                b"".join(lines),
+                body,
+                timeouts,
+                head_only=request.method == "HEAD",
+            )
+        except TransportError as exc:
+            raise _to_httpx(exc, request) from exc
+        head = conn.parser.head
+        assert head is not None
+        return httpx.Response(
+            head.status,
+            headers=head.headers,
+            stream=_ResponseStream(self.pool, conn, request),
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": head.reason.encode()},
+        )
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
