@@ -114,6 +114,7 @@ class AsyncLlamaClient:
             all_headers["Authorization"] = f"Bearer {api_key}"
         all_headers.update(headers or {})
         self._prefix = url.raw_path.rstrip(b"/")
+        self._origin = f"{url.scheme}://{url.netloc.decode('ascii')}"
         self._transport: LlamaTransport | None = None
         self._owns_http = http_client is None
         if http_client is None:
@@ -197,7 +198,7 @@ class AsyncLlamaClient:
 
         Usage is asked for (``stream_options.include_usage``) unless ``params`` say otherwise.
         """
-        body = {"messages": list(messages), "stream_options": {"include_usage": True}, **params}
+        body = {"messages": _messages(messages), "stream_options": {"include_usage": True}, **params}
         return self._stream("/v1/chat/completions", body, ChatChunk)
 
     def stream_openai_completion(
@@ -258,7 +259,7 @@ class AsyncLlamaClient:
 
     async def chat(self, messages: Iterable[Message], **params: Any) -> ChatCompletion:
         """``POST /v1/chat/completions`` without streaming (OpenAI parameter names)."""
-        body = {"messages": list(messages), **params}
+        body = {"messages": _messages(messages), **params}
         return await self._call("POST", "/v1/chat/completions", body, ChatCompletion)
 
     async def openai_completion(self, prompt: str | Sequence[Any], **params: Any) -> TextCompletion:
@@ -335,7 +336,7 @@ class AsyncLlamaClient:
 
     async def apply_template(self, messages: Iterable[Message], **params: Any) -> str:
         """``POST /apply-template``: the prompt the chat template makes of ``messages``."""
-        body = {"messages": list(messages), **params}
+        body = {"messages": _messages(messages), **params}
         return (await self._call("POST", "/apply-template", body, _Prompt)).prompt
 
     # ----------------------------------------------------------------- embeddings
@@ -367,7 +368,8 @@ class AsyncLlamaClient:
             return response.text
 
     def _url(self, path: str) -> str:
-        return self._prefix.decode("ascii") + path
+        # Absolute, so a user's own httpx client (without our base_url) works too.
+        return self._origin + self._prefix.decode("ascii") + path
 
     async def _send(self, method: str, path: str, body: Any) -> httpx.Response:
         self._check_open()
@@ -381,7 +383,7 @@ class AsyncLlamaClient:
                 headers={"Content-Type": "application/json"} if content is not None else None,
             )
         except httpx.HTTPError as exc:
-            raise map_httpx_error(exc, str(self.base_url.join(url))) from exc
+            raise map_httpx_error(exc, url) from exc
         if response.status_code >= 400:
             raise status_error(response.status_code, response.content, str(response.url))
         return response
@@ -397,6 +399,11 @@ class AsyncLlamaClient:
 
     def __repr__(self) -> str:
         return f"<AsyncLlamaClient {self.base_url} {self._state.name.lower()}>"
+
+
+def _messages(messages: Iterable[Message]) -> Any:
+    # A str is iterable too: pass it on untouched so the server names the mistake.
+    return messages if isinstance(messages, str) else list(messages)
 
 
 def _parse_prometheus(text: str) -> dict[str, float]:

@@ -10,7 +10,7 @@ together.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
@@ -109,9 +109,9 @@ class PoolSource(_Source):
             finally:
                 await (self._pool.release if conn.parser.done else self._pool.discard)(conn)
             raise status_error(head.status, b"".join(pieces), self.url)
-        self._conn = conn
+        self._conn = conn  # from here on, abort() owns it
         conn.watch_buffer(backlog)
-        conn.parser.set_sink(sink)
+        conn.parser.set_sink(sink)  # may raise: bytes that came with the head are parsed now
 
     async def fill(self) -> bool:
         conn = self._conn
@@ -163,7 +163,7 @@ class HttpxSource(_Source):
         self._http = http
         self._request = request
         self._response: httpx.Response | None = None
-        self._chunks: Any = None
+        self._chunks: AsyncGenerator[bytes, None] | None = None
         self._sink: Callable[[bytes], None] = _ignore
         self.url = str(request.url)
 
@@ -179,10 +179,11 @@ class HttpxSource(_Source):
                 await response.aclose()
             raise status_error(response.status_code, body, self.url)
         self._response = response
-        self._chunks = response.aiter_raw()
+        self._chunks = response.aiter_raw()  # type: ignore[assignment]  # an async generator
         self._sink = sink
 
     async def fill(self) -> bool:
+        assert self._chunks is not None
         try:
             data = await self._chunks.__anext__()
         except StopAsyncIteration:
@@ -202,7 +203,10 @@ class HttpxSource(_Source):
         await self.abort()
 
     async def abort(self) -> None:
+        chunks, self._chunks = self._chunks, None
         response, self._response = self._response, None
+        if chunks is not None:
+            await chunks.aclose()  # httpx's iterators are async generators: close them
         if response is not None:
             await response.aclose()
 
@@ -397,7 +401,7 @@ class TokenStream(Generic[ChunkT]):
         try:
             await self._source.open(decoder.feed, decoder.events.__len__)
         except BaseException:
-            self._state = _CLOSED
+            await self._fail()
             raise
 
     async def _finish(self) -> None:

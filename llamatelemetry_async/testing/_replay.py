@@ -13,8 +13,13 @@ Endpoints (POST with a JSON body unless said otherwise):
 - ``/completion``: llama.cpp's native shape, streamed when ``"stream": true``.
 - ``/v1/chat/completions``: OpenAI chat shape, ending with ``data: [DONE]``.
 - ``/v1/completions``: OpenAI text-completion shape, ending with ``data: [DONE]``.
-- ``GET /stats``: ``{"connections_opened", "connections_open", "requests"}`` (``requests``
-  leaves out ``/stats`` itself; ``connections_open`` includes the connection asking).
+- ``GET /stats``: ``{"connections_opened", "connections_open", "requests", ...}``
+  (``requests`` leaves out ``/stats`` itself; ``connections_open`` includes the connection
+  asking), plus how late paced writes ran against their deadlines (``paced_writes``,
+  ``pacing_late_p50_ms``, ``pacing_late_p99_ms``, ``pacing_late_max_ms``) and its own CPU
+  time (``process_cpu_s``), so a benchmark can tell this server falling behind from its
+  client falling behind. ``GET /stats?reset=1``
+  answers, then starts the pacing figures afresh.
 - ``GET /health`` and ``GET /v1/models``, as llama-server answers them.
 
 Body fields: ``n_predict`` (``/completion``) or ``max_tokens`` / ``max_completion_tokens``
@@ -395,10 +400,14 @@ def _openai(loop: asyncio.AbstractEventLoop, req: _Request, chat: bool) -> _Resp
     yield _chunk(b"data: %b\n\ndata: [DONE]\n\n" % msgspec.json.encode(final)) + _TERMINATOR
 
 
+_LATE_PER_MS: Final = 4  # histogram buckets per millisecond of pacing lateness
+_LATE_BUCKETS: Final = 1000 * _LATE_PER_MS  # up to 1 s; one more bucket holds the rest
+
+
 class _State:
     """Server-wide settings and counters."""
 
-    __slots__ = ("connections", "opened", "rate", "requests", "tokens")
+    __slots__ = ("connections", "late", "late_max", "opened", "rate", "requests", "tokens")
 
     def __init__(self, tokens: int, rate: float) -> None:
         self.tokens = tokens
@@ -406,6 +415,39 @@ class _State:
         self.opened = 0
         self.requests = 0
         self.connections: set[_Connection] = set()
+        self.reset_pacing()
+
+    def reset_pacing(self) -> None:
+        # A histogram, not samples: a long run must not grow memory per token.
+        self.late = [0] * (_LATE_BUCKETS + 1)
+        self.late_max = 0.0
+
+    def record_late(self, seconds: float) -> None:
+        ms = seconds * 1000.0
+        self.late_max = max(self.late_max, ms)
+        self.late[min(int(ms * _LATE_PER_MS), _LATE_BUCKETS)] += 1
+
+    def late_quantile(self, q: float) -> float:
+        """Upper edge (ms) of the bucket holding quantile ``q`` of pacing lateness."""
+        total = sum(self.late)
+        seen = 0
+        for index, count in enumerate(self.late):
+            seen += count
+            if total and seen >= q * total:
+                return (index + 1) / _LATE_PER_MS
+        return 0.0
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "connections_opened": self.opened,
+            "connections_open": len(self.connections),
+            "requests": self.requests,
+            "paced_writes": sum(self.late),
+            "pacing_late_p50_ms": self.late_quantile(0.5),
+            "pacing_late_p99_ms": self.late_quantile(0.99),
+            "pacing_late_max_ms": round(self.late_max, 3),
+            "process_cpu_s": round(time.process_time(), 6),
+        }
 
 
 class _Connection(asyncio.Protocol):
@@ -414,6 +456,7 @@ class _Connection(asyncio.Protocol):
     __slots__ = (
         "_blocked",
         "_buf",
+        "_due",
         "_handle",
         "_keep_alive",
         "_loop",
@@ -434,6 +477,7 @@ class _Connection(asyncio.Protocol):
         self._keep_alive = True
         self._paused = False
         self._blocked = False  # a write was held back by flow control
+        self._due = 0.0  # the deadline a pacing timer waits for, 0.0 when none
         self._parsing = False
 
     # -- asyncio.Protocol ------------------------------------------------------------------
@@ -540,7 +584,7 @@ class _Connection(asyncio.Protocol):
         body = bytes(buf[end + 4 : total])
         del buf[:total]
         keep_alive = "close" not in headers.get("connection", "").lower()
-        self._start(self._route(method, target.partition("?")[0], body, keep_alive), keep_alive)
+        self._start(self._route(method, target, body, keep_alive), keep_alive)
         return True
 
     def _reject(self, status: int, message: str) -> None:
@@ -549,16 +593,15 @@ class _Connection(asyncio.Protocol):
         self._buf.clear()
         self._start(_once(_json_response(status, body, False)), False)
 
-    def _route(self, method: str, path: str, raw: bytes, keep_alive: bool) -> _Response:
+    def _route(self, method: str, target: str, raw: bytes, keep_alive: bool) -> _Response:
         state = self._state
+        path, _, query = target.partition("?")
         if method == "GET":
             if path == "/stats":
-                stats = {
-                    "connections_opened": state.opened,
-                    "connections_open": len(state.connections),
-                    "requests": state.requests,
-                }
-                return _once(_json_response(200, msgspec.json.encode(stats), keep_alive))
+                body = msgspec.json.encode(state.stats())
+                if query == "reset=1":
+                    state.reset_pacing()
+                return _once(_json_response(200, body, keep_alive))
             state.requests += 1
             if path == "/health":
                 return _once(_json_response(200, b'{"status":"ok"}', keep_alive))
@@ -618,6 +661,10 @@ class _Connection(asyncio.Protocol):
     def _pump(self) -> None:
         """Run the response generator until it waits, stalls or ends."""
         self._handle = None
+        if self._due:
+            # How late the loop ran this timer: shows whether this server keeps its pace.
+            self._state.record_late(self._loop.time() - self._due)
+            self._due = 0.0
         response = self._response
         transport = self._transport
         if response is None or transport is None:
@@ -642,10 +689,11 @@ class _Connection(asyncio.Protocol):
             if isinstance(item, bytes):
                 write(item)
             elif isinstance(item, float):
-                loop = self._loop
-                self._handle = (
-                    loop.call_at(item, self._pump) if item > 0 else loop.call_soon(self._pump)
-                )
+                if item > 0:
+                    self._due = item
+                    self._handle = self._loop.call_at(item, self._pump)
+                else:
+                    self._handle = self._loop.call_soon(self._pump)
                 return
             elif item is _Op.CLOSE:
                 self._drop_response()
