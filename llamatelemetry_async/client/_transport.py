@@ -45,15 +45,11 @@ def _to_httpx(exc: TransportError, request: httpx.Request) -> httpx.TransportErr
 def httpx_timeouts(timeout: httpx.Timeout | dict[str, Any]) -> Timeouts:
     """Our ``Timeouts`` from an ``httpx.Timeout`` or httpx's per-request timeout dict."""
     get = timeout.get if isinstance(timeout, dict) else timeout.as_dict().get
-    return Timeouts(
-        connect=get("connect"), read=get("read"), write=get("write"), pool=get("pool")
-    )
+    return Timeouts(connect=get("connect"), read=get("read"), write=get("write"), pool=get("pool"))
 
 
 class _ResponseStream(httpx.AsyncByteStream):
-    def __init__(
-        self, pool: ConnectionPool, conn: Connection, request: httpx.Request
-    ) -> None:
+    def __init__(self, pool: ConnectionPool, conn: Connection, request: httpx.Request) -> None:
         self._pool = pool
         self._conn = conn
         self._request = request

@@ -90,7 +90,7 @@ class CompletionChunk(msgspec.Struct, frozen=True, gc=False):
 
     @property
     def finish_reason(self) -> str | None:
-        """"stop" or "length" on the last chunk, else ``None``."""
+        """ "stop" or "length" on the last chunk, else ``None``."""
         return native_finish_reason(self.stop_type) if self.stop else None
 
 
@@ -137,6 +137,8 @@ class ChatDelta(msgspec.Struct, frozen=True, gc=False):
 
 
 class ChatChunkChoice(msgspec.Struct, frozen=True, gc=False):
+    """One choice of a chat chunk (llama-server sends one)."""
+
     index: int = 0
     delta: ChatDelta = ChatDelta()
     finish_reason: str | None = None
@@ -164,6 +166,8 @@ class ChatChunk(msgspec.Struct, frozen=True, gc=False):
 
 
 class ChatMessage(msgspec.Struct, frozen=True):
+    """The assistant message of a whole chat response."""
+
     role: str = "assistant"
     content: str | None = None
     reasoning_content: str | None = None
@@ -171,6 +175,8 @@ class ChatMessage(msgspec.Struct, frozen=True):
 
 
 class ChatChoice(msgspec.Struct, frozen=True):
+    """One choice of a whole chat response."""
+
     index: int = 0
     message: ChatMessage = ChatMessage()
     finish_reason: str | None = None
@@ -196,6 +202,8 @@ class ChatCompletion(msgspec.Struct, frozen=True):
 
 
 class TextChoice(msgspec.Struct, frozen=True, gc=False):
+    """One choice of a ``/v1/completions`` response or chunk."""
+
     index: int = 0
     text: str = ""
     finish_reason: str | None = None
@@ -240,10 +248,14 @@ class TextCompletion(msgspec.Struct, frozen=True):
 
 
 class Health(msgspec.Struct, frozen=True):
+    """``GET /health``: ``status`` is "ok" once the model is loaded."""
+
     status: str = ""
 
 
 class Embedding(msgspec.Struct, frozen=True):
+    """One vector of a ``/v1/embeddings`` response."""
+
     index: int = 0
     embedding: list[float] = msgspec.field(default_factory=list)
 
@@ -261,6 +273,8 @@ class EmbeddingList(msgspec.Struct, frozen=True):
 
 
 class RerankResult(msgspec.Struct, frozen=True):
+    """The relevance of the document at ``index`` to the query."""
+
     index: int = 0
     relevance_score: float = 0.0
 

@@ -1,0 +1,74 @@
+"""The public surface is pinned: adding or removing a name is a deliberate change."""
+
+from __future__ import annotations
+
+import llamatelemetry_async
+
+EXPECTED = [
+    "APIError",
+    "AsyncLlamaClient",
+    "BuildError",
+    "ChatChoice",
+    "ChatChunk",
+    "ChatChunkChoice",
+    "ChatCompletion",
+    "ChatDelta",
+    "ChatMessage",
+    "ClientClosedError",
+    "Completion",
+    "CompletionChunk",
+    "ConnectError",
+    "ConnectTimeout",
+    "DEFAULT_TIMEOUT",
+    "Embedding",
+    "EmbeddingList",
+    "HTTPStatusError",
+    "Health",
+    "LlamaError",
+    "LlamaServerError",
+    "LlamaServerNotFoundError",
+    "LlamaTransport",
+    "Message",
+    "ModelInfo",
+    "PoolStats",
+    "PoolTimeout",
+    "ReadError",
+    "ReadTimeout",
+    "RemoteProtocolError",
+    "RerankResult",
+    "StreamConsumedError",
+    "StreamError",
+    "TextChoice",
+    "TextCompletion",
+    "TextCompletionChunk",
+    "TimeoutException",
+    "Timings",
+    "TokenStream",
+    "TransportError",
+    "Usage",
+    "UsageError",
+    "WriteError",
+    "WriteTimeout",
+    "__version__",
+    "build_llama_server",
+    "find_llama_server",
+]
+
+
+def test_all_is_pinned_and_sorted() -> None:
+    assert llamatelemetry_async.__all__ == EXPECTED
+    assert sorted(EXPECTED) == EXPECTED
+
+
+def test_every_public_name_exists_and_is_documented() -> None:
+    for name in llamatelemetry_async.__all__:
+        obj = getattr(llamatelemetry_async, name)
+        if callable(obj) and not name.startswith("_"):
+            assert obj.__doc__, f"{name} has no docstring"
+
+
+def test_errors_form_one_tree() -> None:
+    for name in llamatelemetry_async.__all__:
+        obj = getattr(llamatelemetry_async, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, llamatelemetry_async.LlamaError), name
