@@ -42,4 +42,5 @@ def test_find_server_and_user_errors_without_traceback(
     missing = tmp_path / "nope"
     assert main(["find-server", "--llama-server", str(missing)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "Traceback" not in err
+    assert err.startswith("error: ")
+    assert "Traceback" not in err

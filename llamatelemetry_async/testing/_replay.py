@@ -11,7 +11,9 @@ SIGINT. From Python, :func:`replay_server` starts it as a child process and yiel
 Endpoints (POST with a JSON body unless said otherwise):
 
 - ``/completion``: llama.cpp's native shape, streamed when ``"stream": true``.
-- ``/v1/chat/completions``: OpenAI chat shape, ending with ``data: [DONE]``.
+- ``/v1/chat/completions``: OpenAI chat shape, ending with ``data: [DONE]``. The finish
+  chunk carries ``usage`` and ``timings``; with ``stream_options.include_usage`` they come
+  in a chunk of their own with ``"choices": []`` after it, as llama-server sends them.
 - ``/v1/completions``: OpenAI text-completion shape, ending with ``data: [DONE]``.
 - ``GET /stats``: ``{"connections_opened", "connections_open", "requests", ...}``
   (``requests`` leaves out ``/stats`` itself; ``connections_open`` includes the connection
@@ -73,6 +75,7 @@ _MAX_BODY: Final = 16 * 1024 * 1024
 _FINGERPRINT: Final = "b11434"
 _TERMINATOR: Final = b"0\r\n\r\n"
 _CONTENT: Final = " tok"
+_JSON: Final = "application/json; charset=utf-8"
 
 # How many tokens each fault needs before it fires.
 _FAULT_MIN_TOKENS: Final = {
@@ -109,7 +112,8 @@ _PING_CHUNK: Final = _chunk(b": ping\n\n")
 
 def _head(status: str, content_type: str, keep_alive: bool, length: int | None) -> bytes:
     framing = "Transfer-Encoding: chunked" if length is None else f"Content-Length: {length}"
-    extra = "Cache-Control: no-cache\r\n" if content_type == "text/event-stream" else ""
+    # llama-server's own SSE headers; X-Accel-Buffering keeps proxies from batching events.
+    extra = "X-Accel-Buffering: no\r\n" if content_type == "text/event-stream" else ""
     return (
         f"HTTP/1.1 {status}\r\n"
         "Server: llama.cpp-replay\r\n"
@@ -134,7 +138,7 @@ _STATUS_TEXT: Final = {
 
 
 def _json_response(status: int, body: bytes, keep_alive: bool) -> bytes:
-    return _head(_STATUS_TEXT[status], "application/json", keep_alive, len(body)) + body
+    return _head(_STATUS_TEXT[status], _JSON, keep_alive, len(body)) + body
 
 
 def _error_body(code: int, message: str, kind: str) -> bytes:
@@ -178,7 +182,7 @@ def _text_tokens(value: object) -> int:
 class _Request:
     """What a response generator needs to know about one request."""
 
-    __slots__ = ("fault", "keep_alive", "n", "ping", "prompt_n", "rate", "stream")
+    __slots__ = ("fault", "include_usage", "keep_alive", "n", "ping", "prompt_n", "rate", "stream")
 
     def __init__(self, body: dict[str, Any], n: int, prompt_n: int, rate: float, keep_alive: bool):
         fault = body.get("_replay_fault")
@@ -189,6 +193,8 @@ class _Request:
         self.keep_alive = keep_alive
         self.stream = body.get("stream") is True
         self.ping = body.get("_replay_ping") is True
+        options = body.get("stream_options")
+        self.include_usage = isinstance(options, dict) and options.get("include_usage") is True
 
 
 def _deadline(start: float, i: int, rate: float) -> float:
@@ -213,9 +219,7 @@ def _status_fault(req: _Request) -> _Response | None:
     if fault == "malformed_json":
         return _once(_json_response(200, b'{"content": not json', req.keep_alive))
     if fault == "bad_chunk":
-        return _once(
-            _head(_STATUS_TEXT[200], "application/json", False, None), b"zz\r\n", _Op.CLOSE
-        )
+        return _once(_head(_STATUS_TEXT[200], _JSON, False, None), b"zz\r\n", _Op.CLOSE)
     return None
 
 
@@ -388,17 +392,25 @@ def _openai(loop: asyncio.AbstractEventLoop, req: _Request, chat: bool) -> _Resp
         last["delta"] = {}
     else:
         last.update(text="", logprobs=None)
-    final = {
-        "choices": [last],
+    common = {
         "created": created,
         "id": ident,
         "model": "replay",
         "system_fingerprint": _FINGERPRINT,
         "object": obj,
+    }
+    totals = {
         "usage": _usage(prompt_n, n),
         "timings": _timings(prompt_n, n, times[0] - start, times[1] - times[0]),
     }
-    yield _chunk(b"data: %b\n\ndata: [DONE]\n\n" % msgspec.json.encode(final)) + _TERMINATOR
+    if chat and req.include_usage:
+        # What llama-server sends when asked for usage: the finish chunk, then usage and
+        # timings in a chunk of their own with no choices (the OpenAI streaming spec).
+        finals = [{"choices": [last], **common}, {"choices": [], **common, **totals}]
+    else:
+        finals = [{"choices": [last], **common, **totals}]
+    events = b"".join(b"data: %b\n\n" % msgspec.json.encode(e) for e in finals)
+    yield _chunk(events + b"data: [DONE]\n\n") + _TERMINATOR
 
 
 _LATE_PER_MS: Final = 4  # histogram buckets per millisecond of pacing lateness
