@@ -31,7 +31,7 @@ from llamatelemetry_async.server._build import BuildProgress, build_cache_key, c
 
 FAKE_SERVER = """#!/bin/sh
 echo 'load_backend: loaded CPU backend' >&2
-echo 'version: 11434 (fake)' >&2
+echo 'version: 0.6.0-dev (build 11434, commit fake)' >&2
 echo 'built with cc' >&2
 """
 
@@ -139,7 +139,7 @@ def test_cached_builds_newest_first(clean_env: Path) -> None:
 
 def test_llama_server_version(tmp_path: Path) -> None:
     server = _fake_exe(tmp_path / "llama-server")
-    assert llama_server_version(server) == "version: 11434 (fake)"
+    assert llama_server_version(server) == "version: 0.6.0-dev (build 11434, commit fake)"
     silent = _fake_exe(tmp_path / "silent", "#!/bin/sh\necho nothing useful\nexit 3\n")
     with pytest.raises(LlamaServerError, match="no version line"):
         llama_server_version(silent)

@@ -95,7 +95,7 @@ def find_llama_server(explicit: str | os.PathLike[str] | None = None) -> Path:
 
 
 def llama_server_version(path: str | os.PathLike[str], *, timeout: float = 10.0) -> str:
-    """Run ``llama-server --version`` and return its build line, e.g. ``version: 11434 (...)``.
+    """Run ``llama-server --version``; return its ``version: ... (build 11434, ...)`` line.
 
     Blocking (a subprocess); async callers use ``anyio.to_thread.run_sync``.
     Raises LlamaServerError if it cannot run, times out, or prints no version.

@@ -69,7 +69,7 @@ import msgspec
 
 __all__ = ["main", "replay_server", "serve"]
 
-_PROMPT_TOKEN_ID: Final = 123
+_TOKEN_ID: Final = 123
 _MAX_HEAD: Final = 64 * 1024
 _MAX_BODY: Final = 16 * 1024 * 1024
 _FINGERPRINT: Final = "b11434"
@@ -184,7 +184,9 @@ class _Request:
 
     __slots__ = ("fault", "include_usage", "keep_alive", "n", "ping", "prompt_n", "rate", "stream")
 
-    def __init__(self, body: dict[str, Any], n: int, prompt_n: int, rate: float, keep_alive: bool):
+    def __init__(
+        self, body: dict[str, Any], n: int, prompt_n: int, rate: float, keep_alive: bool
+    ) -> None:
         fault = body.get("_replay_fault")
         self.fault: str | None = fault if isinstance(fault, str) else None
         self.n = max(n, _FAULT_MIN_TOKENS.get(self.fault or "", 0))
@@ -296,7 +298,7 @@ def _completion(loop: asyncio.AbstractEventLoop, req: _Request) -> _Response:
 
     prefix = (
         b'data: {"index":0,"content":"%b","tokens":[%d],"stop":false,"id_slot":0,'
-        b'"tokens_predicted":' % (_CONTENT.encode(), _PROMPT_TOKEN_ID)
+        b'"tokens_predicted":' % (_CONTENT.encode(), _TOKEN_ID)
     )
     suffix = b',"tokens_evaluated":%d}\n\n' % prompt_n
 
