@@ -250,7 +250,9 @@ class _Parser:
         pos = 0
         end = len(buf)
         state = self.state
-        sink = self.sink
+        # Whole chunks are the common case (llama-server writes one event per chunk, and a
+        # read often holds many): they take one pass each, and the sink is called once.
+        out: list[bytes] = []
         while pos < end:
             if state == _CHUNK_SIZE:
                 eol = buf.find(b"\r\n", pos)
@@ -258,22 +260,23 @@ class _Parser:
                     if end - pos > 1024:
                         raise RemoteProtocolError("chunk-size line too long")
                     break
-                size_text = buf[pos:eol].split(b";", 1)[0].strip()
-                try:
-                    size = int(size_text, 16)
-                except ValueError:
-                    raise RemoteProtocolError(f"malformed chunk size {size_text[:40]!r}") from None
-                if size < 0:
-                    raise RemoteProtocolError(f"malformed chunk size {size_text[:40]!r}")
+                size = _chunk_size(buf[pos:eol])
                 pos = eol + 2
-                if size:
-                    self._remaining = size
-                    state = _CHUNK_DATA
-                else:
+                if not size:
                     state = _TRAILERS
+                    continue
+                stop = pos + size
+                if stop + 2 <= end:
+                    if buf[stop : stop + 2] != b"\r\n":
+                        raise RemoteProtocolError("chunk data not followed by CRLF")
+                    out.append(buf[pos:stop])
+                    pos = stop + 2
+                    continue
+                self._remaining = size
+                state = _CHUNK_DATA
             elif state == _CHUNK_DATA:
                 take = min(self._remaining, end - pos)
-                sink(buf[pos : pos + take])
+                out.append(buf[pos : pos + take])
                 pos += take
                 self._remaining -= take
                 if not self._remaining:
@@ -298,9 +301,25 @@ class _Parser:
                 break
         self.state = state
         self._buf = buf[pos:] if pos < end else b""
+        if out:
+            self.sink(out[0] if len(out) == 1 else b"".join(out))
         if state == _DONE and self._buf:
             self._buf = b""
             self._extra_data()
+
+
+def _chunk_size(line: bytes) -> int:
+    try:
+        size = int(line, 16)
+    except ValueError:
+        text = line.split(b";", 1)[0].strip()  # a chunk extension: rare, ignored
+        try:
+            size = int(text, 16)
+        except ValueError:
+            raise RemoteProtocolError(f"malformed chunk size {line[:40]!r}") from None
+    if size < 0:
+        raise RemoteProtocolError(f"malformed chunk size {line[:40]!r}")
+    return size
 
 
 def _discard(data: bytes) -> None:

@@ -33,20 +33,16 @@ class SSEDecoder:
             buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
             if keep_cr:
                 buf += b"\r"
+        blocks = buf.split(b"\n\n")
+        self._buf = blocks.pop()  # an event not yet complete (often b"")
         events = self.events
-        start = 0
-        while True:
-            end = buf.find(b"\n\n", start)
-            if end < 0:
-                break
-            if buf.startswith(b"data: ", start) and buf.find(b"\n", start, end) < 0:
-                events.append(buf[start + 6 : end])
+        for block in blocks:
+            if block[:6] == b"data: " and b"\n" not in block:
+                events.append(block[6:])
             else:
-                payload = self._parse_block(buf[start:end])
+                payload = self._parse_block(block)
                 if payload is not None:
                     events.append(payload)
-            start = end + 2
-        self._buf = buf[start:] if start < len(buf) else b""
 
     @property
     def pending_bytes(self) -> int:
