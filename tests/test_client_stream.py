@@ -200,3 +200,40 @@ async def test_concurrent_streams_share_one_client(
     assert len(results) == 16
     assert stats is not None
     assert stats.active == 0
+
+
+async def test_slow_consumer_pauses_reading(replay_url: str, client_backend: Backend) -> None:
+    from llamatelemetry_async.client._http import _AsyncioConnection
+    from llamatelemetry_async.client._stream import PoolSource
+
+    async with AsyncLlamaClient(replay_url, backend=client_backend) as client:
+        async with client.stream_completion("x", n_predict=20_000) as stream:
+            first = await stream.__anext__()
+            source = stream._source
+            assert isinstance(source, PoolSource)
+            conn = source._conn
+            if isinstance(conn, _AsyncioConnection):
+                # The server writes far faster than nobody reads: the transport must stop
+                # reading rather than buffer the whole response.
+                with anyio.fail_after(10):
+                    while not conn._paused:
+                        await anyio.lowlevel.checkpoint()
+                assert stream._decoder.backlog() <= 2 * 4096
+            rest = [chunk async for chunk in stream]
+    assert first.text == " tok"
+    assert len(rest) + 1 == 20_000 == stream.chunks
+
+
+# Only the asyncio fast path can close a connection from a finalizer (a transport closes
+# synchronously); an anyio stream needs an await, so elsewhere `async with` is the way.
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_stream_dropped_without_close_frees_its_connection(replay_url: str) -> None:
+    import gc
+
+    async with AsyncLlamaClient(replay_url) as client:
+        stream = client.stream_completion("x", n_predict=1000)
+        await stream.__anext__()
+        del stream
+        gc.collect()
+        stats = client.pool_stats
+        assert stats is not None and stats.active == 0

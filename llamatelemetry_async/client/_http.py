@@ -57,9 +57,9 @@ _DONE: Final = 7
 _IDLE: Final = 8
 
 _MAX_HEAD = 64 * 1024
-# Reading pauses when this many bytes wait for a slow consumer (backpressure), and
-# resumes once the consumer has taken them.
-_HIGH_WATER = 256 * 1024
+# Reading pauses when this many events (or body pieces) wait for a slow consumer
+# (backpressure), and resumes once the consumer has taken them.
+_HIGH_WATER = 4096
 
 
 class Timeouts:
@@ -776,6 +776,14 @@ class ConnectionPool:
             stack.append(conn)
         else:
             await self._drop(conn)
+
+    def discard_nowait(self, conn: Connection) -> None:
+        """``discard`` for a finalizer: close at once, without awaiting."""
+        if conn in self._all:
+            self._all.discard(conn)
+            if self._sem is not None:
+                self._sem.release()
+        conn.abort()
 
     async def discard(self, conn: Connection) -> None:
         """Close a connection mid-response (the caller gave up on it)."""

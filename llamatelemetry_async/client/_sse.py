@@ -44,6 +44,10 @@ class SSEDecoder:
                 if payload is not None:
                     events.append(payload)
 
+    def backlog(self) -> int:
+        """Finished events the consumer has not taken yet."""
+        return len(self.events)
+
     @property
     def pending_bytes(self) -> int:
         """Bytes of an event not yet complete."""

@@ -151,7 +151,7 @@ class PoolSource(_Source):
     def abort_nowait(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            conn.abort()
+            self._pool.discard_nowait(conn)
 
 
 def _ignore(data: bytes) -> None:
@@ -297,6 +297,23 @@ class TokenStream(Generic[ChunkT]):
         return self
 
     async def __anext__(self) -> ChunkT:
+        # The per-token fast path: the next event of the batch already in hand.
+        pos = self._pos
+        batch = self._batch
+        if pos < len(batch) and self._state == _OPEN and not self._final_seen:
+            self._pos = pos + 1
+            try:
+                chunk = self._handle(batch[pos])
+            except BaseException:
+                await self._fail()
+                raise
+            if chunk is not None:
+                self.chunks += 1
+                self._parts.append(chunk.text)
+                return chunk
+        return await self._next_slow()
+
+    async def _next_slow(self) -> ChunkT:
         if self._state != _OPEN:
             if self._state == _NEW:
                 await self._open()
@@ -305,7 +322,7 @@ class TokenStream(Generic[ChunkT]):
         try:
             while True:
                 batch = self._batch
-                while self._pos < len(batch):
+                while self._pos < len(batch) and not self._final_seen:
                     payload = batch[self._pos]
                     self._pos += 1
                     chunk = self._handle(payload)
@@ -313,8 +330,6 @@ class TokenStream(Generic[ChunkT]):
                         self.chunks += 1
                         self._parts.append(chunk.text)
                         return chunk
-                    if self._final_seen:
-                        break
                 if self._final_seen:
                     await self._finish()
                     return self._end_of_iteration()
@@ -401,7 +416,7 @@ class TokenStream(Generic[ChunkT]):
         self._state = _OPEN
         decoder = self._decoder
         try:
-            await self._source.open(decoder.feed, decoder.events.__len__)
+            await self._source.open(decoder.feed, decoder.backlog)
         except BaseException:
             await self._fail()
             raise
