@@ -236,4 +236,5 @@ async def test_stream_dropped_without_close_frees_its_connection(replay_url: str
         del stream
         gc.collect()
         stats = client.pool_stats
-        assert stats is not None and stats.active == 0
+        assert stats is not None
+        assert stats.active == 0
