@@ -206,20 +206,20 @@ async def test_slow_consumer_pauses_reading(replay_url: str, client_backend: Bac
     from llamatelemetry_async.client._http import _AsyncioConnection
     from llamatelemetry_async.client._stream import PoolSource
 
-    async with AsyncLlamaClient(replay_url, backend=client_backend) as client:
-        async with client.stream_completion("x", n_predict=20_000) as stream:
-            first = await stream.__anext__()
-            source = stream._source
-            assert isinstance(source, PoolSource)
-            conn = source._conn
-            if isinstance(conn, _AsyncioConnection):
-                # The server writes far faster than nobody reads: the transport must stop
-                # reading rather than buffer the whole response.
-                with anyio.fail_after(10):
-                    while not conn._paused:
-                        await anyio.lowlevel.checkpoint()
-                assert stream._decoder.backlog() <= 2 * 4096
-            rest = [chunk async for chunk in stream]
+    client = AsyncLlamaClient(replay_url, backend=client_backend)
+    async with client, client.stream_completion("x", n_predict=20_000) as stream:
+        first = await stream.__anext__()
+        source = stream._source
+        assert isinstance(source, PoolSource)
+        conn = source._conn
+        if isinstance(conn, _AsyncioConnection):
+            # The server writes far faster than nobody reads: the transport must stop
+            # reading rather than buffer the whole response.
+            with anyio.fail_after(10):
+                while not conn._paused:
+                    await anyio.lowlevel.checkpoint()
+            assert stream._decoder.backlog() <= 2 * 4096
+        rest = [chunk async for chunk in stream]
     assert first.text == " tok"
     assert len(rest) + 1 == 20_000 == stream.chunks
 
