@@ -10,6 +10,12 @@ so only the client's work counts: CPU time of this process (``time.process_time`
 the tokens received, one stream at a time. Arms take turns within each round, so a noisy
 neighbour slows them all alike; the table reports the median round. With ``--llama-server``
 and ``--model``, arms (a) and (c) are repeated against a real llama-server.
+
+Reading the numbers: unpaced, a client slower than the server finds many tokens per socket
+read, and a faster one finds few and pays its per-read cost more often, so CPU per token
+also depends on how busy the machine is. ``--count-reads`` adds a reads/token column to
+show it; ``--rate 1000`` gives one read per token, where the cost of waking up (large in a
+VM) dominates every client.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import importlib.util
 import json
 import queue
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +38,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -49,11 +57,41 @@ class Arm:
     endpoint: str
     factory: ArmFactory
     samples: list[float] = field(default_factory=list)
+    reads: list[float] = field(default_factory=list)  # socket reads per token, if counted
     tokens_per_round: int = 0
 
     @property
     def median(self) -> float:
         return statistics.median(self.samples)
+
+
+class ReadCounter:
+    """Counts socket reads in this process, to show how many tokens each read carried.
+
+    Why it matters: a client faster than the server finds one or two tokens per read and pays
+    its per-read cost (loop turn, parser entry, task wake-up) that often; a slower client finds
+    many tokens waiting. CPU per token only compares like with like at similar reads/token.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.installed = False
+
+    def install(self) -> None:
+        # Patching socket.socket (a Python subclass of _socket.socket) reaches every asyncio
+        # transport; it adds the same small cost to every arm.
+        for name in ("recv", "recv_into"):
+            original = getattr(socket.socket, name)
+
+            def counted(sock: socket.socket, *args: Any, _original: Any = original) -> Any:
+                self.count += 1
+                return _original(sock, *args)
+
+            setattr(socket.socket, name, counted)
+        self.installed = True
+
+
+READS = ReadCounter()
 
 
 def _bootstrap_path() -> None:
@@ -174,6 +212,7 @@ async def run_arms(url: str, arms: list[Arm], args: argparse.Namespace) -> None:
         for _ in range(args.rounds):
             for arm, once in zip(arms, streams, strict=True):
                 received = 0
+                reads = READS.count
                 start = time.process_time()
                 for _ in range(args.streams):
                     received += await once()
@@ -181,19 +220,25 @@ async def run_arms(url: str, arms: list[Arm], args: argparse.Namespace) -> None:
                 if received == 0:
                     raise RuntimeError(f"{arm.name}: no tokens received")
                 arm.samples.append(elapsed / received * 1e6)
+                arm.reads.append((READS.count - reads) / received)
                 arm.tokens_per_round = received
 
 
 def print_table(title: str, arms: list[Arm]) -> None:
     baseline = next((a for a in arms if a.name.startswith("(a)")), None)
     print(f"\n### {title}\n")
-    print("| arm | endpoint | µs/token (median) | min | max | tokens/round | vs raw httpx |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| arm | endpoint | µs/token (median) | min | max | reads/token | tokens/round "
+        "| vs raw httpx |"
+    )
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for arm in arms:
         ratio = f"{arm.median / baseline.median:.2f}x" if baseline else "-"
+        reads = f"{statistics.median(arm.reads):.2f}" if READS.installed else "-"
         print(
             f"| {arm.name} | `{arm.endpoint}` | {arm.median:.1f} | {min(arm.samples):.1f} "
-            f"| {max(arm.samples):.1f} | {arm.tokens_per_round} | {ratio} |"
+            f"| {max(arm.samples):.1f} | {reads} "
+            f"| {arm.tokens_per_round} | {ratio} |"
         )
 
 
@@ -298,10 +343,18 @@ def main() -> int:
     parser.add_argument("--llama-server", metavar="PATH", help="llama-server binary")
     parser.add_argument("--model", metavar="PATH", help="a small GGUF model for llama-server")
     parser.add_argument("--server-timeout", type=float, default=120.0)
+    parser.add_argument(
+        "--count-reads",
+        action="store_true",
+        help="count socket reads per token (patches socket.socket; adds a little to every arm)",
+    )
     args = parser.parse_args()
 
     _bootstrap_path()
     from llamatelemetry_async.testing._replay import replay_server
+
+    if args.count_reads:
+        READS.install()
 
     missing = library_available()
     arms = [
