@@ -22,17 +22,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
 import importlib.util
 import json
-import queue
 import re
 import socket
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
@@ -273,59 +269,11 @@ _LISTENING = re.compile(r"listening on (http://[^\s/]+):(\d+)")
 
 @contextlib.contextmanager
 def llama_server(binary: str, model: str, timeout: float) -> Iterator[str]:
-    """Start llama-server on a free port, wait until /health is 200, stop and reap it on exit."""
-    argv = [binary, "-m", model, "--host", "127.0.0.1", "--port", "0", "-np", "1"]
-    proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    tail: collections.deque[str] = collections.deque(maxlen=40)
-    found: queue.Queue[str] = queue.Queue()
+    """Start llama-server on a free loopback port (-np 1); yield its URL; stop and reap it."""
+    from llamatelemetry_async.testing._server import run_llama_server
 
-    def drain() -> None:
-        # Read the log to its end, always: a full pipe would block the server.
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.decode(errors="replace").rstrip()
-            tail.append(line)
-            match = _LISTENING.search(line)
-            if match and found.empty():
-                found.put(f"{match[1]}:{match[2]}")
-
-    pump = threading.Thread(target=drain, name="llama-server-log", daemon=True)
-    pump.start()
-    try:
-        try:
-            url = found.get(timeout=timeout)
-        except queue.Empty:
-            raise RuntimeError(
-                "llama-server did not report its port; log tail:\n" + "\n".join(tail)
-            ) from None
-        if url.endswith(":0"):
-            raise RuntimeError("this llama-server does not support --port 0")
-        deadline = time.monotonic() + timeout
-        # /health answers 503 while the model loads.
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("llama-server did not get ready; log tail:\n" + "\n".join(tail))
-            time.sleep(0.1)
-        yield url
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        proc.wait()
-        pump.join(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
-
-
-# -- main ------------------------------------------------------------------------------------
+    with run_llama_server(model, binary=binary, args=["-np", "1"], ready_timeout=timeout) as srv:
+        yield srv.url
 
 
 def main() -> int:
