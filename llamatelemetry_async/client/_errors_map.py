@@ -19,9 +19,11 @@ from .._errors import (
     WriteTimeout,
 )
 
-__all__ = ["map_httpx_error", "status_error"]
+__all__ = ["map_httpx_error", "status_error", "to_httpx_error"]
 
-_FROM_HTTPX: list[tuple[type[httpx.HTTPError], type[TransportError]]] = [
+# One table, read both ways: httpx errors -> ours (client side) and ours -> httpx
+# (LlamaTransport, which must raise what httpx expects of a transport). Subclasses first.
+_PAIRS: list[tuple[type[httpx.TransportError], type[TransportError]]] = [
     (httpx.ConnectTimeout, ConnectTimeout),
     (httpx.ReadTimeout, ReadTimeout),
     (httpx.WriteTimeout, WriteTimeout),
@@ -30,8 +32,19 @@ _FROM_HTTPX: list[tuple[type[httpx.HTTPError], type[TransportError]]] = [
     (httpx.ReadError, ReadError),
     (httpx.WriteError, WriteError),
     (httpx.RemoteProtocolError, RemoteProtocolError),
+]
+_FROM_HTTPX: list[tuple[type[httpx.HTTPError], type[TransportError]]] = [
+    *_PAIRS,
     (httpx.DecodingError, RemoteProtocolError),
 ]
+
+
+def to_httpx_error(exc: TransportError, request: httpx.Request) -> httpx.TransportError:
+    """The httpx error a transport raises for one of ours."""
+    for theirs, ours in _PAIRS:
+        if isinstance(exc, ours):
+            return theirs(str(exc), request=request)
+    return httpx.TransportError(str(exc), request=request)
 
 
 def map_httpx_error(exc: httpx.HTTPError, url: str | None = None) -> LlamaError:

@@ -7,39 +7,11 @@ from typing import Any
 
 import httpx
 
-from .._errors import (
-    ConnectError,
-    ConnectTimeout,
-    PoolTimeout,
-    ReadError,
-    ReadTimeout,
-    RemoteProtocolError,
-    TransportError,
-    WriteError,
-    WriteTimeout,
-)
+from .._errors import TransportError
+from ._errors_map import to_httpx_error
 from ._http import Backend, Connection, ConnectionPool, PoolStats, Timeouts
 
 __all__ = ["LlamaTransport", "httpx_timeouts"]
-
-# Our transport errors -> the httpx ones a transport is expected to raise.
-_TO_HTTPX: list[tuple[type[TransportError], type[httpx.TransportError]]] = [
-    (ConnectTimeout, httpx.ConnectTimeout),
-    (ReadTimeout, httpx.ReadTimeout),
-    (WriteTimeout, httpx.WriteTimeout),
-    (PoolTimeout, httpx.PoolTimeout),
-    (ConnectError, httpx.ConnectError),
-    (ReadError, httpx.ReadError),
-    (WriteError, httpx.WriteError),
-    (RemoteProtocolError, httpx.RemoteProtocolError),
-]
-
-
-def _to_httpx(exc: TransportError, request: httpx.Request) -> httpx.TransportError:
-    for ours, theirs in _TO_HTTPX:
-        if isinstance(exc, ours):
-            return theirs(str(exc), request=request)
-    return httpx.TransportError(str(exc), request=request)
 
 
 def httpx_timeouts(timeout: httpx.Timeout | dict[str, Any]) -> Timeouts:
@@ -73,7 +45,7 @@ class _ResponseStream(httpx.AsyncByteStream):
                 else:
                     await conn.wait()
         except TransportError as exc:
-            raise _to_httpx(exc, self._request) from exc
+            raise to_httpx_error(exc, self._request) from exc
         await self._release()
 
     async def _release(self) -> None:
@@ -143,7 +115,7 @@ class LlamaTransport(httpx.AsyncBaseTransport):
                 head_only=request.method == "HEAD",
             )
         except TransportError as exc:
-            raise _to_httpx(exc, request) from exc
+            raise to_httpx_error(exc, request) from exc
         head = conn.parser.head
         assert head is not None
         return httpx.Response(
