@@ -11,147 +11,82 @@ async with AsyncLlamaClient("http://127.0.0.1:8080") as client:
 
 from ._errors import (
     APIError as APIError,
-)
-from ._errors import (
     BuildError as BuildError,
-)
-from ._errors import (
     ClientClosedError as ClientClosedError,
-)
-from ._errors import (
+    ConfigError as ConfigError,
     ConnectError as ConnectError,
-)
-from ._errors import (
     ConnectTimeout as ConnectTimeout,
-)
-from ._errors import (
+    EngineBusyError as EngineBusyError,
+    EngineError as EngineError,
     HTTPStatusError as HTTPStatusError,
-)
-from ._errors import (
     LlamaError as LlamaError,
-)
-from ._errors import (
     LlamaServerError as LlamaServerError,
-)
-from ._errors import (
     LlamaServerNotFoundError as LlamaServerNotFoundError,
-)
-from ._errors import (
     PoolTimeout as PoolTimeout,
-)
-from ._errors import (
     ReadError as ReadError,
-)
-from ._errors import (
     ReadTimeout as ReadTimeout,
-)
-from ._errors import (
     RemoteProtocolError as RemoteProtocolError,
-)
-from ._errors import (
+    ServerCrashedError as ServerCrashedError,
+    ServerStartError as ServerStartError,
     StreamConsumedError as StreamConsumedError,
-)
-from ._errors import (
     StreamError as StreamError,
-)
-from ._errors import (
     TimeoutException as TimeoutException,
-)
-from ._errors import (
     TransportError as TransportError,
-)
-from ._errors import (
     UsageError as UsageError,
-)
-from ._errors import (
     WriteError as WriteError,
-)
-from ._errors import (
     WriteTimeout as WriteTimeout,
 )
-from ._version import __version__ as __version__
+from ._version import (
+    __version__ as __version__,
+)
 from .client import (
     DEFAULT_TIMEOUT as DEFAULT_TIMEOUT,
-)
-from .client import (
     AsyncLlamaClient as AsyncLlamaClient,
-)
-from .client import (
     ChatChoice as ChatChoice,
-)
-from .client import (
     ChatChunk as ChatChunk,
-)
-from .client import (
     ChatChunkChoice as ChatChunkChoice,
-)
-from .client import (
     ChatCompletion as ChatCompletion,
-)
-from .client import (
     ChatDelta as ChatDelta,
-)
-from .client import (
     ChatMessage as ChatMessage,
-)
-from .client import (
     Completion as Completion,
-)
-from .client import (
     CompletionChunk as CompletionChunk,
-)
-from .client import (
     Embedding as Embedding,
-)
-from .client import (
     EmbeddingList as EmbeddingList,
-)
-from .client import (
     Health as Health,
-)
-from .client import (
     LlamaTransport as LlamaTransport,
-)
-from .client import (
     Message as Message,
-)
-from .client import (
     ModelInfo as ModelInfo,
-)
-from .client import (
     PoolStats as PoolStats,
-)
-from .client import (
     RerankResult as RerankResult,
-)
-from .client import (
     TextChoice as TextChoice,
-)
-from .client import (
     TextCompletion as TextCompletion,
-)
-from .client import (
     TextCompletionChunk as TextCompletionChunk,
-)
-from .client import (
     Timings as Timings,
-)
-from .client import (
     TokenStream as TokenStream,
-)
-from .client import (
     Usage as Usage,
 )
-from .server import (
-    build_llama_server as build_llama_server,
+from .engine import (
+    AsyncEngine as AsyncEngine,
+    Placement as Placement,
+    ServerInfo as ServerInfo,
+    ServerPlan as ServerPlan,
+)
+from .gpu import (
+    visible_gpus as visible_gpus,
 )
 from .server import (
+    LlamaServer as LlamaServer,
+    ServerConfig as ServerConfig,
+    ServerState as ServerState,
+    build_llama_server as build_llama_server,
     find_llama_server as find_llama_server,
+    server_command as server_command,
 )
 
 __all__ = [
     "DEFAULT_TIMEOUT",
     "APIError",
+    "AsyncEngine",
     "AsyncLlamaClient",
     "BuildError",
     "ChatChoice",
@@ -163,24 +98,35 @@ __all__ = [
     "ClientClosedError",
     "Completion",
     "CompletionChunk",
+    "ConfigError",
     "ConnectError",
     "ConnectTimeout",
     "Embedding",
     "EmbeddingList",
+    "EngineBusyError",
+    "EngineError",
     "HTTPStatusError",
     "Health",
     "LlamaError",
+    "LlamaServer",
     "LlamaServerError",
     "LlamaServerNotFoundError",
     "LlamaTransport",
     "Message",
     "ModelInfo",
+    "Placement",
     "PoolStats",
     "PoolTimeout",
     "ReadError",
     "ReadTimeout",
     "RemoteProtocolError",
     "RerankResult",
+    "ServerConfig",
+    "ServerCrashedError",
+    "ServerInfo",
+    "ServerPlan",
+    "ServerStartError",
+    "ServerState",
     "StreamConsumedError",
     "StreamError",
     "TextChoice",
@@ -197,4 +143,6 @@ __all__ = [
     "__version__",
     "build_llama_server",
     "find_llama_server",
+    "server_command",
+    "visible_gpus",
 ]

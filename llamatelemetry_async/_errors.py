@@ -4,7 +4,8 @@
 LlamaError
 ├── UsageError ..................... the caller did something the API does not allow
 │   ├── ClientClosedError .......... a client used after aclose()
-│   └── StreamConsumedError ........ a TokenStream iterated again after it ended or was closed
+│   ├── StreamConsumedError ........ a TokenStream iterated again after it ended or was closed
+│   └── ConfigError ................ invalid ServerConfig / ServerPlan / Placement (names the field)
 ├── TransportError ................. the request did not get a complete HTTP answer
 │   ├── ConnectError ............... no connection could be made (server down, wrong port)
 │   ├── ReadError .................. the connection broke while reading the response
@@ -18,9 +19,13 @@ LlamaError
 ├── APIError ....................... the server answered, with an error
 │   ├── HTTPStatusError ............ a non-2xx status, with the server's own message and type
 │   └── StreamError ................ an error event in the middle of an SSE stream
-└── LlamaServerError ............... getting or running the llama-server binary
-    ├── LlamaServerNotFoundError ... no binary found; says how to get one
-    └── BuildError ................. building llama-server from source failed
+├── LlamaServerError ............... getting or running the llama-server binary
+│   ├── LlamaServerNotFoundError ... no binary found; says how to get one
+│   ├── BuildError ................. building llama-server from source failed
+│   ├── ServerStartError ........... a server exited or timed out while starting (log tail)
+│   └── ServerCrashedError ......... a server died with a request in flight
+└── EngineError .................... the engine could not take the request
+    └── EngineBusyError ............ every slot busy and the waiting line full
 ```
 
 Dependency errors (httpx, OSError, msgspec) are translated at the edges with
@@ -33,8 +38,11 @@ __all__ = [
     "APIError",
     "BuildError",
     "ClientClosedError",
+    "ConfigError",
     "ConnectError",
     "ConnectTimeout",
+    "EngineBusyError",
+    "EngineError",
     "HTTPStatusError",
     "LlamaError",
     "LlamaServerError",
@@ -43,6 +51,8 @@ __all__ = [
     "ReadError",
     "ReadTimeout",
     "RemoteProtocolError",
+    "ServerCrashedError",
+    "ServerStartError",
     "StreamConsumedError",
     "StreamError",
     "TimeoutException",
@@ -67,6 +77,18 @@ class ClientClosedError(UsageError):
 
 class StreamConsumedError(UsageError):
     """A ``TokenStream`` was iterated after it ended or was closed; start a new request."""
+
+
+class ConfigError(UsageError):
+    """A configuration value is invalid; raised before anything is spawned.
+
+    ``field`` names the offending field (``"ubatch_size"``, ``"tensor_split"`` ...) when
+    there is one; the message names it too and says what is allowed.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class TransportError(LlamaError):
@@ -172,3 +194,36 @@ class BuildError(LlamaServerError):
     def __init__(self, message: str, *, log_tail: str = "") -> None:
         super().__init__(f"{message}\n{log_tail}" if log_tail else message)
         self.log_tail = log_tail
+
+
+class ServerStartError(LlamaServerError):
+    """A llama-server exited, or did not become ready, while starting.
+
+    ``exit_code`` is ``None`` when it was still running (a start timeout); ``log_tail`` holds
+    its last lines, which usually say why (bad model file, port taken, out of memory).
+    """
+
+    def __init__(
+        self, message: str, *, server: str, exit_code: int | None, log_tail: str = ""
+    ) -> None:
+        super().__init__(f"{message}\n{log_tail}" if log_tail else message)
+        self.server = server
+        self.exit_code = exit_code
+        self.log_tail = log_tail
+
+
+class ServerCrashedError(LlamaServerError):
+    """The server handling a request died; the engine restarts it, retry the request."""
+
+    def __init__(self, message: str, *, server: str, exit_code: int | None) -> None:
+        super().__init__(message)
+        self.server = server
+        self.exit_code = exit_code
+
+
+class EngineError(LlamaError):
+    """The engine could not take a request."""
+
+
+class EngineBusyError(EngineError):
+    """Every slot is busy and ``max_waiting`` requests already wait; slow down or raise it."""

@@ -14,7 +14,7 @@ from .._errors import ClientClosedError, RemoteProtocolError, UsageError
 from .._version import __version__
 from ._errors_map import map_httpx_error, status_error
 from ._http import Backend, PoolStats
-from ._stream import HttpxSource, PoolSource, TokenStream
+from ._stream import HttpxSource, PoolSource, Source, TokenStream
 from ._transport import LlamaTransport, httpx_timeouts
 from ._types import (
     ChatChunk,
@@ -193,7 +193,7 @@ class AsyncLlamaClient:
         ``params`` use llama.cpp's names: ``n_predict``, ``temperature``, ``seed``,
         ``stop``, ``top_k``, ``cache_prompt``, ...
         """
-        return self._stream("/completion", {"prompt": prompt, **params}, CompletionChunk)
+        return self._stream(*completion_stream_request(prompt, params), CompletionChunk)
 
     def stream_chat(self, messages: Iterable[Message], **params: Any) -> TokenStream[ChatChunk]:
         """Stream ``POST /v1/chat/completions`` (OpenAI names: ``max_tokens``, ...).
@@ -224,6 +224,10 @@ class AsyncLlamaClient:
     def _stream(
         self, path: str, body: dict[str, Any], chunk_type: type[ChunkT]
     ) -> TokenStream[ChunkT]:
+        return TokenStream(self._stream_source(path, body), chunk_type)
+
+    def _stream_source(self, path: str, body: dict[str, Any]) -> Source:
+        """Where a stream of ``POST path`` reads from (the engine wraps it to route)."""
         self._check_open()
         body["stream"] = True
         payload = msgspec.json.encode(body)
@@ -256,7 +260,7 @@ class AsyncLlamaClient:
                 },
             )
             source = HttpxSource(self._http, request)
-        return TokenStream(source, chunk_type)
+        return source
 
     # ----------------------------------------------------------------- generation
     async def completion(self, prompt: str | Sequence[Any], **params: Any) -> Completion:
@@ -407,6 +411,19 @@ class AsyncLlamaClient:
 
     def __repr__(self) -> str:
         return f"<AsyncLlamaClient {self.base_url} {self._state.name.lower()}>"
+
+
+def completion_stream_request(prompt: Any, params: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Path and body of a streamed native completion."""
+    return "/completion", {"prompt": prompt, **params}
+
+
+def chat_stream_request(
+    messages: Iterable[Message], params: Mapping[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """Path and body of a streamed chat completion (usage asked for unless params say)."""
+    body = {"messages": _messages(messages), "stream_options": {"include_usage": True}}
+    return "/v1/chat/completions", {**body, **params}
 
 
 def _messages(messages: Iterable[Message]) -> Any:

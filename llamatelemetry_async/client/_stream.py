@@ -36,7 +36,7 @@ from ._types import (
     native_finish_reason,
 )
 
-__all__ = ["TokenStream"]
+__all__ = ["HttpxSource", "PoolSource", "Source", "TokenStream"]
 
 ChunkT = TypeVar("ChunkT", CompletionChunk, ChatChunk, TextCompletionChunk)
 
@@ -44,7 +44,7 @@ _NEW, _OPEN, _FINISHING, _DONE, _CLOSED = range(5)
 _MAX_ERROR_BODY = 1 << 20
 
 
-class _Source(abc.ABC):
+class Source(abc.ABC):
     """Where a stream's bytes come from: the O(1) pool, or any httpx client."""
 
     url: str
@@ -74,7 +74,7 @@ class _Source(abc.ABC):
         """``abort`` for the garbage collector: no awaiting."""
 
 
-class PoolSource(_Source):
+class PoolSource(Source):
     __slots__ = ("_body", "_conn", "_head", "_host", "_pool", "_port", "_timeouts", "url")
 
     def __init__(
@@ -158,7 +158,7 @@ def _ignore(data: bytes) -> None:
     return None
 
 
-class HttpxSource(_Source):
+class HttpxSource(Source):
     """The portable path through any ``httpx.AsyncClient`` (a user's own, or for TLS)."""
 
     def __init__(self, http: httpx.AsyncClient, request: httpx.Request) -> None:
@@ -246,7 +246,7 @@ class TokenStream(Generic[ChunkT]):
         "usage",
     )
 
-    def __init__(self, source: _Source, chunk_type: type[ChunkT]) -> None:
+    def __init__(self, source: Source, chunk_type: type[ChunkT]) -> None:
         self._source = source
         self._decode: Callable[[bytes], ChunkT] = _decoder_for(chunk_type)
         self._done_marker = chunk_type is not CompletionChunk  # OpenAI shapes end with [DONE]

@@ -8,11 +8,18 @@ from __future__ import annotations
 
 from ._binary import find_llama_server, llama_server_version
 from ._build import DEFAULT_LLAMA_CPP_VERSION, build_llama_server, cached_builds
+from ._config import ServerConfig, ServerPlan, server_command
+from ._process import LlamaServer, ServerState
 
 __all__ = [
     "DEFAULT_LLAMA_CPP_VERSION",
+    "LlamaServer",
+    "ServerConfig",
+    "ServerPlan",
+    "ServerState",
     "build_llama_server",
     "cached_builds",
     "find_llama_server",
     "llama_server_version",
+    "server_command",
 ]

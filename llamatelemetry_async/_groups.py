@@ -1,0 +1,24 @@
+"""Task-group errors, raised as themselves."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+__all__ = ["single_error"]
+
+
+@contextlib.contextmanager
+def single_error() -> Iterator[None]:
+    """Re-raise a task group's lone exception as itself.
+
+    anyio wraps whatever escapes a task group in an ExceptionGroup; a caller of ours who
+    writes ``except ServerStartError`` (or raised a ValueError inside ``async with``) should
+    get exactly that. Several distinct failures stay grouped.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

@@ -1,0 +1,431 @@
+"""``AsyncEngine``: start one llama-server per GPU (or pair, or CPU), keep them up, route.
+
+Structure: the engine's ``async with`` owns one task group. Each server has a supervisor
+task in it that runs the process (``LlamaServer.run``), marks it ready in the router, and
+restarts it with capped exponential backoff when it dies. Leaving the block, however it is
+left, cancels the supervisors, and each ``LlamaServer.run`` stops and reaps its process in a
+shielded scope. Requests go through the router (``_router.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import secrets
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+import anyio
+import anyio.abc
+import httpx
+import sniffio
+
+from .._errors import (
+    ClientClosedError,
+    ConfigError,
+    ConnectError,
+    LlamaError,
+    ServerCrashedError,
+    ServerStartError,
+    TransportError,
+    UsageError,
+)
+from .._groups import single_error
+from ..client import (
+    DEFAULT_TIMEOUT,
+    AsyncLlamaClient,
+    ChatChunk,
+    ChatCompletion,
+    Completion,
+    CompletionChunk,
+    Message,
+    TokenStream,
+)
+from ..client._client import chat_stream_request, completion_stream_request
+from ..client._stream import Source
+from ..gpu import visible_gpus
+from ..server import find_llama_server
+from ..server._config import ServerConfig, server_command
+from ..server._process import LlamaServer
+from ._placement import Placement
+from ._router import Member, Router
+
+__all__ = ["AsyncEngine", "ServerInfo"]
+
+logger = logging.getLogger("llamatelemetry_async.engine")
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerInfo:
+    """A snapshot of one server of an engine."""
+
+    name: str
+    url: str | None
+    pid: int | None
+    gpus: tuple[int, ...]
+    state: str
+    slots: int
+    outstanding: int
+    served: int
+    starts: int
+    exit_code: int | None
+    recent_logs: tuple[str, ...]
+
+
+class _Server:
+    """What the engine keeps per server: the process, its router entry, its client."""
+
+    def __init__(self, process: LlamaServer, member: Member) -> None:
+        self.process = process
+        self.member = member
+        self.client: AsyncLlamaClient | None = None
+
+
+class AsyncEngine(anyio.AsyncContextManagerMixin):
+    """Start and supervise llama-servers and spread requests over them.
+
+    ```python
+    async with AsyncEngine("model.gguf", placement=Placement.cpu(2)) as engine:
+        async for chunk in engine.stream("Once upon a time", n_predict=64):
+            print(chunk.text, end="")
+        reply = await engine.chat([{"role": "user", "content": "hi"}], max_tokens=32)
+    ```
+
+    ``placement`` says where servers run (``"auto"``: one per GPU found, else one on the
+    CPU); ``server`` configures each of them. Every server gets a fresh random API key
+    through its environment. When all slots are busy, requests wait in the engine, up to
+    ``max_waiting`` of them (``EngineBusyError`` beyond). A server that dies is restarted
+    (backoff capped at ``max_restart_delay`` seconds) while requests go to the others.
+
+    In a notebook, ``engine = await AsyncEngine(...).start()`` and ``await engine.aclose()``
+    work too (asyncio only; under trio use ``async with``).
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        *,
+        placement: Placement | str = "auto",
+        server: ServerConfig | None = None,
+        binary: str | os.PathLike[str] | None = None,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        max_waiting: int = 10_000,
+        ready_timeout: float = 120.0,
+        restart: bool = True,
+        max_restart_delay: float = 30.0,
+        log_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.model = Path(model)
+        self.placement = Placement.coerce(placement)
+        self.config = server if server is not None else ServerConfig()
+        if max_waiting < 0:
+            raise ConfigError(f"max_waiting must be >= 0, got {max_waiting}")
+        self._binary = binary
+        self._timeout = timeout
+        self._ready_timeout = ready_timeout
+        self._restart = restart
+        self._max_restart_delay = max_restart_delay
+        self._log_dir = Path(log_dir) if log_dir is not None else None
+        self._router = Router(max_waiting=max_waiting)
+        self._servers: list[_Server] = []
+        self._api_key = self.config.api_key or secrets.token_urlsafe(24)
+        self._open = False
+        self._runner: asyncio.Task[None] | None = None
+        self._stop: asyncio.Event | None = None
+
+    # ----------------------------------------------------------------- lifecycle
+    @contextlib.asynccontextmanager
+    async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
+        servers = await self._prepare()
+        try:
+            with single_error():
+                async with anyio.create_task_group() as tg:
+                    try:
+                        await self._start_all(tg, servers)
+                        self._open = True
+                        yield self
+                    finally:
+                        self._open = False
+                        tg.cancel_scope.cancel()  # supervisors stop; run() reaps each process
+        finally:
+            with anyio.CancelScope(shield=True):
+                for server in servers:
+                    if server.client is not None:
+                        await server.client.aclose()
+                        server.client = None
+
+    async def _prepare(self) -> list[_Server]:
+        """Everything that can fail before a process is spawned fails here."""
+        if not self.model.is_file():
+            raise ConfigError(f"model file not found: {self.model} (pass the path of a .gguf file)")
+        binary = find_llama_server(self._binary)
+        gpus = await anyio.to_thread.run_sync(visible_gpus)  # NVML init blocks ~10 ms
+        plans = self.placement.plans(gpus)
+        config = dataclasses.replace(self.config, api_key=self._api_key)
+        if self._log_dir is not None:
+            await anyio.Path(self._log_dir).mkdir(parents=True, exist_ok=True)
+        servers = []
+        for plan in plans:
+            argv, env = server_command(config, binary=binary, model=self.model, plan=plan)
+            log_file = self._log_dir / f"{plan.name}.log" if self._log_dir else None
+            process = LlamaServer(argv, env, name=plan.name, gpus=plan.gpus, log_file=log_file)
+            member = Member(plan.name, None, slots=1)
+            self._router.members.append(member)
+            servers.append(_Server(process, member))
+        self._servers = servers
+        return servers
+
+    async def _start_all(self, tg: anyio.abc.TaskGroup, servers: list[_Server]) -> None:
+        errors: list[BaseException] = []
+
+        async def start_one(server: _Server) -> None:
+            try:
+                await tg.start(self._supervise, server)
+            except Exception as exc:  # collected, then the first is raised below
+                errors.append(exc)
+
+        async with anyio.create_task_group() as starting:  # all servers start at once
+            for server in servers:
+                starting.start_soon(start_one, server)
+        if errors:
+            first = errors[0]
+            for other in errors[1:]:
+                first.add_note(f"also: {other}")
+            raise first
+
+    async def _supervise(self, server: _Server, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        process, member = server.process, server.member
+        delay = 0.5
+        first = True
+
+        async def on_ready() -> None:
+            assert process.url is not None
+            client = AsyncLlamaClient(process.url, api_key=self._api_key, timeout=self._timeout)
+            props = await client.props()
+            member.slots = max(1, int(props.get("total_slots", 1)))
+            member.client = server.client = client
+            self._router.set_ready(member, True)
+
+        while True:
+            began = time.monotonic()
+            try:
+                await process.run(
+                    ready_timeout=self._ready_timeout,
+                    on_ready=on_ready,
+                    on_exit=lambda: self._router.set_ready(member, False),
+                    task_status=task_status if first else anyio.TASK_STATUS_IGNORED,
+                )
+            except ServerStartError:
+                if first:
+                    raise
+                logger.exception("%s: restart failed", process.name)
+            finally:
+                self._router.set_ready(member, False)
+                if server.client is not None:
+                    with anyio.CancelScope(shield=True):
+                        await server.client.aclose()
+                    server.client = None
+            first = False
+            if not self._restart:
+                return
+            if time.monotonic() - began > 60:
+                delay = 0.5  # it ran for a while: this crash is news, not a crash loop
+            logger.warning("%s: restarting in %.1f s", process.name, delay)
+            await anyio.sleep(delay)  # backoff between restarts, not synchronisation
+            delay = min(delay * 2, self._max_restart_delay)
+
+    async def start(self) -> Self:
+        """Start without ``async with`` (a notebook cell): ``await engine.aclose()`` later."""
+        if sniffio.current_async_library() != "asyncio":
+            raise UsageError("start() needs asyncio; under trio use `async with AsyncEngine(...)`")
+        if self._runner is not None:
+            raise UsageError("this engine was already started")
+        started = asyncio.Event()
+        self._stop = stop = asyncio.Event()
+
+        async def run() -> None:
+            async with self:
+                started.set()
+                await stop.wait()
+
+        # The task group must be entered and left in one task, and a notebook runs each
+        # cell in its own: so the engine lives in a task of its own.
+        self._runner = runner = asyncio.get_running_loop().create_task(run())
+        waiter = asyncio.ensure_future(started.wait())
+        await asyncio.wait({runner, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if runner.done():
+            runner.result()  # raises why it could not start
+        return self
+
+    async def aclose(self) -> None:
+        """Stop every server and wait until each is reaped; calling it again does nothing."""
+        runner, self._runner = self._runner, None
+        if runner is None or self._stop is None:
+            return
+        self._stop.set()
+        await runner
+
+    # ----------------------------------------------------------------- introspection
+    @property
+    def servers(self) -> list[ServerInfo]:
+        """One snapshot per server: URL, pid, GPUs, state, load, recent log lines."""
+        return [
+            ServerInfo(
+                name=s.process.name,
+                url=s.process.url,
+                pid=s.process.pid,
+                gpus=s.process.gpus,
+                state=s.process.state.value,
+                slots=s.member.slots,
+                outstanding=s.member.outstanding,
+                served=s.member.served,
+                starts=s.process.starts,
+                exit_code=s.process.exit_code,
+                recent_logs=tuple(s.process.recent_logs(20)),
+            )
+            for s in self._servers
+        ]
+
+    def _process(self, name: str) -> LlamaServer:
+        for s in self._servers:
+            if s.process.name == name:
+                return s.process
+        raise KeyError(name)
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise UsageError("the engine is not running: use `async with AsyncEngine(...)`")
+
+    # ----------------------------------------------------------------- requests
+    def stream(self, prompt: str | Sequence[Any], **params: Any) -> TokenStream[CompletionChunk]:
+        """Stream ``/completion`` from the least busy server (llama.cpp parameter names)."""
+        self._check_open()
+        return TokenStream(
+            _RoutedSource(self, *completion_stream_request(prompt, params)), CompletionChunk
+        )
+
+    def chat_stream(self, messages: Iterable[Message], **params: Any) -> TokenStream[ChatChunk]:
+        """Stream ``/v1/chat/completions`` from the least busy server (OpenAI names)."""
+        self._check_open()
+        source = _RoutedSource(self, *chat_stream_request(messages, params))
+        return TokenStream(source, ChatChunk)
+
+    async def complete(self, prompt: str | Sequence[Any], **params: Any) -> Completion:
+        """``/completion`` without streaming."""
+        return await self._call(lambda c: c.completion(prompt, **params))
+
+    async def chat(self, messages: Iterable[Message], **params: Any) -> ChatCompletion:
+        """``/v1/chat/completions`` without streaming."""
+        messages = list(messages)
+        return await self._call(lambda c: c.chat(messages, **params))
+
+    async def embed(self, texts: str | Sequence[str]) -> list[list[float]]:
+        """Embedding vectors (servers need ``ServerConfig(embeddings=True, pooling=...)``)."""
+        return (await self._call(lambda c: c.embeddings(texts))).vectors
+
+    async def _call(self, fn: Callable[[AsyncLlamaClient], Awaitable[T]]) -> T:
+        self._check_open()
+        member = await self._router.acquire()
+        release = self._router.releaser(member)
+        try:
+            client = member.client
+            assert isinstance(client, AsyncLlamaClient)
+            return await fn(client)
+        except (TransportError, ClientClosedError) as exc:
+            # A server that died mid-request (its client closes when it does).
+            raise await self._crash_error(member, exc) from exc
+        finally:
+            release()
+
+    async def _crash_error(self, member: Member, exc: LlamaError) -> LlamaError:
+        """``ServerCrashedError`` if the server died (the usual cause of a broken read)."""
+        process = self._process(member.name)
+        with anyio.move_on_after(1.0):
+            await process.exited.wait()
+        if not process.exited.is_set():
+            return exc
+        return ServerCrashedError(
+            f"server {process.name} (pid {process.pid}) exited with code {process.exit_code} "
+            f"during the request ({exc}); it is being restarted, retry the request",
+            server=process.name,
+            exit_code=process.exit_code,
+        )
+
+
+class _RoutedSource(Source):
+    """A stream source that first takes a slot from the router, then reads its server."""
+
+    def __init__(self, engine: AsyncEngine, path: str, body: dict[str, Any]) -> None:
+        self._engine = engine
+        self._path = path
+        self._body = body
+        self._inner: Source | None = None
+        self._member: Member | None = None
+        self._release: Callable[[], None] = _nothing
+        self.url = f"engine:{path}"
+
+    async def open(self, sink: Callable[[bytes], None], backlog: Callable[[], int]) -> None:
+        router = self._engine._router
+        for attempt in range(2):
+            member = await router.acquire()
+            self._member = member
+            self._release = router.releaser(member)
+            client = member.client
+            assert isinstance(client, AsyncLlamaClient)
+            inner = self._inner = client._stream_source(self._path, dict(self._body))
+            self.url = inner.url
+            try:
+                await inner.open(sink, backlog)
+            except ConnectError as exc:
+                self._release()
+                error = await self._engine._crash_error(member, exc)
+                if attempt == 0 and isinstance(error, ServerCrashedError):
+                    continue  # it died before taking the request: another server can
+                raise error from exc
+            except BaseException:
+                self._release()
+                raise
+            return
+
+    async def fill(self) -> bool:
+        assert self._inner is not None
+        assert self._member is not None
+        try:
+            return await self._inner.fill()
+        except TransportError as exc:
+            raise await self._engine._crash_error(self._member, exc) from exc
+
+    def taken(self) -> None:
+        if self._inner is not None:
+            self._inner.taken()
+
+    async def finish(self) -> None:
+        try:
+            if self._inner is not None:
+                await self._inner.finish()
+        finally:
+            self._release()
+
+    async def abort(self) -> None:
+        try:
+            if self._inner is not None:
+                await self._inner.abort()
+        finally:
+            self._release()
+
+    def abort_nowait(self) -> None:
+        if self._inner is not None:
+            self._inner.abort_nowait()
+        self._release()
+
+
+def _nothing() -> None:
+    return None

@@ -1,0 +1,238 @@
+"""Placement: how many llama-servers to run, and on which GPUs.
+
+A ``Placement`` is a small immutable recipe; ``plans(gpus)`` resolves it against the GPUs
+that are actually available (``visible_gpus()``) into one ``ServerPlan`` per server. It is
+pure: discovery happens elsewhere, so every rule here is tested without a GPU.
+
+```python
+Placement.per_gpu().plans([0, 1])
+# [ServerPlan('gpu0', (0,)), ServerPlan('gpu1', (1,))]
+Placement.kaggle_t4x2_pair("60/40", split_mode="row").plans([0, 1])
+# [ServerPlan('gpu0+1', (0, 1), tensor_split=(0.6, 0.4), split_mode='row')]
+Placement.auto().plans([])
+# [ServerPlan('cpu0', ())]
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final, Literal, TypeAlias
+
+from .._errors import ConfigError
+from ..server._config import ServerPlan
+
+__all__ = ["Placement"]
+
+PairSplitMode: TypeAlias = Literal["layer", "row", "tensor"]
+KaggleSplit: TypeAlias = Literal["50/50", "60/40", "70/30"]
+
+_PAIR_SPLIT_MODES: Final = ("layer", "row", "tensor")
+_KAGGLE_SPLITS: Final[dict[str, tuple[float, float]]] = {
+    "50/50": (0.5, 0.5),
+    "60/40": (0.6, 0.4),
+    "70/30": (0.7, 0.3),
+}
+_NO_GPUS_HINT: Final = (
+    "no GPUs are visible (NVML found none and CUDA_VISIBLE_DEVICES names none); "
+    "use Placement.cpu(n) to run on the CPU, or Placement.auto() to fall back to it"
+)
+
+
+def _fail(field: str, message: str) -> ConfigError:
+    return ConfigError(f"{field}: {message}", field=field)
+
+
+def _gpu_id(field: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _fail(field, f"GPU ids are ints >= 0, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Placement:
+    """Where the engine's servers run. Build one with a classmethod, not the constructor.
+
+    - ``Placement.per_gpu(gpus)``: one server per GPU, pinned with ``CUDA_VISIBLE_DEVICES``.
+    - ``Placement.pairs(pairs, tensor_split=..., split_mode=...)``: one server per GPU pair,
+      the model split across both (``"tensor"`` is llama.cpp's experimental tensor
+      parallelism, all-reducing over NCCL inside llama-server when built with NCCL).
+    - ``Placement.cpu(n)``: ``n`` CPU servers (also how tests stand in for GPUs).
+    - ``Placement.auto()`` (or the string ``"auto"``): ``per_gpu`` over every visible GPU,
+      ``cpu(1)`` when there is none.
+    - Presets: ``kaggle_t4x2()``, ``kaggle_t4x2_pair("60/40")``, ``single_gpu(0)``.
+    """
+
+    kind: Literal["per_gpu", "pairs", "cpu", "auto"]
+    gpus: tuple[int, ...] | None = None
+    gpu_pairs: tuple[tuple[int, int], ...] | None = None
+    tensor_split: tuple[float, float] = (0.5, 0.5)
+    split_mode: PairSplitMode = "layer"
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("per_gpu", "pairs", "cpu", "auto"):
+            raise _fail("kind", f"must be per_gpu, pairs, cpu or auto, got {self.kind!r}")
+        if self.gpus is not None:
+            gpus = tuple(_gpu_id("gpus", gpu) for gpu in self.gpus)
+            if not gpus:
+                raise _fail("gpus", f"per_gpu needs at least one GPU; {_NO_GPUS_HINT}")
+            if len(set(gpus)) != len(gpus):
+                raise _fail("gpus", f"lists a GPU twice: {gpus}")
+            object.__setattr__(self, "gpus", gpus)
+        if self.gpu_pairs is not None:
+            object.__setattr__(self, "gpu_pairs", _check_pairs(self.gpu_pairs))
+        split = self.tensor_split
+        if (
+            isinstance(split, str)
+            or not isinstance(split, Sequence)
+            or len(split) != 2
+            or not all(
+                isinstance(x, int | float) and not isinstance(x, bool) and x > 0 for x in split
+            )
+        ):
+            raise _fail("tensor_split", f"a pair split is two positive proportions, got {split!r}")
+        object.__setattr__(self, "tensor_split", (float(split[0]), float(split[1])))
+        if self.split_mode not in _PAIR_SPLIT_MODES:
+            raise _fail(
+                "split_mode",
+                f"must be one of {', '.join(_PAIR_SPLIT_MODES)} for a GPU pair, "
+                f"got {self.split_mode!r}",
+            )
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise _fail("n", f"the number of CPU servers must be an int >= 1, got {self.n!r}")
+
+    # -- constructors ---------------------------------------------------------------------
+
+    @classmethod
+    def per_gpu(cls, gpus: Sequence[int] | None = None) -> Placement:
+        """One server per GPU; ``None`` means every visible GPU."""
+        return cls(kind="per_gpu", gpus=None if gpus is None else tuple(gpus))
+
+    @classmethod
+    def pairs(
+        cls,
+        pairs: Sequence[tuple[int, int]] | None = None,
+        *,
+        tensor_split: tuple[float, float] = (0.5, 0.5),
+        split_mode: PairSplitMode = "layer",
+    ) -> Placement:
+        """One server per GPU pair; ``None`` pairs the visible GPUs in order: (0, 1), (2, 3)...
+
+        With an odd number of visible GPUs the last one is left out; name the pairs, or use
+        ``per_gpu``, to use it.
+        """
+        return cls(
+            kind="pairs",
+            gpu_pairs=None if pairs is None else tuple(pairs),
+            tensor_split=tensor_split,
+            split_mode=split_mode,
+        )
+
+    @classmethod
+    def cpu(cls, n: int = 1) -> Placement:
+        """``n`` servers on the CPU (no GPU offload)."""
+        return cls(kind="cpu", n=n)
+
+    @classmethod
+    def auto(cls) -> Placement:
+        """One server per visible GPU, or one CPU server when there is none."""
+        return cls(kind="auto")
+
+    @classmethod
+    def kaggle_t4x2(cls) -> Placement:
+        """Kaggle's two Tesla T4s, one server on each."""
+        return cls.per_gpu((0, 1))
+
+    @classmethod
+    def kaggle_t4x2_pair(
+        cls, split: KaggleSplit = "50/50", split_mode: PairSplitMode = "layer"
+    ) -> Placement:
+        """Kaggle's two Tesla T4s as one server, the model split ``split`` between them."""
+        if split not in _KAGGLE_SPLITS:
+            raise _fail("split", f"must be one of {', '.join(_KAGGLE_SPLITS)}, got {split!r}")
+        return cls.pairs([(0, 1)], tensor_split=_KAGGLE_SPLITS[split], split_mode=split_mode)
+
+    @classmethod
+    def single_gpu(cls, gpu: int = 0) -> Placement:
+        """One server on one GPU (a single-GPU notebook)."""
+        return cls.per_gpu((gpu,))
+
+    @classmethod
+    def coerce(cls, value: Placement | str) -> Placement:
+        """``value`` itself, or the placement a string names (only ``"auto"`` for now)."""
+        if isinstance(value, Placement):
+            return value
+        if value == "auto":
+            return cls.auto()
+        raise _fail(
+            "placement",
+            f'unknown placement {value!r}; use "auto" or a Placement '
+            "(Placement.per_gpu(), Placement.pairs(), Placement.cpu(n), presets)",
+        )
+
+    # -- resolution -----------------------------------------------------------------------
+
+    def plans(self, gpus: Sequence[int]) -> list[ServerPlan]:
+        """One ``ServerPlan`` per server, given the visible GPU ids (``visible_gpus()``).
+
+        Raises ``ConfigError`` when a named GPU is not visible, or when a GPU placement
+        finds no GPUs (the message suggests ``Placement.cpu``).
+        """
+        available = list(dict.fromkeys(_gpu_id("gpus", gpu) for gpu in gpus))
+        if self.kind == "cpu" or (self.kind == "auto" and not available):
+            return [ServerPlan(f"cpu{i}", ()) for i in range(self.n)]
+        if self.kind in ("per_gpu", "auto"):
+            targets = list(self.gpus) if self.gpus is not None else available
+            if not targets:
+                raise _fail("gpus", _NO_GPUS_HINT)
+            _check_available("gpus", targets, available)
+            return [ServerPlan(f"gpu{gpu}", (gpu,)) for gpu in targets]
+        if self.gpu_pairs is not None:
+            pairs = list(self.gpu_pairs)
+        else:
+            if len(available) < 2:
+                raise _fail(
+                    "pairs",
+                    f"a GPU pair needs 2 visible GPUs, found {len(available)} {available}; "
+                    "use Placement.per_gpu() for one GPU, or Placement.cpu(n) for none",
+                )
+            pairs = list(zip(available[0::2], available[1::2], strict=False))
+        _check_available("pairs", [gpu for pair in pairs for gpu in pair], available)
+        return [
+            ServerPlan(
+                f"gpu{a}+{b}", (a, b), tensor_split=self.tensor_split, split_mode=self.split_mode
+            )
+            for a, b in pairs
+        ]
+
+
+def _check_pairs(pairs: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    if not pairs:
+        raise _fail("pairs", "needs at least one (gpu, gpu) pair")
+    seen: set[int] = set()
+    checked = []
+    for pair in pairs:
+        if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise _fail("pairs", f"each pair is two GPU ids, got {pair!r}")
+        a, b = _gpu_id("pairs", pair[0]), _gpu_id("pairs", pair[1])
+        if a == b:
+            raise _fail("pairs", f"a pair needs two different GPUs, got {pair!r}")
+        for gpu in (a, b):
+            if gpu in seen:
+                raise _fail("pairs", f"GPU {gpu} is in two pairs; each GPU serves one server")
+            seen.add(gpu)
+        checked.append((a, b))
+    return tuple(checked)
+
+
+def _check_available(field: str, wanted: Sequence[int], available: Sequence[int]) -> None:
+    missing = [gpu for gpu in wanted if gpu not in available]
+    if missing:
+        shown = ", ".join(map(str, missing))
+        raise _fail(
+            field,
+            f"GPU {shown} not visible (visible GPUs: {list(available)}; "
+            "check CUDA_VISIBLE_DEVICES and nvidia-smi)",
+        )

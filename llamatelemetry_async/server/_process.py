@@ -1,0 +1,256 @@
+"""``LlamaServer``: one llama-server process, started, watched and always reaped.
+
+* Own process group (``start_new_session``), so stopping reaches every child it forks.
+* Parent-death signal: on Linux the child is started through a tiny exec shim that sets
+  ``PR_SET_PDEATHSIG`` to SIGKILL, so a llama-server never outlives a Python process that
+  was SIGKILLed (no ``finally`` runs then).
+* Output is drained from the first byte into a bounded ring of recent lines, Python
+  ``logging``, and optionally a file (aiofiles): a pipe nobody reads stalls the server.
+* Readiness: llama-server logs ``listening on http://HOST:PORT`` once the model is loaded
+  (it binds before loading, but logs the address after). With ``--port 0`` that line is
+  also the only way to learn the port, and there is no port race at all. ``/health`` is
+  then checked once, quickly.
+* Stop: SIGTERM to the group, a grace period, SIGKILL, reap; shielded from cancellation.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import enum
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import httpx
+
+from .._errors import ServerStartError
+from .._groups import single_error
+
+__all__ = ["LlamaServer", "ServerState"]
+
+logger = logging.getLogger("llamatelemetry_async.server")
+
+_LISTENING = re.compile(rb"listening on (https?)://(\S+?):(\d+)\s*$")
+
+# Runs in the child before exec: die with the parent, then become llama-server.
+_PDEATH_SHIM = (
+    "import ctypes,os,signal,sys\n"
+    "ctypes.CDLL(None).prctl(1, signal.SIGKILL)\n"  # PR_SET_PDEATHSIG = 1
+    "os.getppid() == int(sys.argv[1]) or os._exit(70)\n"  # the parent died before prctl
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+class ServerState(enum.Enum):
+    """Where a ``LlamaServer`` is in its life."""
+
+    NEW = "new"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    CRASHED = "crashed"
+
+
+class LlamaServer:
+    """One supervised llama-server process.
+
+    ``argv`` and ``env`` are complete (see ``server_command``); ``name`` and ``gpus``
+    describe it in logs, errors and ``AsyncEngine.servers``. ``run()`` starts it and
+    returns its exit code when it exits by itself; cancelling ``run()`` stops and reaps
+    it. One ``LlamaServer`` can be run again after it exited (restarts).
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        *,
+        name: str = "llama-server",
+        gpus: tuple[int, ...] = (),
+        log_lines: int = 500,
+        log_file: str | os.PathLike[str] | None = None,
+        stop_grace: float = 5.0,
+    ) -> None:
+        self.argv = list(argv)
+        self.env = dict(os.environ if env is None else env)
+        self.name = name
+        self.gpus = gpus
+        self.stop_grace = stop_grace
+        self.log_file = Path(log_file) if log_file is not None else None
+        self.state = ServerState.NEW
+        self.url: str | None = None
+        self.host: str | None = None
+        self.port: int | None = None
+        self.pid: int | None = None
+        self.exit_code: int | None = None
+        self.starts = 0
+        self._lines: collections.deque[str] = collections.deque(maxlen=log_lines)
+        self._listening = anyio.Event()
+        self.exited = anyio.Event()
+        """Set when the current process has exited (reset on each run)."""
+
+    def recent_logs(self, n: int | None = None) -> list[str]:
+        """The last ``n`` lines the server printed (all kept lines by default)."""
+        lines = list(self._lines)
+        return lines if n is None else lines[-n:]
+
+    def __repr__(self) -> str:
+        return f"<LlamaServer {self.name} {self.state.value} pid={self.pid} url={self.url}>"
+
+    async def run(
+        self,
+        *,
+        ready_timeout: float = 120.0,
+        on_ready: Callable[[], Awaitable[None]] | None = None,
+        on_exit: Callable[[], None] | None = None,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> int:
+        """Start the process, report ready through ``task_status``, return its exit code.
+
+        Raises ``ServerStartError`` (with the exit code and the last log lines) if it exits
+        or does not become ready within ``ready_timeout`` seconds. ``on_ready`` runs once the
+        server answers, before ``task_status.started()``; ``on_exit`` runs as soon as the
+        process is gone, before ``exited`` is set.
+        """
+        self.state = ServerState.STARTING
+        self.url = self.host = self.port = self.exit_code = None
+        self._listening = anyio.Event()
+        self.exited = anyio.Event()
+        self.starts += 1
+        process = await anyio.open_process(
+            _with_parent_death(self.argv),
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stop() reaches its children
+        )
+        self.pid = process.pid
+        logger.info("%s: started pid %d: %s", self.name, process.pid, " ".join(self.argv))
+        try:
+            with single_error():
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._pump, process)
+                    await self._wait_ready(process, ready_timeout)
+                    self.state = ServerState.READY
+                    logger.info("%s: ready at %s", self.name, self.url)
+                    if on_ready is not None:
+                        await on_ready()
+                    task_status.started()
+                    code = await process.wait()
+            self.exit_code = code
+            self.state = ServerState.CRASHED
+            logger.warning("%s: pid %d exited with code %d", self.name, process.pid, code)
+            return code
+        finally:
+            with anyio.CancelScope(shield=True):
+                if process.returncode is None:
+                    self.state = ServerState.STOPPING
+                    await self._terminate(process)
+                    self.state = ServerState.STOPPED
+                self.exit_code = process.returncode
+                if on_exit is not None:
+                    on_exit()  # before anyone waiting on `exited` runs
+                self.exited.set()
+                await process.aclose()
+
+    async def _wait_ready(self, process: anyio.abc.Process, timeout: float) -> None:
+        start = time.monotonic()
+        with anyio.move_on_after(timeout):
+            await self._listening.wait()
+        if self.url is None:
+            # The pump saw end of output (the process is exiting) or time ran out.
+            with anyio.move_on_after(self.stop_grace):
+                await process.wait()
+            code = process.returncode
+            why = (
+                f"exited with code {code} while starting"
+                if code is not None
+                else f"did not become ready within {timeout:g} s"
+            )
+            raise ServerStartError(
+                f"{self.name}: llama-server {why}",
+                server=self.name,
+                exit_code=code,
+                log_tail="\n".join(self.recent_logs(40)),
+            )
+        # The address is logged after the model loaded; /health confirms it answers.
+        async with httpx.AsyncClient(timeout=5.0, trust_env=False) as http:
+            with anyio.fail_after(max(1.0, timeout - (time.monotonic() - start))):
+                while True:
+                    with contextlib.suppress(httpx.TransportError):
+                        if (await http.get(f"{self.url}/health")).status_code == 200:
+                            return
+                    await anyio.sleep(0.01)  # poll interval: "Loading model" (503) keeps waiting
+
+    async def _pump(self, process: anyio.abc.Process) -> None:
+        """Drain stdout+stderr from the first byte to EOF (never leave the pipe full)."""
+        assert process.stdout is not None
+        log_file: Any = None
+        if self.log_file is not None:
+            import aiofiles
+
+            log_file = await aiofiles.open(self.log_file, "ab")
+        pending = b""
+        try:
+            async for data in process.stdout:
+                if log_file is not None:
+                    await log_file.write(data)
+                *lines, pending = (pending + data).split(b"\n")
+                for raw in lines:
+                    self._line(raw)
+            if pending:
+                self._line(pending)
+        finally:
+            self._listening.set()  # EOF: the waiter sees no URL and reports why
+            if log_file is not None:
+                with anyio.CancelScope(shield=True):
+                    await log_file.close()
+
+    def _line(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip("\r")
+        self._lines.append(line)
+        logger.debug("%s: %s", self.name, line)
+        if self.url is None:
+            match = _LISTENING.search(raw.rstrip())
+            if match:
+                scheme, host, port = (g.decode() for g in match.groups())
+                self.host, self.port = host, int(port)
+                self.url = f"{scheme}://{host}:{port}"
+                self._listening.set()
+
+    async def _terminate(self, process: anyio.abc.Process) -> None:
+        """SIGTERM the group, wait ``stop_grace``, SIGKILL the group, reap."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        with anyio.move_on_after(self.stop_grace):
+            await process.wait()
+            return
+        logger.warning("%s: pid %d ignored SIGTERM; killing it", self.name, process.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+
+    def send_signal(self, sig: int) -> None:
+        """Signal the running process group (tests use SIGKILL and SIGSTOP)."""
+        if self.pid is None or self.exited.is_set():
+            raise ProcessLookupError(f"{self.name} is not running")
+        os.killpg(self.pid, sig)
+
+
+def _with_parent_death(argv: list[str]) -> list[str]:
+    if not sys.platform.startswith("linux"):
+        return argv
+    # -I -S: no site, no user paths: the shim starts in a few milliseconds.
+    return [sys.executable, "-I", "-S", "-c", _PDEATH_SHIM, str(os.getpid()), *argv]
