@@ -17,14 +17,19 @@ from ._errors import LlamaError
 __all__ = ["main"]
 
 
-async def _stream_demo(url: str, prompt: str, n_predict: int) -> None:
-    from .client import AsyncLlamaClient
+async def _engine_demo(args: argparse.Namespace, model: Path) -> None:
+    from .engine import AsyncEngine, Placement
 
-    async with AsyncLlamaClient(url) as client:
-        print(f"\n/completion  prompt={prompt!r}\n")
+    placement = Placement.cpu(args.servers) if args.servers else "auto"
+    async with AsyncEngine(model, placement=placement, binary=args.llama_server) as engine:
+        for info in engine.servers:
+            gpus = ",".join(map(str, info.gpus)) or "cpu"
+            print(f"server {info.name}: pid {info.pid} at {info.url} ({gpus}, {info.slots} slots)")
+
+        print(f"\n/completion  prompt={args.prompt!r}\n")
         start = time.perf_counter()
         first: float | None = None
-        async with client.stream_completion(prompt, n_predict=n_predict, seed=42) as stream:
+        async with engine.stream(args.prompt, n_predict=args.n_predict, seed=42) as stream:
             async for chunk in stream:
                 first = first or time.perf_counter() - start
                 print(chunk.text, end="", flush=True)
@@ -38,23 +43,21 @@ async def _stream_demo(url: str, prompt: str, n_predict: int) -> None:
 
         messages = [{"role": "user", "content": "Tell me a story about a cat."}]
         print("\n/v1/chat/completions  messages=" + repr(messages) + "\n")
-        async with client.stream_chat(messages, max_tokens=n_predict, seed=42) as chat:
+        async with engine.chat_stream(messages, max_tokens=args.n_predict, seed=42) as chat:
             async for chat_chunk in chat:
                 print(chat_chunk.text, end="", flush=True)
         print(f"\n\n  finish_reason={chat.finish_reason}  usage={chat.usage}")
-        print(f"\nconnections: {client.pool_stats}")
+        served = ", ".join(f"{s.name}: {s.served}" for s in engine.servers)
+        print(f"\nrequests served per server: {served}")
 
 
 def _demo(args: argparse.Namespace) -> int:
     from .testing import write_tiny_model
-    from .testing._server import run_llama_server
 
     with tempfile.TemporaryDirectory(prefix="llamatelemetry-demo-") as tmp:
         model = Path(args.model) if args.model else write_tiny_model(Path(tmp) / "tiny.gguf")
         print(f"model: {model}" + ("" if args.model else " (the project's own tiny model)"))
-        with run_llama_server(model, binary=args.llama_server, args=["-np", "2"]) as server:
-            print(f"llama-server pid {server.pid} at {server.url}")
-            anyio.run(_stream_demo, server.url, args.prompt, args.n_predict)
+        anyio.run(_engine_demo, args, model)
     return 0
 
 
@@ -87,11 +90,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="stream tokens from a real llama-server (tiny model)")
+    demo = sub.add_parser(
+        "demo", help="start an engine of llama-servers (tiny model) and stream tokens from it"
+    )
     demo.add_argument("--model", help="a GGUF file (default: the project's own tiny model)")
     demo.add_argument("--prompt", default="Once upon a time")
     demo.add_argument("--n-predict", type=int, default=48)
     demo.add_argument("--llama-server", help="path to the llama-server binary")
+    demo.add_argument(
+        "--servers", type=int, default=2, help="CPU servers to start (0: one per GPU, 'auto')"
+    )
     demo.set_defaults(func=_demo)
 
     build = sub.add_parser(

@@ -77,11 +77,19 @@ async def test_three_servers_spread_streams_and_match_references(tiny_model: Pat
     assert gone([s.pid for s in infos if s.pid is not None])
 
 
-async def test_embed(tiny_model: Path) -> None:
+async def test_embed_and_log_files(tiny_model: Path, tmp_path: Path) -> None:
     config = ServerConfig(embeddings=True, pooling="mean")
-    async with AsyncEngine(tiny_model, placement=Placement.cpu(1), server=config) as engine:
+    engine = AsyncEngine(tiny_model, placement=Placement.cpu(1), server=config, log_dir=tmp_path)
+    async with engine:
         vectors = await engine.embed(["a cat", "a dog"])
+        recent = engine.servers[0].recent_logs
     assert [len(v) for v in vectors] == [64, 64]
+    assert any("listening on" in line for line in recent)
+    # Every byte the server printed also went to its log file, and the API key did not.
+    log = (tmp_path / "cpu0.log").read_text()
+    assert "listening on" in log
+    assert "api-key" not in log
+    assert engine._api_key not in log
 
 
 async def test_killed_server_fails_its_stream_and_restarts(tiny_model: Path) -> None:

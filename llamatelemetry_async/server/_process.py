@@ -32,6 +32,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import httpx
+import sniffio
 
 from .._errors import ServerStartError
 from .._groups import single_error
@@ -197,11 +198,7 @@ class LlamaServer:
     async def _pump(self, process: anyio.abc.Process) -> None:
         """Drain stdout+stderr from the first byte to EOF (never leave the pipe full)."""
         assert process.stdout is not None
-        log_file: Any = None
-        if self.log_file is not None:
-            import aiofiles
-
-            log_file = await aiofiles.open(self.log_file, "ab")
+        log_file = await _LogFile.open(self.log_file) if self.log_file is not None else None
         pending = b""
         try:
             async for data in process.stdout:
@@ -216,7 +213,7 @@ class LlamaServer:
             self._listening.set()  # EOF: the waiter sees no URL and reports why
             if log_file is not None:
                 with anyio.CancelScope(shield=True):
-                    await log_file.close()
+                    await log_file.aclose()
 
     def _line(self, raw: bytes) -> None:
         line = raw.decode("utf-8", "replace").rstrip("\r")
@@ -247,6 +244,27 @@ class LlamaServer:
         if self.pid is None or self.exited.is_set():
             raise ProcessLookupError(f"{self.name} is not running")
         os.killpg(self.pid, sig)
+
+
+class _LogFile:
+    """An append-only log file written off the event loop.
+
+    aiofiles on asyncio; anyio's worker-thread file under trio, where aiofiles cannot run.
+    """
+
+    def __init__(self, file: Any, close: Callable[[], Awaitable[None]]) -> None:
+        self.write: Callable[[bytes], Awaitable[Any]] = file.write
+        self.aclose = close
+
+    @classmethod
+    async def open(cls, path: Path) -> _LogFile:
+        if sniffio.current_async_library() == "asyncio":
+            import aiofiles
+
+            file: Any = await aiofiles.open(path, "ab")
+            return cls(file, file.close)
+        file = await anyio.open_file(path, "ab")
+        return cls(file, file.aclose)
 
 
 def _with_parent_death(argv: list[str]) -> list[str]:
