@@ -31,11 +31,11 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import httpx
 import sniffio
 
-from .._errors import ServerStartError
+from .._errors import HTTPStatusError, ServerStartError, TransportError
 from .._groups import single_error
+from ..client import AsyncLlamaClient
 
 __all__ = ["LlamaServer", "ServerState"]
 
@@ -186,13 +186,14 @@ class LlamaServer:
                 exit_code=code,
                 log_tail="\n".join(self.recent_logs(40)),
             )
-        # The address is logged after the model loaded; /health confirms it answers.
-        async with httpx.AsyncClient(timeout=5.0, trust_env=False) as http:
+        # The address is logged after the model loaded; /health confirms it answers. Our
+        # own client: a default httpx client would load a TLS context on the loop (~20 ms).
+        async with AsyncLlamaClient(self.url, timeout=5.0) as client:
             with anyio.fail_after(max(1.0, timeout - (time.monotonic() - start))):
                 while True:
-                    with contextlib.suppress(httpx.TransportError):
-                        if (await http.get(f"{self.url}/health")).status_code == 200:
-                            return
+                    with contextlib.suppress(TransportError, HTTPStatusError):
+                        await client.health()
+                        return
                     await anyio.sleep(0.01)  # poll interval: "Loading model" (503) keeps waiting
 
     async def _pump(self, process: anyio.abc.Process) -> None:
