@@ -19,6 +19,13 @@ def single_error() -> Iterator[None]:
     try:
         yield
     except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
+        if len(group.exceptions) != 1:
+            raise
+        exc = group.exceptions[0]
+        # Re-raising inside this handler rewrites the chain; keep the error's own.
+        cause, context, suppress = exc.__cause__, exc.__context__, exc.__suppress_context__
+        try:
+            raise exc
+        finally:
+            exc.__cause__, exc.__context__ = cause, context
+            exc.__suppress_context__ = suppress

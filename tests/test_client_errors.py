@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
@@ -14,6 +15,7 @@ from llamatelemetry_async import (
     ClientClosedError,
     ConnectError,
     HTTPStatusError,
+    LlamaTransport,
     ReadError,
     ReadTimeout,
     RemoteProtocolError,
@@ -187,3 +189,34 @@ async def test_own_httpx_client_path(replay_url: str, client_backend: Backend) -
         assert not http.is_closed
     assert n == 7
     assert stream.finish_reason == "length"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_own_httpx_client_aclose_from_another_task(replay_url: str) -> None:
+    async with (
+        httpx.AsyncClient() as http,
+        AsyncLlamaClient(replay_url, http_client=http) as client,
+    ):
+        stream = client.stream_completion("x", _replay_fault="stall")
+        first = anyio.Event()
+
+        async def read() -> None:
+            async for _ in stream:
+                first.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read)
+            await first.wait()
+            await stream.aclose()  # the reader is suspended inside httpx's iterator
+        assert stream.closed
+
+
+async def test_transport_sends_a_streamed_body_with_a_length(replay_url: str) -> None:
+    async def body() -> AsyncIterator[bytes]:
+        yield b'{"prompt": "x", '
+        yield b'"n_predict": 3}'
+
+    async with httpx.AsyncClient(transport=LlamaTransport()) as http:
+        response = await http.post(replay_url + "/completion", content=body())
+    assert response.status_code == 200
+    assert response.json()["tokens_predicted"] == 3

@@ -238,3 +238,30 @@ async def test_stream_dropped_without_close_frees_its_connection(replay_url: str
         stats = client.pool_stats
         assert stats is not None
         assert stats.active == 0
+
+
+async def test_aclose_while_opening_releases_everything(
+    replay_url: str, client_backend: Backend
+) -> None:
+    client = AsyncLlamaClient(replay_url, backend=client_backend, max_connections=1)
+    async with client, client.stream_completion("x", _replay_fault="stall") as holder:
+        await holder.__anext__()  # holds the only connection
+        waiting = client.stream_completion("y", n_predict=3)
+        got: list[object] = []
+
+        async def open_and_read() -> None:
+            async with waiting:  # blocks: no free connection
+                got.extend([c async for c in waiting])
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(open_and_read)
+            await anyio.wait_all_tasks_blocked()
+            await waiting.aclose()  # from another task, while it is still opening
+        assert got == []
+        assert waiting.closed
+        await holder.aclose()
+        stats = client.pool_stats
+        assert stats is not None
+        assert stats.active == 0
+        # The connection slot came back: a new request gets it.
+        assert len(await _drain(client.stream_completion("z", n_predict=2))) == 2

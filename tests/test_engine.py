@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -97,7 +98,7 @@ async def test_killed_server_fails_its_stream_and_restarts(tiny_model: Path) -> 
         first_pid = engine.servers[0].pid
         stream = engine.stream("Once upon a time", n_predict=100_000, ignore_eos=True)
         with anyio.fail_after(10):
-            with pytest.raises(ServerCrashedError, match="exited with code -9") as info:
+            with pytest.raises(ServerCrashedError, match=r"exited \(code -9\)") as info:
                 async with stream:
                     async for _ in stream:
                         if stream.chunks == 3:
@@ -208,3 +209,61 @@ async def test_start_and_aclose_without_async_with(tiny_model: Path) -> None:
     await engine.aclose()
     await engine.aclose()
     assert gone(pids)
+
+
+async def test_closing_a_stream_that_waits_for_a_slot_frees_its_place(tiny_model: Path) -> None:
+    config = ServerConfig(n_parallel=1)
+    engine = AsyncEngine(tiny_model, placement=Placement.cpu(1), server=config)
+    async with engine, engine.stream("x", n_predict=100_000, ignore_eos=True) as hog:
+        await hog.__anext__()  # holds the only slot
+        waiting = engine.stream("y", n_predict=2)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiting.__aenter__)
+            await anyio.wait_all_tasks_blocked()
+            assert engine._router.waiting == 1
+            await waiting.aclose()
+        assert engine._router.waiting == 0
+        await hog.aclose()
+        assert (await engine.complete("z", n_predict=2)).usage.completion_tokens == 2
+        assert engine.servers[0].outstanding == 0
+
+
+async def test_a_failing_restart_does_not_take_the_engine_down(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    # A binary that runs the real server once, then fails to start every time after.
+    from llamatelemetry_async import find_llama_server
+
+    marker = tmp_path / "started-once"
+    flaky = tmp_path / "flaky-llama-server"
+    flaky.write_text(
+        f'#!/bin/sh\nif [ -e "{marker}" ]; then echo "refusing to start" >&2; exit 3; fi\n'
+        f'touch "{marker}"\nexec "{find_llama_server()}" "$@"\n'
+    )
+    flaky.chmod(0o755)
+    engine = AsyncEngine(
+        tiny_model, placement=Placement.cpu(1), binary=flaky, max_restart_delay=0.2
+    )
+    failures = anyio.Event()
+
+    class TwoFailures(logging.Handler):
+        count = 0
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if "restart failed" in record.getMessage():
+                self.count += 1
+                if self.count == 2:
+                    failures.set()
+
+    handler = TwoFailures()
+    logging.getLogger("llamatelemetry_async.engine").addHandler(handler)
+    try:
+        async with engine:
+            engine._process("cpu0").send_signal(signal.SIGKILL)
+            with anyio.fail_after(10):
+                await failures.wait()  # it keeps trying, with backoff, and stays up
+            assert engine.servers[0].starts >= 3
+            assert "refusing to start" in "\n".join(engine.servers[0].recent_logs)
+    finally:
+        logging.getLogger("llamatelemetry_async.engine").removeHandler(handler)
+    # Leaving the block still works and reaps everything.

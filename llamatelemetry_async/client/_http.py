@@ -29,6 +29,7 @@ import anyio.abc
 import sniffio
 
 from .._errors import (
+    ClientClosedError,
     ConnectError,
     ConnectTimeout,
     PoolTimeout,
@@ -461,6 +462,7 @@ class _AsyncioConnection(asyncio.Protocol, Connection):
         return self._transport is None or self._transport.is_closing()
 
     def set_read_timeout(self, timeout: float | None) -> None:
+        self._cancel_timer()  # a timer of the previous request would fire on its old deadline
         self._read_timeout = timeout
         self._last_rx = self._loop.time()
 
@@ -668,13 +670,16 @@ class ConnectionPool:
         hands the connection back with ``release`` (or ``discard`` when abandoning it).
         """
         if self._closed:
-            raise UsageError("the connection pool is closed")
+            raise ClientClosedError("the client was closed")
         if self._sem is not None:
             try:
                 with anyio.fail_after(timeouts.pool):
                     await self._sem.acquire()
             except TimeoutError:
                 raise PoolTimeout("no connection became free within the pool timeout") from None
+            if self._closed:  # closed while this request queued for a connection
+                self._sem.release()
+                raise ClientClosedError("the client was closed")
         try:
             return await self._send(host, port, head + body, timeouts, head_only)
         except BaseException:
@@ -770,6 +775,7 @@ class ConnectionPool:
         conn.parser.sink = _discard
         conn.parser._held = False
         conn.watch_buffer(None)
+        conn.resume_if_drained()  # paused by a burst at the very end of the response
         stack = self._idle.setdefault(conn.origin, [])
         if reusable and len(stack) < self._max_idle:
             conn.idle_since = time.monotonic()

@@ -14,6 +14,7 @@ from collections.abc import AsyncGenerator, Callable
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
+import anyio
 import httpx
 import msgspec
 
@@ -104,8 +105,8 @@ class PoolSource(Source):
         assert head is not None
         if head.status >= 400:
             pieces: list[bytes] = []
-            conn.parser.set_sink(pieces.append)
             try:
+                conn.parser.set_sink(pieces.append)
                 while not conn.parser.done and sum(map(len, pieces)) < _MAX_ERROR_BODY:
                     await conn.wait()
             finally:
@@ -185,13 +186,19 @@ class HttpxSource(Source):
         self._sink = sink
 
     async def fill(self) -> bool:
-        assert self._chunks is not None
+        chunks = self._chunks
+        if chunks is None:
+            return False  # aborted
         try:
-            data = await self._chunks.__anext__()
+            data = await chunks.__anext__()
         except StopAsyncIteration:
             return False
         except httpx.HTTPError as exc:
             raise map_httpx_error(exc, self.url) from exc
+        except RuntimeError:  # httpx.StreamClosed and kin, after abort() from another task
+            if self._response is None:
+                return False
+            raise
         self._sink(data)
         return True
 
@@ -207,10 +214,12 @@ class HttpxSource(Source):
     async def abort(self) -> None:
         chunks, self._chunks = self._chunks, None
         response, self._response = self._response, None
-        if chunks is not None:
-            await chunks.aclose()  # httpx's iterators are async generators: close them
         if response is not None:
             await response.aclose()
+        # httpx's iterators are async generators: close this one, unless a reader in
+        # another task is suspended inside it (it then ends when it next resumes).
+        if chunks is not None and not getattr(chunks, "ag_running", False):
+            await chunks.aclose()
 
     def abort_nowait(self) -> None:
         # httpx responses close asynchronously; the pool reclaims the connection.
@@ -235,6 +244,7 @@ class TokenStream(Generic[ChunkT]):
         "_decoder",
         "_done_marker",
         "_final_seen",
+        "_opening",
         "_parts",
         "_pos",
         "_reported_end",
@@ -257,6 +267,7 @@ class TokenStream(Generic[ChunkT]):
         self._parts: list[str] = []
         self._final_seen = False
         self._reported_end = False
+        self._opening: anyio.CancelScope | None = None
         self.chunks = 0
         """Chunks yielded so far."""
         self.finish_reason: str | None = None
@@ -283,7 +294,7 @@ class TokenStream(Generic[ChunkT]):
     async def __aenter__(self) -> Self:
         if self._state == _NEW:
             await self._open()
-        return self
+        return self  # closed already if aclose() came first: iteration just ends
 
     async def __aexit__(
         self,
@@ -314,11 +325,10 @@ class TokenStream(Generic[ChunkT]):
         return await self._next_slow()
 
     async def _next_slow(self) -> ChunkT:
+        if self._state == _NEW:
+            await self._open()
         if self._state != _OPEN:
-            if self._state == _NEW:
-                await self._open()
-            else:
-                return self._end_of_iteration()
+            return self._end_of_iteration()
         try:
             while True:
                 batch = self._batch
@@ -415,11 +425,19 @@ class TokenStream(Generic[ChunkT]):
             raise UsageError("the stream was already started")
         self._state = _OPEN
         decoder = self._decoder
+        # aclose() from another task cancels this scope: a long wait for a slot or for
+        # the response head ends at once, and whatever was acquired is released below.
+        scope = self._opening = anyio.CancelScope()
         try:
-            await self._source.open(decoder.feed, decoder.backlog)
+            with scope:
+                await self._source.open(decoder.feed, decoder.backlog)
         except BaseException:
+            self._opening = None
             await self._fail()
             raise
+        self._opening = None
+        if self._state == _CLOSED:
+            await self._source.abort()
 
     async def _finish(self) -> None:
         self._state = _FINISHING
@@ -441,6 +459,8 @@ class TokenStream(Generic[ChunkT]):
         if self._state in (_DONE, _CLOSED):
             return
         self._state = _CLOSED
+        if self._opening is not None:
+            self._opening.cancel()
         await self._source.abort()
 
     def __del__(self) -> None:

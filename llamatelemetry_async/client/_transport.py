@@ -102,7 +102,11 @@ class LlamaTransport(httpx.AsyncBaseTransport):
         body = await request.aread()
         lines = [request.method.encode("ascii"), b" ", url.raw_path, b" HTTP/1.1\r\n"]
         for name, value in request.headers.raw:
-            lines += (name, b": ", value, b"\r\n")
+            # The body was read whole: it goes out with a Content-Length, never chunked.
+            if name.lower() not in (b"transfer-encoding", b"content-length"):
+                lines += (name, b": ", value, b"\r\n")
+        if body or request.method not in ("GET", "HEAD"):
+            lines.append(b"Content-Length: %d\r\n" % len(body))
         lines.append(b"\r\n")
         timeouts = httpx_timeouts(request.extensions.get("timeout", {}))
         try:
@@ -118,10 +122,15 @@ class LlamaTransport(httpx.AsyncBaseTransport):
             raise to_httpx_error(exc, request) from exc
         head = conn.parser.head
         assert head is not None
+        try:
+            stream = _ResponseStream(self.pool, conn, request)  # parses bytes that came early
+        except TransportError as exc:
+            await self.pool.discard(conn)
+            raise to_httpx_error(exc, request) from exc
         return httpx.Response(
             head.status,
             headers=head.headers,
-            stream=_ResponseStream(self.pool, conn, request),
+            stream=stream,
             extensions={"http_version": b"HTTP/1.1", "reason_phrase": head.reason.encode()},
         )
 

@@ -29,10 +29,10 @@ from .._errors import (
     ClientClosedError,
     ConfigError,
     ConnectError,
+    EngineError,
     LlamaError,
+    ReadError,
     ServerCrashedError,
-    ServerStartError,
-    TransportError,
     UsageError,
 )
 from .._groups import single_error
@@ -153,6 +153,7 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
                         yield self
                     finally:
                         self._open = False
+                        self._router.close(EngineError("the engine is closed"))
                         tg.cancel_scope.cancel()  # supervisors stop; run() reaps each process
         finally:
             with anyio.CancelScope(shield=True):
@@ -190,6 +191,7 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
                 await tg.start(self._supervise, server)
             except Exception as exc:  # collected, then the first is raised below
                 errors.append(exc)
+                starting.cancel_scope.cancel()  # no point waiting for the others
 
         async with anyio.create_task_group() as starting:  # all servers start at once
             for server in servers:
@@ -208,9 +210,10 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
         async def on_ready() -> None:
             assert process.url is not None
             client = AsyncLlamaClient(process.url, api_key=self._api_key, timeout=self._timeout)
+            member.client = server.client = client  # closed in the finally below
             props = await client.props()
             member.slots = max(1, int(props.get("total_slots", 1)))
-            member.client = server.client = client
+            member.exited = process.exited
             self._router.set_ready(member, True)
 
         while True:
@@ -222,9 +225,10 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
                     on_exit=lambda: self._router.set_ready(member, False),
                     task_status=task_status if first else anyio.TASK_STATUS_IGNORED,
                 )
-            except ServerStartError:
+            except Exception:
                 if first:
                     raise
+                # A failed restart must not take the engine down: back off and try again.
                 logger.exception("%s: restart failed", process.name)
             finally:
                 self._router.set_ready(member, False)
@@ -234,6 +238,9 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
                     server.client = None
             first = False
             if not self._restart:
+                member.dead = True
+                if all(m.dead for m in self._router.members):
+                    self._router.close(EngineError("every server has exited (restart=False)"))
                 return
             if time.monotonic() - began > 60:
                 delay = 0.5  # it ran for a while: this crash is news, not a crash loop
@@ -335,27 +342,32 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
         self._check_open()
         member = await self._router.acquire()
         release = self._router.releaser(member)
+        exited = member.exited
         try:
             client = member.client
             assert isinstance(client, AsyncLlamaClient)
             return await fn(client)
-        except (TransportError, ClientClosedError) as exc:
+        except (ReadError, ConnectError, ClientClosedError) as exc:
             # A server that died mid-request (its client closes when it does).
-            raise await self._crash_error(member, exc) from exc
+            raise await self._crash_error(member, exited, exc) from exc
         finally:
             release()
 
-    async def _crash_error(self, member: Member, exc: LlamaError) -> LlamaError:
+    async def _crash_error(
+        self, member: Member, exited: anyio.Event | None, exc: LlamaError
+    ) -> LlamaError:
         """``ServerCrashedError`` if the server died (the usual cause of a broken read)."""
-        process = self._process(member.name)
-        with anyio.move_on_after(1.0):
-            await process.exited.wait()
-        if not process.exited.is_set():
+        if exited is None:
             return exc
+        with anyio.move_on_after(1.0):  # the exit watcher may lag the broken socket a little
+            await exited.wait()
+        if not exited.is_set():
+            return exc
+        process = self._process(member.name)
         return ServerCrashedError(
-            f"server {process.name} (pid {process.pid}) exited with code {process.exit_code} "
-            f"during the request ({exc}); it is being restarted, retry the request",
-            server=process.name,
+            f"server {member.name} exited (code {process.exit_code}) during the request "
+            f"({exc}); it is being restarted, retry the request",
+            server=member.name,
             exit_code=process.exit_code,
         )
 
@@ -370,6 +382,8 @@ class _RoutedSource(Source):
         self._inner: Source | None = None
         self._member: Member | None = None
         self._release: Callable[[], None] = _nothing
+        self._exited: anyio.Event | None = None
+        self._aborted = False
         self.url = f"engine:{path}"
 
     async def open(self, sink: Callable[[bytes], None], backlog: Callable[[], int]) -> None:
@@ -377,16 +391,17 @@ class _RoutedSource(Source):
         for attempt in range(2):
             member = await router.acquire()
             self._member = member
+            self._exited = member.exited
             self._release = router.releaser(member)
-            client = member.client
-            assert isinstance(client, AsyncLlamaClient)
-            inner = self._inner = client._stream_source(self._path, dict(self._body))
-            self.url = inner.url
             try:
+                client = member.client
+                assert isinstance(client, AsyncLlamaClient)
+                inner = self._inner = client._stream_source(self._path, dict(self._body))
+                self.url = inner.url
                 await inner.open(sink, backlog)
-            except ConnectError as exc:
+            except (ConnectError, ClientClosedError) as exc:
                 self._release()
-                error = await self._engine._crash_error(member, exc)
+                error = await self._engine._crash_error(member, self._exited, exc)
                 if attempt == 0 and isinstance(error, ServerCrashedError):
                     continue  # it died before taking the request: another server can
                 raise error from exc
@@ -400,8 +415,10 @@ class _RoutedSource(Source):
         assert self._member is not None
         try:
             return await self._inner.fill()
-        except TransportError as exc:
-            raise await self._engine._crash_error(self._member, exc) from exc
+        except (ReadError, ConnectError) as exc:
+            if self._aborted:  # our own abort() broke the read
+                raise
+            raise await self._engine._crash_error(self._member, self._exited, exc) from exc
 
     def taken(self) -> None:
         if self._inner is not None:
@@ -415,6 +432,7 @@ class _RoutedSource(Source):
             self._release()
 
     async def abort(self) -> None:
+        self._aborted = True
         try:
             if self._inner is not None:
                 await self._inner.abort()

@@ -22,7 +22,7 @@ __all__ = ["Member", "Router"]
 class Member:
     """One server as the router sees it: its slots, and requests in flight."""
 
-    __slots__ = ("client", "name", "outstanding", "ready", "served", "slots")
+    __slots__ = ("client", "dead", "exited", "name", "outstanding", "ready", "served", "slots")
 
     def __init__(self, name: str, client: object, slots: int) -> None:
         self.name = name
@@ -31,6 +31,8 @@ class Member:
         self.outstanding = 0
         self.served = 0
         self.ready = False
+        self.dead = False  # exited for good (restart=False)
+        self.exited: anyio.Event | None = None  # set when the current process exits
 
 
 class _Waiter:
@@ -50,6 +52,7 @@ class Router:
         self.max_waiting = max_waiting
         self._waiters: collections.deque[_Waiter] = collections.deque()
         self._waiting = 0
+        self._closed: Exception | None = None
 
     @property
     def waiting(self) -> int:
@@ -65,10 +68,17 @@ class Router:
         return best
 
     async def acquire(self) -> Member:
+        if self._closed is not None:
+            raise self._closed
         member = self._pick()
         if member is not None and not self._waiting:
             member.outstanding += 1
-            await anyio.lowlevel.checkpoint()
+            try:
+                await anyio.lowlevel.checkpoint()
+            except BaseException:  # cancelled at the checkpoint: the slot was never used
+                member.outstanding -= 1
+                self._dispatch()
+                raise
             return member
         if self._waiting >= self.max_waiting:
             raise EngineBusyError(
@@ -91,7 +101,9 @@ class Router:
                 waiter.cancelled = True
                 self._waiting -= 1
             raise
-        assert waiter.member is not None
+        if waiter.member is None:  # woken by close()
+            assert self._closed is not None
+            raise self._closed
         return waiter.member
 
     def release(self, member: Member) -> None:
@@ -115,6 +127,15 @@ class Router:
             member.outstanding += 1
             head.member = member
             head.event.set()
+
+    def close(self, error: Exception) -> None:
+        """Refuse new requests with ``error`` and wake every waiter to raise it."""
+        self._closed = error
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.cancelled:
+                self._waiting -= 1
+                waiter.event.set()
 
     def set_ready(self, member: Member, ready: bool) -> None:
         member.ready = ready

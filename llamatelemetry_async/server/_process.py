@@ -33,7 +33,7 @@ import anyio
 import anyio.abc
 import sniffio
 
-from .._errors import HTTPStatusError, ServerStartError, TransportError
+from .._errors import HTTPStatusError, LlamaError, ServerStartError, TransportError
 from .._groups import single_error
 from ..client import AsyncLlamaClient
 
@@ -147,7 +147,10 @@ class LlamaServer:
                     self.state = ServerState.READY
                     logger.info("%s: ready at %s", self.name, self.url)
                     if on_ready is not None:
-                        await on_ready()
+                        try:
+                            await on_ready()
+                        except LlamaError as exc:
+                            raise self._start_error(f"answered but is not usable: {exc}") from exc
                     task_status.started()
                     code = await process.wait()
             self.exit_code = code
@@ -167,34 +170,37 @@ class LlamaServer:
                 await process.aclose()
 
     async def _wait_ready(self, process: anyio.abc.Process, timeout: float) -> None:
-        start = time.monotonic()
+        deadline = time.monotonic() + timeout
         with anyio.move_on_after(timeout):
             await self._listening.wait()
-        if self.url is None:
-            # The pump saw end of output (the process is exiting) or time ran out.
-            with anyio.move_on_after(self.stop_grace):
-                await process.wait()
-            code = process.returncode
-            why = (
-                f"exited with code {code} while starting"
-                if code is not None
-                else f"did not become ready within {timeout:g} s"
-            )
-            raise ServerStartError(
-                f"{self.name}: llama-server {why}",
-                server=self.name,
-                exit_code=code,
-                log_tail="\n".join(self.recent_logs(40)),
-            )
-        # The address is logged after the model loaded; /health confirms it answers. Our
-        # own client: a default httpx client would load a TLS context on the loop (~20 ms).
-        async with AsyncLlamaClient(self.url, timeout=5.0) as client:
-            with anyio.fail_after(max(1.0, timeout - (time.monotonic() - start))):
-                while True:
-                    with contextlib.suppress(TransportError, HTTPStatusError):
-                        await client.health()
-                        return
-                    await anyio.sleep(0.01)  # poll interval: "Loading model" (503) keeps waiting
+        if self.url is not None:
+            # The address is logged after the model loaded; /health confirms it answers.
+            # Our own client: a default httpx client loads a TLS context on the loop (~20 ms).
+            async with AsyncLlamaClient(self.url, timeout=5.0) as client:
+                with anyio.move_on_after(deadline - time.monotonic()):
+                    while process.returncode is None:
+                        with contextlib.suppress(TransportError, HTTPStatusError):
+                            await client.health()
+                            return
+                        await anyio.sleep(0.01)  # poll interval; 503 "Loading model" waits
+        # It is exiting (the pump saw end of output, or /health broke) or time ran out.
+        with anyio.move_on_after(self.stop_grace):
+            await process.wait()
+        code = process.returncode
+        raise self._start_error(
+            f"exited with code {code} while starting"
+            if code is not None
+            else f"did not become ready within {timeout:g} s",
+            code,
+        )
+
+    def _start_error(self, why: str, exit_code: int | None = None) -> ServerStartError:
+        return ServerStartError(
+            f"{self.name}: llama-server {why}",
+            server=self.name,
+            exit_code=exit_code,
+            log_tail="\n".join(self.recent_logs(40)),
+        )
 
     async def _pump(self, process: anyio.abc.Process) -> None:
         """Drain stdout+stderr from the first byte to EOF (never leave the pipe full)."""
