@@ -14,6 +14,7 @@ from .._errors import ClientClosedError, RemoteProtocolError, UsageError
 from .._version import __version__
 from ._errors_map import map_httpx_error, status_error
 from ._http import Backend, PoolStats
+from ._observe import Instrumentation, Outcome
 from ._stream import HttpxSource, PoolSource, Source, TokenStream
 from ._transport import LlamaTransport, httpx_timeouts
 from ._types import (
@@ -32,6 +33,7 @@ from ._types import (
 __all__ = ["DEFAULT_TIMEOUT", "AsyncLlamaClient", "Message"]
 
 T = TypeVar("T")
+OutcomeT = TypeVar("OutcomeT", bound=Outcome)
 ChunkT = TypeVar("ChunkT", CompletionChunk, ChatChunk, TextCompletionChunk)
 
 #: A chat message: ``{"role": "user", "content": "..."}`` (any OpenAI message shape).
@@ -99,6 +101,7 @@ class AsyncLlamaClient:
         headers: Mapping[str, str] | None = None,
         http_client: httpx.AsyncClient | None = None,
         backend: Backend = "auto",
+        instrumentation: Instrumentation | None = None,
     ) -> None:
         url = httpx.URL(str(base_url))
         if url.scheme not in ("http", "https") or not url.host:
@@ -108,6 +111,7 @@ class AsyncLlamaClient:
         if backend not in ("auto", "asyncio", "anyio"):
             raise UsageError(f"backend must be 'auto', 'asyncio' or 'anyio', got {backend!r}")
         self.base_url = url
+        self.instrumentation = instrumentation
         self._timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
         all_headers = {"User-Agent": f"llamatelemetry_async/{__version__}"}
         if api_key:
@@ -193,38 +197,39 @@ class AsyncLlamaClient:
         ``params`` use llama.cpp's names: ``n_predict``, ``temperature``, ``seed``,
         ``stop``, ``top_k``, ``cache_prompt``, ...
         """
-        return self._stream(*completion_stream_request(prompt, params), CompletionChunk)
+        return self._stream(
+            *completion_stream_request(prompt, params), CompletionChunk, "text_completion"
+        )
 
     def stream_chat(self, messages: Iterable[Message], **params: Any) -> TokenStream[ChatChunk]:
         """Stream ``POST /v1/chat/completions`` (OpenAI names: ``max_tokens``, ...).
 
         Usage is asked for (``stream_options.include_usage``) unless ``params`` say otherwise.
         """
-        body = {
-            "messages": _messages(messages),
-            "stream_options": {"include_usage": True},
-            **params,
-        }
-        return self._stream("/v1/chat/completions", body, ChatChunk)
+        return self._stream(*chat_stream_request(messages, params), ChatChunk, "chat")
 
     def stream_openai_completion(
         self, prompt: str | Sequence[Any], **params: Any
     ) -> TokenStream[TextCompletionChunk]:
         """Stream the OpenAI-compatible ``POST /v1/completions``."""
         body = {"prompt": prompt, "stream_options": {"include_usage": True}, **params}
-        return self._stream("/v1/completions", body, TextCompletionChunk)
+        return self._stream("/v1/completions", body, TextCompletionChunk, "text_completion")
 
     def stream_infill(
         self, input_prefix: str, input_suffix: str, **params: Any
     ) -> TokenStream[CompletionChunk]:
         """Stream ``POST /infill`` (fill-in-the-middle; the model needs FIM tokens)."""
         body = {"input_prefix": input_prefix, "input_suffix": input_suffix, **params}
-        return self._stream("/infill", body, CompletionChunk)
+        return self._stream("/infill", body, CompletionChunk, "text_completion")
 
     def _stream(
-        self, path: str, body: dict[str, Any], chunk_type: type[ChunkT]
+        self, path: str, body: dict[str, Any], chunk_type: type[ChunkT], operation: str
     ) -> TokenStream[ChunkT]:
-        return TokenStream(self._stream_source(path, body), chunk_type)
+        source = self._stream_source(path, body)
+        instrumentation = self.instrumentation
+        if instrumentation is None:
+            return TokenStream(source, chunk_type)
+        return TokenStream(source, chunk_type, instrumentation.start(operation, body, stream=True))
 
     def _stream_source(self, path: str, body: dict[str, Any]) -> Source:
         """Where a stream of ``POST path`` reads from (the engine wraps it to route)."""
@@ -265,23 +270,23 @@ class AsyncLlamaClient:
     # ----------------------------------------------------------------- generation
     async def completion(self, prompt: str | Sequence[Any], **params: Any) -> Completion:
         """``POST /completion`` without streaming (llama.cpp parameter names)."""
-        return await self._call("POST", "/completion", {"prompt": prompt, **params}, Completion)
+        body = {"prompt": prompt, **params}
+        return await self._observed("text_completion", "/completion", body, Completion)
 
     async def chat(self, messages: Iterable[Message], **params: Any) -> ChatCompletion:
         """``POST /v1/chat/completions`` without streaming (OpenAI parameter names)."""
         body = {"messages": _messages(messages), **params}
-        return await self._call("POST", "/v1/chat/completions", body, ChatCompletion)
+        return await self._observed("chat", "/v1/chat/completions", body, ChatCompletion)
 
     async def openai_completion(self, prompt: str | Sequence[Any], **params: Any) -> TextCompletion:
         """``POST /v1/completions`` without streaming."""
-        return await self._call(
-            "POST", "/v1/completions", {"prompt": prompt, **params}, TextCompletion
-        )
+        body = {"prompt": prompt, **params}
+        return await self._observed("text_completion", "/v1/completions", body, TextCompletion)
 
     async def infill(self, input_prefix: str, input_suffix: str, **params: Any) -> Completion:
         """``POST /infill`` without streaming."""
         body = {"input_prefix": input_prefix, "input_suffix": input_suffix, **params}
-        return await self._call("POST", "/infill", body, Completion)
+        return await self._observed("text_completion", "/infill", body, Completion)
 
     # ----------------------------------------------------------------- server state
     async def health(self) -> Health:
@@ -399,6 +404,24 @@ class AsyncLlamaClient:
         if response.status_code >= 400:
             raise status_error(response.status_code, response.content, str(response.url))
         return response
+
+    async def _observed(
+        self, operation: str, path: str, body: dict[str, Any], result: type[OutcomeT]
+    ) -> OutcomeT:
+        """A generation call, seen by the instrumentation when there is one."""
+        instrumentation = self.instrumentation
+        if instrumentation is None:
+            return await self._call("POST", path, body, result)
+        observer = instrumentation.start(operation, body, stream=False)
+        observer.on_server(self._origin, None, ())
+        try:
+            with observer.activate():
+                outcome = await self._call("POST", path, body, result)
+        except BaseException as exc:
+            observer.on_error(exc)
+            raise
+        observer.on_end(outcome)
+        return outcome
 
     async def _call(self, method: str, path: str, body: Any, result: type[T]) -> T:
         response = await self._send(method, path, body)

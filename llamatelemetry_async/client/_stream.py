@@ -27,6 +27,7 @@ from .._errors import (
 )
 from ._errors_map import map_httpx_error, status_error
 from ._http import Connection, ConnectionPool, Timeouts
+from ._observe import RequestObserver
 from ._sse import SSEDecoder
 from ._types import (
     ChatChunk,
@@ -49,6 +50,8 @@ class Source(abc.ABC):
     """Where a stream's bytes come from: the O(1) pool, or any httpx client."""
 
     url: str
+    server_name: str | None = None  # set by the engine's routed source
+    gpus: tuple[int, ...] = ()
 
     @abc.abstractmethod
     async def open(self, sink: Callable[[bytes], None], backlog: Callable[[], int]) -> None:
@@ -244,6 +247,7 @@ class TokenStream(Generic[ChunkT]):
         "_decoder",
         "_done_marker",
         "_final_seen",
+        "_observer",
         "_opening",
         "_parts",
         "_pos",
@@ -256,8 +260,14 @@ class TokenStream(Generic[ChunkT]):
         "usage",
     )
 
-    def __init__(self, source: Source, chunk_type: type[ChunkT]) -> None:
+    def __init__(
+        self,
+        source: Source,
+        chunk_type: type[ChunkT],
+        observer: RequestObserver | None = None,
+    ) -> None:
         self._source = source
+        self._observer = observer
         self._decode: Callable[[bytes], ChunkT] = _decoder_for(chunk_type)
         self._done_marker = chunk_type is not CompletionChunk  # OpenAI shapes end with [DONE]
         self._decoder = SSEDecoder()
@@ -315,12 +325,14 @@ class TokenStream(Generic[ChunkT]):
             self._pos = pos + 1
             try:
                 chunk = self._handle(batch[pos])
-            except BaseException:
-                await self._fail()
+            except BaseException as exc:
+                await self._fail(exc)
                 raise
             if chunk is not None:
                 self.chunks += 1
                 self._parts.append(chunk.text)
+                if self._observer is not None:
+                    self._observer.on_chunk(chunk)
                 return chunk
         return await self._next_slow()
 
@@ -339,6 +351,8 @@ class TokenStream(Generic[ChunkT]):
                     if chunk is not None:
                         self.chunks += 1
                         self._parts.append(chunk.text)
+                        if self._observer is not None:
+                            self._observer.on_chunk(chunk)
                         return chunk
                 if self._final_seen:
                     await self._finish()
@@ -361,12 +375,14 @@ class TokenStream(Generic[ChunkT]):
             if self._state == _CLOSED:
                 # aclose() from another task broke the read: the loop just ends.
                 return self._end_of_iteration()
-            await self._fail()
             if isinstance(exc, httpx.HTTPError):
-                raise map_httpx_error(exc, self.url) from exc
+                mapped = map_httpx_error(exc, self.url)
+                await self._fail(mapped)
+                raise mapped from exc
+            await self._fail(exc)
             raise
-        except BaseException:
-            await self._fail()
+        except BaseException as exc:
+            await self._fail(exc)
             raise
 
     def _handle(self, payload: bytes) -> ChunkT | None:
@@ -428,12 +444,19 @@ class TokenStream(Generic[ChunkT]):
         # aclose() from another task cancels this scope: a long wait for a slot or for
         # the response head ends at once, and whatever was acquired is released below.
         scope = self._opening = anyio.CancelScope()
+        observer = self._observer
         try:
             with scope:
-                await self._source.open(decoder.feed, decoder.backlog)
-        except BaseException:
+                if observer is None:
+                    await self._source.open(decoder.feed, decoder.backlog)
+                else:
+                    with observer.activate():  # an instrumented HTTP client nests under it
+                        await self._source.open(decoder.feed, decoder.backlog)
+                    source = self._source
+                    observer.on_server(source.url, source.server_name, source.gpus)
+        except BaseException as exc:
             self._opening = None
-            await self._fail()
+            await self._fail(exc)
             raise
         self._opening = None
         if self._state == _CLOSED:
@@ -443,15 +466,21 @@ class TokenStream(Generic[ChunkT]):
         self._state = _FINISHING
         try:
             await self._source.finish()
-        except BaseException:
-            await self._fail()
+        except BaseException as exc:
+            await self._fail(exc)
             raise
         if self._state == _FINISHING:
             self._state = _DONE
+            observer, self._observer = self._observer, None
+            if observer is not None:
+                observer.on_end(self)
 
-    async def _fail(self) -> None:
+    async def _fail(self, exc: BaseException | None) -> None:
         self._state = _CLOSED
         self._reported_end = True
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.on_error(exc)
         await self._source.abort()
 
     async def aclose(self) -> None:
@@ -459,6 +488,9 @@ class TokenStream(Generic[ChunkT]):
         if self._state in (_DONE, _CLOSED):
             return
         self._state = _CLOSED
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.on_error(None)  # closed early by its caller
         if self._opening is not None:
             self._opening.cancel()
         await self._source.abort()

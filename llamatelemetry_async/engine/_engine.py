@@ -24,6 +24,7 @@ import anyio
 import anyio.abc
 import httpx
 import sniffio
+from opentelemetry import trace
 
 from .._errors import (
     ClientClosedError,
@@ -47,11 +48,13 @@ from ..client import (
     TokenStream,
 )
 from ..client._client import chat_stream_request, completion_stream_request
+from ..client._observe import RequestObserver
 from ..client._stream import Source
 from ..gpu import visible_gpus
 from ..server import find_llama_server
 from ..server._config import ServerConfig, server_command
 from ..server._process import LlamaServer
+from ..telemetry import GenAIInstrumentation, MetricsScraper, Telemetry
 from ._placement import Placement
 from ._router import Member, Router
 
@@ -86,6 +89,15 @@ class _Server:
         self.process = process
         self.member = member
         self.client: AsyncLlamaClient | None = None
+        self.http: httpx.AsyncClient | None = None  # an instrumented one, owned here
+
+    async def close_clients(self) -> None:
+        client, self.client = self.client, None
+        http, self.http = self.http, None
+        if client is not None:
+            await client.aclose()
+        if http is not None:
+            await http.aclose()
 
 
 class AsyncEngine(anyio.AsyncContextManagerMixin):
@@ -104,6 +116,11 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
     ``max_waiting`` of them (``EngineBusyError`` beyond). A server that dies is restarted
     (backoff capped at ``max_restart_delay`` seconds) while requests go to the others.
 
+    ``telemetry`` (a ``setup_telemetry()`` result) turns each request into a GenAI span with
+    per-token events and records GenAI metrics and llama-server's ``/metrics`` (scraped every
+    ``metrics_interval`` s). Left ``None``, the application's global providers are used if
+    it set any; ``False`` turns telemetry off.
+
     In a notebook, ``engine = await AsyncEngine(...).start()`` and ``await engine.aclose()``
     work too (asyncio only; under trio use ``async with``).
     """
@@ -121,8 +138,17 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
         restart: bool = True,
         max_restart_delay: float = 30.0,
         log_dir: str | os.PathLike[str] | None = None,
+        telemetry: Telemetry | bool | None = None,
+        metrics_interval: float = 10.0,
     ) -> None:
         self.model = Path(model)
+        self.model_name = self.model.name
+        self._telemetry, self._instrumentation = _instrumentation(telemetry)
+        self._scraper: MetricsScraper | None = None
+        if self._instrumentation is not None and (server is None or server.metrics):
+            meter_provider = self._telemetry.meter_provider if self._telemetry else None
+            self._scraper = MetricsScraper(meter_provider)
+        self._interval = metrics_interval
         self.placement = Placement.coerce(placement)
         self.config = server if server is not None else ServerConfig()
         if max_waiting < 0:
@@ -149,6 +175,8 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
                 async with anyio.create_task_group() as tg:
                     try:
                         await self._start_all(tg, servers)
+                        if self._scraper is not None:
+                            tg.start_soon(self._scraper.run, self._ready_clients, self._interval)
                         self._open = True
                         yield self
                     finally:
@@ -158,9 +186,7 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
         finally:
             with anyio.CancelScope(shield=True):
                 for server in servers:
-                    if server.client is not None:
-                        await server.client.aclose()
-                        server.client = None
+                    await server.close_clients()
 
     async def _prepare(self) -> list[_Server]:
         """Everything that can fail before a process is spawned fails here."""
@@ -209,7 +235,12 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
 
         async def on_ready() -> None:
             assert process.url is not None
-            client = AsyncLlamaClient(process.url, api_key=self._api_key, timeout=self._timeout)
+            telemetry = self._telemetry
+            http = telemetry.httpx_client() if telemetry and telemetry.instrument_httpx else None
+            client = AsyncLlamaClient(
+                process.url, api_key=self._api_key, timeout=self._timeout, http_client=http
+            )
+            server.http = http
             member.client = server.client = client  # closed in the finally below
             props = await client.props()
             member.slots = max(1, int(props.get("total_slots", 1)))
@@ -232,10 +263,10 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
                 logger.exception("%s: restart failed", process.name)
             finally:
                 self._router.set_ready(member, False)
-                if server.client is not None:
-                    with anyio.CancelScope(shield=True):
-                        await server.client.aclose()
-                    server.client = None
+                with anyio.CancelScope(shield=True):
+                    await server.close_clients()
+                    if self._scraper is not None:
+                        self._scraper.forget(process.name)
             first = False
             if not self._restart:
                 member.dead = True
@@ -307,6 +338,9 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
                 return s.process
         raise KeyError(name)
 
+    def _ready_clients(self) -> list[tuple[str, AsyncLlamaClient]]:
+        return [(s.process.name, s.client) for s in self._servers if s.client is not None]
+
     def _check_open(self) -> None:
         if not self._open:
             raise UsageError("the engine is not running: use `async with AsyncEngine(...)`")
@@ -315,43 +349,82 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
     def stream(self, prompt: str | Sequence[Any], **params: Any) -> TokenStream[CompletionChunk]:
         """Stream ``/completion`` from the least busy server (llama.cpp parameter names)."""
         self._check_open()
-        return TokenStream(
-            _RoutedSource(self, *completion_stream_request(prompt, params)), CompletionChunk
-        )
+        path, body = completion_stream_request(prompt, params)
+        observer = self._observe("text_completion", body, stream=True)
+        return TokenStream(_RoutedSource(self, path, body), CompletionChunk, observer)
 
     def chat_stream(self, messages: Iterable[Message], **params: Any) -> TokenStream[ChatChunk]:
         """Stream ``/v1/chat/completions`` from the least busy server (OpenAI names)."""
         self._check_open()
-        source = _RoutedSource(self, *chat_stream_request(messages, params))
-        return TokenStream(source, ChatChunk)
+        path, body = chat_stream_request(messages, params)
+        observer = self._observe("chat", body, stream=True)
+        return TokenStream(_RoutedSource(self, path, body), ChatChunk, observer)
 
     async def complete(self, prompt: str | Sequence[Any], **params: Any) -> Completion:
         """``/completion`` without streaming."""
-        return await self._call(lambda c: c.completion(prompt, **params))
+        body = {"prompt": prompt, **params}
+        return await self._call(lambda c: c.completion(prompt, **params), "text_completion", body)
 
     async def chat(self, messages: Iterable[Message], **params: Any) -> ChatCompletion:
         """``/v1/chat/completions`` without streaming."""
         messages = list(messages)
-        return await self._call(lambda c: c.chat(messages, **params))
+        body = {"messages": messages, **params}
+        return await self._call(lambda c: c.chat(messages, **params), "chat", body)
 
     async def embed(self, texts: str | Sequence[str]) -> list[list[float]]:
         """Embedding vectors (servers need ``ServerConfig(embeddings=True, pooling=...)``)."""
-        return (await self._call(lambda c: c.embeddings(texts))).vectors
+        result = await self._call(lambda c: c.embeddings(texts), None, {})
+        return result.vectors
 
-    async def _call(self, fn: Callable[[AsyncLlamaClient], Awaitable[T]]) -> T:
+    def _observe(
+        self, operation: str, body: dict[str, Any], *, stream: bool
+    ) -> RequestObserver | None:
+        instrumentation = self._instrumentation
+        if instrumentation is None:
+            return None
+        return instrumentation.start(operation, {**body, "model": self.model_name}, stream=stream)
+
+    async def _call(
+        self,
+        fn: Callable[[AsyncLlamaClient], Awaitable[T]],
+        operation: str | None,
+        body: dict[str, Any],
+    ) -> T:
         self._check_open()
-        member = await self._router.acquire()
+        observer = self._observe(operation, body, stream=False) if operation else None
+        try:
+            member = await self._router.acquire()
+        except BaseException as exc:
+            if observer is not None:
+                observer.on_error(exc)
+            raise
         release = self._router.releaser(member)
         exited = member.exited
         try:
             client = member.client
             assert isinstance(client, AsyncLlamaClient)
-            return await fn(client)
+            if observer is None:
+                result = await fn(client)
+            else:
+                gpus = self._process(member.name).gpus
+                observer.on_server(str(client.base_url), member.name, gpus)
+                with observer.activate():
+                    result = await fn(client)
         except (ReadError, ConnectError, ClientClosedError) as exc:
             # A server that died mid-request (its client closes when it does).
-            raise await self._crash_error(member, exited, exc) from exc
+            error = await self._crash_error(member, exited, exc)
+            if observer is not None:
+                observer.on_error(error)
+            raise error from exc
+        except BaseException as exc:
+            if observer is not None:
+                observer.on_error(exc)
+            raise
         finally:
             release()
+        if observer is not None:
+            observer.on_end(result)  # type: ignore[arg-type]  # completions carry text/usage
+        return result
 
     async def _crash_error(
         self, member: Member, exited: anyio.Event | None, exc: LlamaError
@@ -370,6 +443,27 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
             server=member.name,
             exit_code=process.exit_code,
         )
+
+
+def _instrumentation(
+    telemetry: Telemetry | bool | None,
+) -> tuple[Telemetry | None, GenAIInstrumentation | None]:
+    """What observes the engine's requests.
+
+    A ``Telemetry``: its providers. ``None``: the application's global providers, if it set
+    any (otherwise nothing, at no cost). ``False``: nothing. ``True``: the global providers
+    whatever they are.
+    """
+    if isinstance(telemetry, Telemetry):
+        return telemetry, telemetry.instrumentation
+    if telemetry is False:
+        return None, None
+    configured = not isinstance(
+        trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider
+    )
+    if telemetry is None and not configured:
+        return None, None
+    return None, GenAIInstrumentation()
 
 
 class _RoutedSource(Source):
@@ -398,6 +492,8 @@ class _RoutedSource(Source):
                 assert isinstance(client, AsyncLlamaClient)
                 inner = self._inner = client._stream_source(self._path, dict(self._body))
                 self.url = inner.url
+                self.server_name = member.name
+                self.gpus = self._engine._process(member.name).gpus
                 await inner.open(sink, backlog)
             except (ConnectError, ClientClosedError) as exc:
                 self._release()

@@ -1,0 +1,64 @@
+"""The hook through which telemetry observes requests (the client knows no OpenTelemetry).
+
+``AsyncLlamaClient(..., instrumentation=...)`` and the engine call ``Instrumentation.start``
+once per generation request; the returned ``RequestObserver`` sees each streamed chunk and
+the end. With no instrumentation the per-token path pays one ``is None`` test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from ._types import Timings, Usage
+
+__all__ = ["Instrumentation", "Outcome", "RequestObserver"]
+
+
+class Outcome(Protocol):
+    """What a finished request looks like: a ``TokenStream`` or a whole response."""
+
+    @property
+    def text(self) -> str: ...
+
+    @property
+    def finish_reason(self) -> str | None: ...
+
+    @property
+    def usage(self) -> Usage | None: ...
+
+    @property
+    def timings(self) -> Timings | None: ...
+
+
+class RequestObserver(Protocol):
+    """Observes one request, from issue to end."""
+
+    def activate(self) -> contextlib.AbstractContextManager[object]:
+        """Make the request's span current (so an instrumented HTTP client nests under it)."""
+        ...
+
+    def on_server(self, url: str, name: str | None, gpus: tuple[int, ...]) -> None:
+        """The server that serves the request (known after routing)."""
+        ...
+
+    def on_chunk(self, chunk: Any) -> None:
+        """A streamed chunk arrived (the per-token path: keep it cheap)."""
+        ...
+
+    def on_end(self, outcome: Outcome) -> None:
+        """The request completed."""
+        ...
+
+    def on_error(self, exc: BaseException | None) -> None:
+        """The request failed with ``exc``, or (``None``) was closed early by its caller."""
+        ...
+
+
+class Instrumentation(Protocol):
+    """Creates a ``RequestObserver`` per request."""
+
+    def start(self, operation: str, body: Mapping[str, Any], *, stream: bool) -> RequestObserver:
+        """``operation`` is a GenAI operation name: "text_completion", "chat", "embeddings"."""
+        ...

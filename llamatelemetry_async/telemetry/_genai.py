@@ -1,0 +1,395 @@
+"""GenAI spans, per-token span events and GenAI metrics for each request.
+
+``GenAIInstrumentation`` implements the client's ``Instrumentation`` hook. One span per
+request, named ``{gen_ai.operation.name} {gen_ai.request.model}``, kind CLIENT, with the
+GenAI semantic-convention attributes, llama.cpp's ``timings`` and the serving server. Each
+token can become a span event (see ``TokenEvents``); prompt and completion text are
+recorded only when content capture is on
+(``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import anyio
+from opentelemetry import metrics, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from .._version import __version__
+from ..client._observe import Outcome
+
+__all__ = ["GenAIInstrumentation", "TokenEvents", "capture_content_from_env"]
+
+PROVIDER = "llama.cpp"
+_SCOPE = "llamatelemetry_async"
+
+# Bucket boundaries the GenAI semantic conventions give for each histogram.
+_DURATION_BUCKETS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
+                     40.96, 81.92]  # fmt: skip
+_TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
+                  16777216, 67108864]  # fmt: skip
+_TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                 5.0, 7.5, 10.0]  # fmt: skip
+_TPOT_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5]
+
+# Request parameters -> gen_ai.request.* attributes (llama.cpp and OpenAI spellings).
+_REQUEST_PARAMS: dict[str, str] = {
+    "n_predict": "gen_ai.request.max_tokens",
+    "max_tokens": "gen_ai.request.max_tokens",
+    "max_completion_tokens": "gen_ai.request.max_tokens",
+    "temperature": "gen_ai.request.temperature",
+    "top_p": "gen_ai.request.top_p",
+    "top_k": "gen_ai.request.top_k",
+    "seed": "gen_ai.request.seed",
+    "frequency_penalty": "gen_ai.request.frequency_penalty",
+    "presence_penalty": "gen_ai.request.presence_penalty",
+}
+
+
+def capture_content_from_env() -> bool:
+    """The GenAI instrumentations' switch for recording prompt and completion text."""
+    value = os.environ.get("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "")
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEvents:
+    """Which tokens become span events. The first and last token are always kept.
+
+    - ``TokenEvents.all()``: every token, up to ``max_events`` per span;
+    - ``TokenEvents.first_last(n)``: the first ``n`` tokens and the last;
+    - ``TokenEvents.every(k)``: every k-th token (and the first and last);
+    - ``TokenEvents.off()``: none (the span still carries counts and timings).
+
+    OpenTelemetry's SDK keeps 128 events per span by default and silently drops the
+    *oldest*: ``setup_telemetry`` raises that limit to ``max_events``, and the policy never
+    emits more than the span can hold, so the first token is never the one lost. How many
+    token events were emitted and dropped is recorded on the span.
+    """
+
+    mode: Literal["all", "first_last", "every", "off"] = "all"
+    n: int = 0
+    k: int = 1
+    max_events: int = 4096
+
+    @classmethod
+    def all(cls, max_events: int = 4096) -> TokenEvents:
+        return cls("all", max_events=max_events)
+
+    @classmethod
+    def first_last(cls, n: int = 16) -> TokenEvents:
+        return cls("first_last", n=n, max_events=n + 1)
+
+    @classmethod
+    def every(cls, k: int, max_events: int = 4096) -> TokenEvents:
+        return cls("every", k=max(1, k), max_events=max_events)
+
+    @classmethod
+    def off(cls) -> TokenEvents:
+        return cls("off", max_events=0)
+
+    def __post_init__(self) -> None:
+        if self.mode != "off" and self.max_events < 2:
+            raise ValueError("max_events must leave room for the first and last token (>= 2)")
+
+
+class GenAIInstrumentation:
+    """Spans, token events and metrics for requests (the client's ``Instrumentation``)."""
+
+    def __init__(
+        self,
+        *,
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
+        token_events: TokenEvents | None = None,
+        capture_content: bool | None = None,
+        model: str | None = None,
+    ) -> None:
+        self.tracer = trace.get_tracer(_SCOPE, __version__, tracer_provider=tracer_provider)
+        meter = metrics.get_meter(_SCOPE, __version__, meter_provider=meter_provider)
+        self.token_events = token_events if token_events is not None else TokenEvents.all()
+        self.capture_content = (
+            capture_content_from_env() if capture_content is None else capture_content
+        )
+        self.model = model
+        self.duration = meter.create_histogram(
+            "gen_ai.client.operation.duration",
+            unit="s",
+            description="GenAI operation duration.",
+            explicit_bucket_boundaries_advisory=_DURATION_BUCKETS,
+        )
+        self.token_usage = meter.create_histogram(
+            "gen_ai.client.token.usage",
+            unit="{token}",
+            description="Number of input and output tokens used.",
+            explicit_bucket_boundaries_advisory=_TOKEN_BUCKETS,
+        )
+        self.first_chunk = meter.create_histogram(
+            "gen_ai.client.operation.time_to_first_chunk",
+            unit="s",
+            description="Time to receive the first chunk of a streamed response.",
+            explicit_bucket_boundaries_advisory=_TTFT_BUCKETS,
+        )
+        self.per_chunk = meter.create_histogram(
+            "gen_ai.client.operation.time_per_output_chunk",
+            unit="s",
+            description="Time between two chunks of a streamed response.",
+            explicit_bucket_boundaries_advisory=_TPOT_BUCKETS,
+        )
+        self.server_ttft = meter.create_histogram(
+            "gen_ai.server.time_to_first_token",
+            unit="s",
+            description="Time to generate the first token (llama.cpp's prompt time).",
+            explicit_bucket_boundaries_advisory=_TTFT_BUCKETS,
+        )
+        self.server_tpot = meter.create_histogram(
+            "gen_ai.server.time_per_output_token",
+            unit="s",
+            description="Time per output token after the first (llama.cpp's timings).",
+            explicit_bucket_boundaries_advisory=_TPOT_BUCKETS,
+        )
+        self.server_duration = meter.create_histogram(
+            "gen_ai.server.request.duration",
+            unit="s",
+            description="Server-side request duration (llama.cpp's prompt + generation time).",
+            explicit_bucket_boundaries_advisory=_DURATION_BUCKETS,
+        )
+        self.in_flight = meter.create_up_down_counter(
+            "llamatelemetry.server.requests.in_flight",
+            unit="{request}",
+            description="Requests in flight, per server.",
+        )
+
+    def start(self, operation: str, body: Mapping[str, Any], *, stream: bool) -> _Observer:
+        return _Observer(self, operation, body, stream)
+
+
+class _Observer:
+    """One request's span and measurements."""
+
+    __slots__ = (
+        "_attrs",
+        "_chunks",
+        "_emitted",
+        "_ended",
+        "_first",
+        "_gaps",
+        "_inst",
+        "_last",
+        "_last_chunk",
+        "_model",
+        "_operation",
+        "_server_attrs",
+        "_start",
+        "_stream",
+        "span",
+    )
+
+    def __init__(
+        self, inst: GenAIInstrumentation, operation: str, body: Mapping[str, Any], stream: bool
+    ) -> None:
+        self._inst = inst
+        self._operation = operation
+        self._stream = stream
+        model = str(body.get("model") or inst.model or PROVIDER)
+        self._model = model
+        attrs: dict[str, Any] = {
+            "gen_ai.operation.name": operation,
+            "gen_ai.provider.name": PROVIDER,
+            "gen_ai.request.model": model,
+            "gen_ai.request.stream": stream,
+        }
+        for key, name in _REQUEST_PARAMS.items():
+            value = body.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                attrs[name] = value
+        stop = body.get("stop")
+        if isinstance(stop, str):
+            attrs["gen_ai.request.stop_sequences"] = [stop]
+        elif isinstance(stop, Sequence) and all(isinstance(s, str) for s in stop):
+            attrs["gen_ai.request.stop_sequences"] = list(stop)
+        if inst.capture_content:
+            attrs["gen_ai.input.messages"] = _input_messages(body)
+        self._attrs = attrs
+        self._server_attrs: dict[str, Any] = {}
+        self.span = inst.tracer.start_span(
+            f"{operation} {model}", kind=SpanKind.CLIENT, attributes=attrs
+        )
+        self._start = time.perf_counter()
+        self._last = self._start
+        self._chunks = 0
+        self._emitted = 0
+        self._first = 0.0
+        self._gaps: list[float] = []
+        self._last_chunk: Any = None
+        self._ended = False
+
+    def activate(self) -> contextlib.AbstractContextManager[object]:
+        return trace.use_span(self.span, end_on_exit=False)
+
+    def on_server(self, url: str, name: str | None, gpus: tuple[int, ...]) -> None:
+        parts = urlsplit(url)
+        attrs: dict[str, Any] = {}
+        if parts.hostname:
+            attrs["server.address"] = parts.hostname
+        if parts.port:
+            attrs["server.port"] = parts.port
+        self._server_attrs = attrs
+        span_attrs = dict(attrs)
+        if name is not None:
+            span_attrs["llamatelemetry.server.name"] = name
+        if gpus:
+            span_attrs["llamatelemetry.server.gpus"] = list(gpus)
+        self.span.set_attributes(span_attrs)
+        self._inst.in_flight.add(1, self._metric_attrs())
+
+    def on_chunk(self, chunk: Any) -> None:
+        now = time.perf_counter()
+        index = self._chunks
+        self._chunks = index + 1
+        gap = now - self._last
+        self._last = now
+        if index:
+            self._gaps.append(gap)
+        else:
+            self._first = now - self._start
+        policy = self._inst.token_events
+        mode = policy.mode
+        if mode == "off":
+            return
+        # Room is kept for the last token, which is only known at the end.
+        if index < policy.max_events - 1 and (
+            mode == "all"
+            or (mode == "first_last" and index < policy.n)
+            or (mode == "every" and index % policy.k == 0)
+        ):
+            self._token_event(index, chunk, now, gap)
+            self._last_chunk = None
+        else:
+            self._last_chunk = (index, chunk, now, gap)
+
+    def _token_event(self, index: int, chunk: Any, now: float, gap: float) -> None:
+        attrs: dict[str, Any] = {
+            "gen_ai.token.index": index,
+            "gen_ai.token.time_since_start": now - self._start,
+            "gen_ai.token.gap": gap,
+        }
+        if self._inst.capture_content:
+            attrs["gen_ai.token.text"] = chunk.text
+        self.span.add_event("gen_ai.token", attrs)
+        self._emitted += 1
+
+    def on_end(self, outcome: Outcome) -> None:
+        if self._ended:
+            return
+        span = self.span
+        if self._last_chunk is not None:
+            self._token_event(*self._last_chunk)
+        attrs: dict[str, Any] = {"llamatelemetry.tokens.chunks": self._chunks}
+        if outcome.finish_reason:
+            attrs["gen_ai.response.finish_reasons"] = [outcome.finish_reason]
+        usage = outcome.usage
+        if usage is not None:
+            attrs["gen_ai.usage.input_tokens"] = usage.prompt_tokens
+            attrs["gen_ai.usage.output_tokens"] = usage.completion_tokens
+        timings = outcome.timings
+        if timings is not None:
+            attrs.update(
+                {
+                    "llamacpp.timings.prompt_n": timings.prompt_n,
+                    "llamacpp.timings.prompt_ms": timings.prompt_ms,
+                    "llamacpp.timings.predicted_n": timings.predicted_n,
+                    "llamacpp.timings.predicted_ms": timings.predicted_ms,
+                    "llamacpp.timings.predicted_per_second": timings.predicted_per_second,
+                    "llamacpp.timings.cache_n": timings.cache_n,
+                }
+            )
+        if self._inst.capture_content:
+            attrs["gen_ai.output.messages"] = json.dumps(
+                [{"role": "assistant", "parts": [{"type": "text", "content": outcome.text}]}]
+            )
+        self._count_events(attrs)
+        span.set_attributes(attrs)
+        self._finish(None, usage, timings)
+        span.end()
+
+    def on_error(self, exc: BaseException | None) -> None:
+        if self._ended:
+            return
+        span = self.span
+        attrs: dict[str, Any] = {}
+        self._count_events(attrs)
+        if exc is None or isinstance(exc, anyio.get_cancelled_exc_class()):
+            attrs["llamatelemetry.closed_early"] = True  # the caller stopped it: not an error
+            span.set_attributes(attrs)
+            self._finish(None, None, None)
+        else:
+            error_type = type(exc).__qualname__
+            status_code = getattr(exc, "status_code", None)
+            attrs["error.type"] = str(status_code) if status_code else error_type
+            span.set_attributes(attrs)
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, str(exc)[:500]))
+            self._finish(attrs["error.type"], None, None)
+        span.end()
+
+    def _count_events(self, attrs: dict[str, Any]) -> None:
+        attrs["llamatelemetry.token_events.policy"] = self._inst.token_events.mode
+        attrs["llamatelemetry.token_events.emitted"] = self._emitted
+        attrs["llamatelemetry.token_events.dropped"] = self._chunks - self._emitted
+
+    def _metric_attrs(self, error_type: str | None = None) -> dict[str, Any]:
+        attrs = {
+            "gen_ai.operation.name": self._operation,
+            "gen_ai.provider.name": PROVIDER,
+            "gen_ai.request.model": self._model,
+            **self._server_attrs,
+        }
+        if error_type is not None:
+            attrs["error.type"] = error_type
+        return attrs
+
+    def _finish(self, error_type: str | None, usage: Any, timings: Any) -> None:
+        self._ended = True
+        inst = self._inst
+        now = time.perf_counter()
+        attrs = self._metric_attrs(error_type)
+        if self._server_attrs:
+            inst.in_flight.add(-1, self._metric_attrs())
+        inst.duration.record(now - self._start, attrs)
+        if usage is not None:
+            inst.token_usage.record(usage.prompt_tokens, {**attrs, "gen_ai.token.type": "input"})
+            inst.token_usage.record(
+                usage.completion_tokens, {**attrs, "gen_ai.token.type": "output"}
+            )
+        if self._stream and self._chunks and error_type is None:
+            inst.first_chunk.record(self._first, attrs)
+            for gap in self._gaps:  # recorded at the end: off the per-token path
+                inst.per_chunk.record(gap, attrs)
+        if timings is not None:
+            inst.server_ttft.record(timings.prompt_ms / 1000, attrs)
+            if timings.predicted_n > 1:
+                inst.server_tpot.record(timings.predicted_per_token_ms / 1000, attrs)
+            inst.server_duration.record((timings.prompt_ms + timings.predicted_ms) / 1000, attrs)
+
+
+def _input_messages(body: Mapping[str, Any]) -> str:
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        parts = [
+            {"role": m.get("role"), "parts": [{"type": "text", "content": m.get("content")}]}
+            for m in messages
+            if isinstance(m, Mapping)
+        ]
+    else:
+        prompt = body.get("prompt", body.get("input_prefix", ""))
+        parts = [{"role": "user", "parts": [{"type": "text", "content": prompt}]}]
+    return json.dumps(parts, default=str)

@@ -1,0 +1,247 @@
+"""``setup_telemetry``: tracer and meter providers, exporters, and a GPU-aware resource.
+
+Nothing global changes unless ``set_global=True``. The OTLP exporters read the standard
+``OTEL_EXPORTER_OTLP_*`` variables, and the resource merges ``OTEL_RESOURCE_ATTRIBUTES`` and
+``OTEL_SERVICE_NAME``, as the SDK does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import httpx
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+
+from .._errors import ConfigError
+from .._version import __version__
+from ._genai import GenAIInstrumentation, TokenEvents
+
+__all__ = ["Telemetry", "gpu_resource_attributes", "setup_telemetry"]
+
+logger = logging.getLogger("llamatelemetry_async.telemetry")
+
+Protocol = Literal["http/protobuf", "grpc", "console"]
+
+
+@dataclasses.dataclass
+class Telemetry:
+    """Providers and the GenAI instrumentation built by ``setup_telemetry``.
+
+    Pass it to ``AsyncEngine(telemetry=...)`` or ``AsyncLlamaClient(instrumentation=
+    telemetry.instrumentation)``; call ``shutdown()`` (or use it as a context manager) to
+    flush what is buffered.
+    """
+
+    tracer_provider: TracerProvider
+    meter_provider: MeterProvider
+    instrumentation: GenAIInstrumentation
+    instrument_httpx: bool = False
+
+    def force_flush(self) -> None:
+        self.tracer_provider.force_flush()
+        self.meter_provider.force_flush()
+
+    def shutdown(self) -> None:
+        """Flush and stop the exporters (blocking: run it off the loop in async code)."""
+        self.tracer_provider.shutdown()
+        self.meter_provider.shutdown()
+
+    def __enter__(self) -> Telemetry:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
+    def httpx_client(self, **kwargs: Any) -> httpx.AsyncClient:
+        """An httpx client on the O(1) transport, instrumented with OpenTelemetry's httpx
+        instrumentation under this telemetry's tracer provider."""
+        from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
+        from ..client import LlamaTransport
+
+        client = httpx.AsyncClient(transport=LlamaTransport(), **kwargs)
+        HTTPXClientInstrumentor.instrument_client(
+            client, tracer_provider=self.tracer_provider, meter_provider=self.meter_provider
+        )
+        return client
+
+
+def setup_telemetry(
+    service_name: str | None = None,
+    *,
+    endpoint: str | None = None,
+    protocol: Protocol | None = None,
+    token_events: TokenEvents | None = None,
+    capture_content: bool | None = None,
+    instrument_httpx: bool = False,
+    export_interval: float = 10.0,
+    resource_attributes: Mapping[str, Any] | None = None,
+    llama_server: str | os.PathLike[str] | None = None,
+    span_exporters: Sequence[SpanExporter] | None = None,
+    metric_readers: Sequence[MetricReader] | None = None,
+    set_global: bool = False,
+) -> Telemetry:
+    """Build tracer and meter providers that export GenAI telemetry.
+
+    ```python
+    telemetry = setup_telemetry("my-service", endpoint="http://127.0.0.1:6006")
+    async with AsyncEngine(model, telemetry=telemetry) as engine: ...
+    ```
+
+    ``protocol`` is "http/protobuf" (default, or ``OTEL_EXPORTER_OTLP_PROTOCOL``), "grpc"
+    or "console". ``endpoint`` is the collector's base URL (``/v1/traces`` and
+    ``/v1/metrics`` are appended for HTTP); without it the ``OTEL_EXPORTER_OTLP_*``
+    variables decide. ``span_exporters`` and ``metric_readers`` replace the exporters
+    (tests use in-memory ones). The resource carries the library version, llama.cpp's
+    build (from ``llama_server`` or the binary ``find_llama_server`` finds) and the GPUs
+    NVML reports. This function blocks briefly (NVML, ``llama-server --version``): call it
+    at start-up, not on the event loop's hot path.
+    """
+    token_events = token_events if token_events is not None else TokenEvents.all()
+    resource = Resource.create(
+        {
+            "service.name": service_name
+            or os.environ.get("OTEL_SERVICE_NAME")
+            or "llamatelemetry_async",
+            "llamatelemetry_async.version": __version__,
+            **_llama_cpp_attributes(llama_server),
+            **gpu_resource_attributes(),
+            **(resource_attributes or {}),
+        }
+    )
+    # Room for every token event the policy may emit, plus a few of the application's.
+    limits = SpanLimits(max_events=token_events.max_events + 32)
+    tracer_provider = TracerProvider(resource=resource, span_limits=limits)
+    if span_exporters is None:
+        span_exporters = [_span_exporter(endpoint, protocol)]
+    for exporter in span_exporters:
+        tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
+    if metric_readers is None:
+        metric_readers = [
+            PeriodicExportingMetricReader(
+                _metric_exporter(endpoint, protocol),
+                export_interval_millis=export_interval * 1000,
+            )
+        ]
+    meter_provider = MeterProvider(resource=resource, metric_readers=list(metric_readers))
+    if set_global:
+        trace.set_tracer_provider(tracer_provider)
+        metrics.set_meter_provider(meter_provider)
+    instrumentation = GenAIInstrumentation(
+        tracer_provider=tracer_provider,
+        meter_provider=meter_provider,
+        token_events=token_events,
+        capture_content=capture_content,
+    )
+    return Telemetry(tracer_provider, meter_provider, instrumentation, instrument_httpx)
+
+
+def _protocol(protocol: str | None) -> str:
+    value = protocol or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
+    if value not in ("http/protobuf", "grpc", "console"):
+        raise ConfigError(
+            f"protocol: {value!r} is not one of 'http/protobuf', 'grpc', 'console'",
+            field="protocol",
+        )
+    return value
+
+
+def _span_exporter(endpoint: str | None, protocol: str | None) -> SpanExporter:
+    kind = _protocol(protocol)
+    if kind == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        return ConsoleSpanExporter()
+    if kind == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter(endpoint=endpoint)
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+        OTLPSpanExporter as HTTPSpanExporter,
+    )
+
+    return HTTPSpanExporter(endpoint=_join(endpoint, "/v1/traces"))
+
+
+def _metric_exporter(endpoint: str | None, protocol: str | None) -> Any:
+    kind = _protocol(protocol)
+    if kind == "console":
+        from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
+
+        return ConsoleMetricExporter()
+    if kind == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+        return OTLPMetricExporter(endpoint=endpoint)
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+        OTLPMetricExporter as HTTPMetricExporter,
+    )
+
+    return HTTPMetricExporter(endpoint=_join(endpoint, "/v1/metrics"))
+
+
+def _join(endpoint: str | None, path: str) -> str | None:
+    if endpoint is None:
+        return None  # the exporter reads OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT itself
+    return endpoint if endpoint.rstrip("/").endswith(path) else endpoint.rstrip("/") + path
+
+
+def _llama_cpp_attributes(binary: str | os.PathLike[str] | None) -> dict[str, Any]:
+    from .._errors import LlamaServerError
+    from ..server import find_llama_server, llama_server_version
+
+    try:
+        path = find_llama_server(binary)
+        return {"llamacpp.build": llama_server_version(path), "llamacpp.binary": str(path)}
+    except LlamaServerError as exc:  # no binary here: the resource simply says less
+        logger.debug("no llama.cpp build for the resource: %s", exc)
+        return {}
+
+
+def gpu_resource_attributes() -> dict[str, Any]:
+    """GPU count, names, driver and CUDA version and compute capability, from NVML.
+
+    Empty without a GPU, a driver or the NVML library: a resource that says less is not an
+    error. Blocks for NVML's init (~10 ms).
+    """
+    try:
+        import pynvml
+    except ImportError:
+        return {}
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        logger.debug("NVML unavailable for the resource: %s", exc)
+        return {}
+    try:
+        count = pynvml.nvmlDeviceGetCount()
+        names, capabilities = [], []
+        for i in range(count):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(handle)
+            names.append(name.decode() if isinstance(name, bytes) else str(name))
+            with contextlib.suppress(pynvml.NVMLError):
+                major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+                capabilities.append(f"{major}.{minor}")
+        attrs: dict[str, Any] = {"gpu.count": count, "gpu.names": names}
+        if capabilities:
+            attrs["gpu.compute_capabilities"] = capabilities
+        with contextlib.suppress(pynvml.NVMLError):
+            driver = pynvml.nvmlSystemGetDriverVersion()
+            attrs["gpu.driver.version"] = driver.decode() if isinstance(driver, bytes) else driver
+        with contextlib.suppress(pynvml.NVMLError):
+            cuda = pynvml.nvmlSystemGetCudaDriverVersion()
+            attrs["gpu.cuda.version"] = f"{cuda // 1000}.{cuda % 1000 // 10}"
+        return attrs
+    finally:
+        pynvml.nvmlShutdown()
