@@ -82,6 +82,12 @@ from .server import (
     find_llama_server as find_llama_server,
     server_command as server_command,
 )
+from .telemetry import (
+    GenAIInstrumentation as GenAIInstrumentation,
+    Telemetry as Telemetry,
+    TokenEvents as TokenEvents,
+    setup_telemetry as setup_telemetry,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -105,6 +111,7 @@ __all__ = [
     "EmbeddingList",
     "EngineBusyError",
     "EngineError",
+    "GenAIInstrumentation",
     "HTTPStatusError",
     "Health",
     "LlamaError",
@@ -129,11 +136,13 @@ __all__ = [
     "ServerState",
     "StreamConsumedError",
     "StreamError",
+    "Telemetry",
     "TextChoice",
     "TextCompletion",
     "TextCompletionChunk",
     "TimeoutException",
     "Timings",
+    "TokenEvents",
     "TokenStream",
     "TransportError",
     "Usage",
@@ -144,5 +153,6 @@ __all__ = [
     "build_llama_server",
     "find_llama_server",
     "server_command",
+    "setup_telemetry",
     "visible_gpus",
 ]

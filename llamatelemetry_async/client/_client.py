@@ -392,13 +392,12 @@ class AsyncLlamaClient:
         self._check_open()
         content = msgspec.json.encode(body) if body is not None else None
         url = self._url(path)
+        # Our own httpx client carries the headers already; a user's does not know them.
+        headers = {} if self._owns_http else dict(self._extra_headers)
+        if content is not None:
+            headers["Content-Type"] = "application/json"
         try:
-            response = await self._http.request(
-                method,
-                url,
-                content=content,
-                headers={"Content-Type": "application/json"} if content is not None else None,
-            )
+            response = await self._http.request(method, url, content=content, headers=headers)
         except httpx.HTTPError as exc:
             raise map_httpx_error(exc, url) from exc
         if response.status_code >= 400:
