@@ -11,6 +11,11 @@ the tokens received, one stream at a time. Arms take turns within each round, so
 neighbour slows them all alike; the table reports the median round. With ``--llama-server``
 and ``--model``, arms (a) and (c) are repeated against a real llama-server.
 
+The two "tracing on" arms run this library's client with ``setup_telemetry`` providers that
+do the real work (a span per request through a ``BatchSpanProcessor``, GenAI histograms) but
+export into memory: one with a span event per token (``TokenEvents.all()``), one with token
+events off. The in-memory exporter is flushed and emptied between rounds, outside the timing.
+
 Reading the numbers: unpaced, a client slower than the server finds many tokens per socket
 read, and a faster one finds few and pays its per-read cost more often, so CPU per token
 also depends on how busy the machine is. ``--count-reads`` adds a reads/token column to
@@ -34,9 +39,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from llamatelemetry_async.telemetry import Telemetry
 
 PROMPT = "Tell me a story about a llama who measured its own latency."
 
@@ -52,6 +62,8 @@ class Arm:
     name: str
     endpoint: str
     factory: ArmFactory
+    # Called after each round, outside the timing (e.g. to empty an in-memory exporter).
+    between_rounds: Callable[[], None] | None = None
     samples: list[float] = field(default_factory=list)
     reads: list[float] = field(default_factory=list)  # socket reads per token, if counted
     tokens_per_round: int = 0
@@ -184,6 +196,75 @@ async def library_chat(url: str, tokens: int) -> AsyncIterator[OneStream]:
         yield once
 
 
+class TracedLibrary:
+    """(c) This library's ``stream_completion`` with tracing on, exporting into memory.
+
+    ``events=True``: a span event per token (``TokenEvents.all``); ``False``: token events
+    off, so the span, its attributes and the metrics remain.
+    """
+
+    def __init__(self, events: bool) -> None:
+        self.events = events
+        self._exporter: InMemorySpanExporter | None = None
+        self._telemetry: Telemetry | None = None
+
+    @contextlib.asynccontextmanager
+    async def factory(self, url: str, tokens: int) -> AsyncIterator[OneStream]:
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        from llamatelemetry_async import AsyncLlamaClient
+        from llamatelemetry_async.telemetry import TokenEvents, setup_telemetry
+
+        exporter = InMemorySpanExporter()
+        telemetry = setup_telemetry(
+            "bench",
+            token_events=TokenEvents.all(max_events=4096) if self.events else TokenEvents.off(),
+            span_exporters=[exporter],
+            metric_readers=[InMemoryMetricReader()],
+        )
+        self._exporter, self._telemetry = exporter, telemetry
+        try:
+            async with AsyncLlamaClient(url, instrumentation=telemetry.instrumentation) as client:
+
+                async def once() -> int:
+                    n = 0
+                    async with client.stream_completion(
+                        PROMPT, n_predict=tokens, ignore_eos=True
+                    ) as stream:
+                        async for chunk in stream:
+                            if chunk.text:
+                                n += 1
+                    return n
+
+                yield once
+        finally:
+            telemetry.shutdown()
+            exporter.clear()
+            self._exporter = self._telemetry = None
+
+    def between_rounds(self) -> None:
+        """Export what the batch processor holds, then drop it, so memory does not grow."""
+        if self._telemetry is not None and self._exporter is not None:
+            self._telemetry.tracer_provider.force_flush()
+            self._exporter.clear()
+
+
+def traced_arms() -> list[Arm]:
+    arms = []
+    for name, events in (("event per token", True), ("events off", False)):
+        traced = TracedLibrary(events)
+        arms.append(
+            Arm(
+                f"(c) this library, tracing on, {name}",
+                "/completion",
+                traced.factory,
+                between_rounds=traced.between_rounds,
+            )
+        )
+    return arms
+
+
 def library_available() -> str | None:
     """Return why this library's client cannot be benchmarked, or None when it can."""
     try:
@@ -218,6 +299,8 @@ async def run_arms(url: str, arms: list[Arm], args: argparse.Namespace) -> None:
                 arm.samples.append(elapsed / received * 1e6)
                 arm.reads.append((READS.count - reads) / received)
                 arm.tokens_per_round = received
+                if arm.between_rounds is not None:
+                    arm.between_rounds()
 
 
 def print_table(title: str, arms: list[Arm]) -> None:
@@ -244,22 +327,40 @@ def print_ratios(arms: list[Arm]) -> None:
     openai = by_name.get("(b) openai-python")
     ours = by_name.get("(c) this library")
     ours_chat = by_name.get("(c) this library, chat")
-    rows: list[tuple[str, float, str, bool | None]] = []
+    events_on = by_name.get("(c) this library, tracing on, event per token")
+    events_off = by_name.get("(c) this library, tracing on, events off")
+    rows: list[tuple[str, str, str, bool | None]] = []
     if raw and ours:
         value = ours.median / raw.median
-        rows.append(("this client / raw httpx (`/completion`)", value, "≤ 0.5x", value <= 0.5))
+        rows.append(
+            ("this client / raw httpx (`/completion`)", f"{value:.2f}x", "≤ 0.5x", value <= 0.5)
+        )
+    if raw and events_on:
+        value = events_on.median / raw.median
+        rows.append(
+            ("tracing on, event per token / raw httpx", f"{value:.2f}x", "≤ 0.65x", value <= 0.65)
+        )
+    if raw and events_off:
+        value = events_off.median / raw.median
+        rows.append(("tracing on, events off / raw httpx", f"{value:.2f}x", "-", None))
+    if events_on and events_off:
+        value = events_on.median - events_off.median
+        rows.append(("events on - events off (per-event cost)", f"{value:.2f} µs", "-", None))
+    if events_off and ours:
+        value = events_off.median - ours.median
+        rows.append(("events off - tracing off (span + metrics)", f"{value:.2f} µs", "-", None))
     if openai and ours_chat:
         value = openai.median / ours_chat.median
-        rows.append(("openai / this client (chat)", value, "≥ 10x", value >= 10))
+        rows.append(("openai / this client (chat)", f"{value:.2f}x", "≥ 10x", value >= 10))
     if openai and raw:
-        rows.append(("openai / raw httpx", openai.median / raw.median, "-", None))
+        rows.append(("openai / raw httpx", f"{openai.median / raw.median:.2f}x", "-", None))
     if not rows:
         return
     print("\n| ratio | value | target | met |")
     print("| --- | ---: | --- | --- |")
-    for label, value, target, met in rows:
+    for label, value_text, target, met in rows:
         mark = "-" if met is None else ("yes" if met else "**no**")
-        print(f"| {label} | {value:.2f}x | {target} | {mark} |")
+        print(f"| {label} | {value_text} | {target} | {mark} |")
 
 
 # -- real llama-server -----------------------------------------------------------------------
@@ -313,6 +414,7 @@ def main() -> int:
         arms += [
             Arm("(c) this library", "/completion", library_completion),
             Arm("(c) this library, chat", "/v1/chat/completions", library_chat),
+            *traced_arms(),
         ]
     print(
         f"client CPU per token: {args.rounds} rounds x {args.streams} streams x "
@@ -336,6 +438,7 @@ def main() -> int:
         real += [
             Arm("(c) this library", "/completion", library_completion),
             Arm("(c) this library, chat", "/v1/chat/completions", library_chat),
+            *traced_arms(),
         ]
     with llama_server(args.llama_server, args.model, args.server_timeout) as url:
         asyncio.run(run_arms(url, real, args))

@@ -170,7 +170,9 @@ async def test_content_capture_when_asked(llama_server: RunningServer) -> None:
         rec.telemetry.shutdown()
 
 
-async def test_genai_metrics(llama_server: RunningServer, recorder: Recorder) -> None:
+@pytest.mark.parametrize("chunk_metrics", ["each", "mean"])
+async def test_genai_metrics(llama_server: RunningServer, chunk_metrics: Any) -> None:
+    recorder = Recorder(TokenEvents.all(), chunk_metrics=chunk_metrics)
     inst = recorder.telemetry.instrumentation
     async with AsyncLlamaClient(llama_server.url, instrumentation=inst) as client:
         async with client.stream_completion(PROMPT, n_predict=10) as stream:
@@ -190,7 +192,7 @@ async def test_genai_metrics(llama_server: RunningServer, recorder: Recorder) ->
     [first] = recorder.histogram("gen_ai.client.operation.time_to_first_chunk")
     assert first.count == 1  # streamed requests only
     [per_chunk] = recorder.histogram("gen_ai.client.operation.time_per_output_chunk")
-    assert per_chunk.count == len(chunks) - 1
+    assert per_chunk.count == (len(chunks) - 1 if chunk_metrics == "each" else 1)
     [ttft] = recorder.histogram("gen_ai.server.time_to_first_token")
     assert ttft.count == 2
     [tpot] = recorder.histogram("gen_ai.server.time_per_output_token")
@@ -199,6 +201,7 @@ async def test_genai_metrics(llama_server: RunningServer, recorder: Recorder) ->
     assert server_duration.count == 2
     in_flight = recorder.metric("llamatelemetry.server.requests.in_flight")
     assert [p.value for p in in_flight.data.data_points] == [0]
+    recorder.telemetry.shutdown()
 
 
 async def test_error_spans(

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import anyio
 from opentelemetry import metrics, trace
+from opentelemetry.sdk.trace import Event, Span as SDKSpan
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .._version import __version__
@@ -102,7 +103,13 @@ class TokenEvents:
 
 
 class GenAIInstrumentation:
-    """Spans, token events and metrics for requests (the client's ``Instrumentation``)."""
+    """Spans, token events and metrics for requests (the client's ``Instrumentation``).
+
+    ``chunk_metrics`` decides ``gen_ai.client.operation.time_per_output_chunk``: the GenAI
+    conventions record every gap between chunks ("each"), but one SDK histogram record
+    costs ~8 us, as much as the whole client spends per token, so the default records
+    each request's mean gap once ("mean"); "off" records none.
+    """
 
     def __init__(
         self,
@@ -112,6 +119,7 @@ class GenAIInstrumentation:
         token_events: TokenEvents | None = None,
         capture_content: bool | None = None,
         model: str | None = None,
+        chunk_metrics: Literal["each", "mean", "off"] = "mean",
     ) -> None:
         self.tracer = trace.get_tracer(_SCOPE, __version__, tracer_provider=tracer_provider)
         meter = metrics.get_meter(_SCOPE, __version__, meter_provider=meter_provider)
@@ -120,6 +128,7 @@ class GenAIInstrumentation:
             capture_content_from_env() if capture_content is None else capture_content
         )
         self.model = model
+        self.chunk_metrics = chunk_metrics
         self.duration = meter.create_histogram(
             "gen_ai.client.operation.duration",
             unit="s",
@@ -187,6 +196,7 @@ class _Observer:
         "_last_chunk",
         "_model",
         "_operation",
+        "_sdk_span",
         "_server_attrs",
         "_start",
         "_stream",
@@ -223,6 +233,7 @@ class _Observer:
         self.span = inst.tracer.start_span(
             f"{operation} {model}", kind=SpanKind.CLIENT, attributes=attrs
         )
+        self._sdk_span = isinstance(self.span, SDKSpan)
         self._start = time.perf_counter()
         self._last = self._start
         self._chunks = 0
@@ -284,7 +295,12 @@ class _Observer:
         }
         if self._inst.capture_content:
             attrs["gen_ai.token.text"] = chunk.text
-        self.span.add_event("gen_ai.token", attrs)
+        if self._sdk_span:
+            # An SDK span: add the event without re-validating attributes built just above
+            # (4.5 -> 1.3 us per token); anything else gets the public API.
+            self.span._add_event(Event("gen_ai.token", attrs, time.time_ns()))  # type: ignore[attr-defined]
+        else:
+            self.span.add_event("gen_ai.token", attrs)
         self._emitted += 1
 
     def on_end(self, outcome: Outcome) -> None:
@@ -372,8 +388,12 @@ class _Observer:
             )
         if self._stream and self._chunks and error_type is None:
             inst.first_chunk.record(self._first, attrs)
-            for gap in self._gaps:  # recorded at the end: off the per-token path
-                inst.per_chunk.record(gap, attrs)
+            gaps = self._gaps
+            if gaps and inst.chunk_metrics == "each":
+                for gap in gaps:  # at the end, off the per-token path; ~8 us per record
+                    inst.per_chunk.record(gap, attrs)
+            elif gaps and inst.chunk_metrics == "mean":
+                inst.per_chunk.record(sum(gaps) / len(gaps), attrs)
         if timings is not None:
             inst.server_ttft.record(timings.prompt_ms / 1000, attrs)
             if timings.predicted_n > 1:

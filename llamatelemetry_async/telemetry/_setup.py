@@ -83,6 +83,7 @@ def setup_telemetry(
     protocol: Protocol | None = None,
     token_events: TokenEvents | None = None,
     capture_content: bool | None = None,
+    chunk_metrics: Literal["each", "mean", "off"] = "mean",
     instrument_httpx: bool = False,
     export_interval: float = 10.0,
     resource_attributes: Mapping[str, Any] | None = None,
@@ -142,6 +143,7 @@ def setup_telemetry(
         meter_provider=meter_provider,
         token_events=token_events,
         capture_content=capture_content,
+        chunk_metrics=chunk_metrics,
     )
     return Telemetry(tracer_provider, meter_provider, instrumentation, instrument_httpx)
 
