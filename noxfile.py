@@ -25,8 +25,8 @@ def _install(session: nox.Session, *groups: str, extras: str = "") -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The test suite, on the interpreter running nox."""
-    _install(session, "test")
+    """The test suite, on the interpreter running nox (Arize Phoenix included)."""
+    _install(session, "test", "phoenix")
     session.run("python", "-m", "llamatelemetry_async", "build-server")
     session.run("pytest", *session.posargs)
 
