@@ -275,3 +275,45 @@ async def test_no_telemetry_configured_costs_nothing(tiny_model: Path) -> None:
     async with engine, engine.stream(PROMPT, n_predict=2) as stream:
         assert stream._observer is None
         assert len([c async for c in stream]) == 2
+
+
+def test_gpu_resource_attributes_from_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    from llamatelemetry_async.telemetry import gpu_resource_attributes
+
+    class NVMLError(Exception):
+        pass
+
+    fake = types.ModuleType("pynvml")
+    calls: list[str] = []
+    fake.NVMLError = NVMLError  # type: ignore[attr-defined]
+    fake.nvmlInit = lambda: calls.append("init")  # type: ignore[attr-defined]
+    fake.nvmlShutdown = lambda: calls.append("shutdown")  # type: ignore[attr-defined]
+    fake.nvmlDeviceGetCount = lambda: 2  # type: ignore[attr-defined]
+    fake.nvmlDeviceGetHandleByIndex = lambda i: i  # type: ignore[attr-defined]
+    fake.nvmlDeviceGetName = lambda h: b"Tesla T4"  # type: ignore[attr-defined]
+    fake.nvmlDeviceGetCudaComputeCapability = lambda h: (7, 5)  # type: ignore[attr-defined]
+    fake.nvmlSystemGetDriverVersion = lambda: "580.159.04"  # type: ignore[attr-defined]
+
+    def no_cuda() -> int:
+        raise NVMLError("Not Supported")
+
+    fake.nvmlSystemGetCudaDriverVersion = no_cuda  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    attrs = gpu_resource_attributes()
+    assert attrs == {
+        "gpu.count": 2,
+        "gpu.names": ["Tesla T4", "Tesla T4"],
+        "gpu.compute_capabilities": ["7.5", "7.5"],
+        "gpu.driver.version": "580.159.04",
+    }  # a metric NVML does not support is left out, not an error
+    assert calls == ["init", "shutdown"]
+
+
+def test_gpu_resource_attributes_without_a_driver() -> None:
+    from llamatelemetry_async.telemetry import gpu_resource_attributes
+
+    # This machine has the NVML bindings but no driver: the resource says nothing of GPUs.
+    assert gpu_resource_attributes() == {}
