@@ -1,11 +1,26 @@
-"""GPUs: discovery (which GPUs this process may use).
+"""GPUs: discovery, an NVML sampler that never blocks the event loop, and energy per request.
 
 ``visible_gpus()`` asks NVML (nvidia-ml-py) and honours ``CUDA_VISIBLE_DEVICES``; it blocks for
-a few milliseconds, so async code runs it with ``anyio.to_thread.run_sync``.
+a few milliseconds, so async code runs it with ``anyio.to_thread.run_sync``. ``GPUSampler``
+samples every GPU in a worker thread; ``attribute_energy`` splits a GPU's energy between the
+requests it served at the same time.
 """
 
 from __future__ import annotations
 
 from ._discovery import visible_gpus as visible_gpus
+from ._energy import (
+    EnergyShare as EnergyShare,
+    RequestWindow as RequestWindow,
+    attribute_energy as attribute_energy,
+)
+from ._sampler import GPUSample as GPUSample, GPUSampler as GPUSampler
 
-__all__ = ["visible_gpus"]
+__all__ = [
+    "EnergyShare",
+    "GPUSample",
+    "GPUSampler",
+    "RequestWindow",
+    "attribute_energy",
+    "visible_gpus",
+]
