@@ -6,12 +6,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 
 import anyio
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from llamatelemetry_async import AsyncEngine, Placement, setup_telemetry
 from llamatelemetry_async.gpu import GPUSample, GPUSampler, RequestWindow, attribute_energy
 from llamatelemetry_async.testing._fake_nvml import FakeGPU, FakeNVML
 
@@ -137,3 +140,52 @@ def test_a_stalled_counter_falls_back_to_power_times_time() -> None:
     idle = attribute_energy(samples, [RequestWindow("r", 0.2, 0.4, tokens=1)])
     assert idle["r"].method == "power"
     assert idle["r"].joules == pytest.approx(40.0)  # 200 W x 0.2 s
+
+
+async def test_engine_puts_each_requests_energy_on_its_span(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One "GPU" server (CUDA_VISIBLE_DEVICES=0; the CPU build of llama-server runs it on the
+    # CPU) and a fake NVML reporting 300 W: the engine's own energy path runs for real.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    spans = InMemorySpanExporter()
+    telemetry = setup_telemetry("t", span_exporters=[spans], metric_readers=[])
+    sampler = GPUSampler(interval=0.02, nvml=FakeNVML([FakeGPU(power_w=300.0)]))
+    engine = AsyncEngine(
+        tiny_model, placement=Placement.per_gpu(), telemetry=telemetry, gpu_sampler=sampler
+    )
+    try:
+        async with engine:
+            assert engine.servers[0].gpus == (0,)
+            assert engine.gpu_sampler is sampler
+            assert sampler.available
+            async with anyio.create_task_group() as tg:
+                for i in range(2):
+                    tg.start_soon(_stream_some, engine, f"prompt {i}")
+            await engine.complete("x", n_predict=4)
+        telemetry.tracer_provider.force_flush()
+        finished = spans.get_finished_spans()
+    finally:
+        telemetry.shutdown()
+    assert len(finished) == 3
+    for span in finished:
+        attrs = dict(span.attributes or {})
+        assert attrs["llamatelemetry.gpu.energy_j"] > 0
+        assert attrs["llamatelemetry.gpu.energy_method"] in ("counter", "power", "mixed")
+        assert attrs["llamatelemetry.gpu.mean_power_w"] == 300.0
+        assert attrs["llamatelemetry.gpu.energy_j_per_token"] == pytest.approx(
+            attrs["llamatelemetry.gpu.energy_j"] / attrs["gen_ai.usage.output_tokens"]
+        )
+
+
+async def _stream_some(engine: AsyncEngine, prompt: str) -> None:
+    async with engine.stream(prompt, n_predict=64, ignore_eos=True) as stream:
+        async for _ in stream:
+            pass
+
+
+async def test_engine_on_a_cpu_machine_runs_on_without_nvml(tiny_model: Path) -> None:
+    async with AsyncEngine(tiny_model, placement=Placement.cpu(1), gpu_sampler=True) as engine:
+        assert engine.gpu_sampler is not None
+        assert not engine.gpu_sampler.available
+        assert (await engine.complete("x", n_predict=2)).usage.completion_tokens == 2

@@ -43,6 +43,10 @@ class RequestObserver(Protocol):
         """The server that serves the request (known after routing)."""
         ...
 
+    def annotate(self, attributes: Mapping[str, Any]) -> None:
+        """Add attributes to the request's span before it ends (GPU and energy figures)."""
+        ...
+
     def on_chunk(self, chunk: Any) -> None:
         """A streamed chunk arrived (the per-token path: keep it cheap)."""
         ...

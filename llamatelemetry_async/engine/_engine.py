@@ -50,11 +50,12 @@ from ..client import (
 from ..client._client import chat_stream_request, completion_stream_request
 from ..client._observe import RequestObserver
 from ..client._stream import Source
-from ..gpu import visible_gpus
+from ..gpu import GPUSampler, visible_gpus
 from ..server import find_llama_server
 from ..server._config import ServerConfig, server_command
 from ..server._process import LlamaServer
 from ..telemetry import GenAIInstrumentation, MetricsScraper, Telemetry
+from ._energy_book import EnergyBook
 from ._placement import Placement
 from ._router import Member, Router
 
@@ -63,6 +64,7 @@ __all__ = ["AsyncEngine", "ServerInfo"]
 logger = logging.getLogger("llamatelemetry_async.engine")
 
 T = TypeVar("T")
+TokenStreamT = TypeVar("TokenStreamT", bound=TokenStream[Any])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +118,11 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
     ``max_waiting`` of them (``EngineBusyError`` beyond). A server that dies is restarted
     (backoff capped at ``max_restart_delay`` seconds) while requests go to the others.
 
+    ``gpu_sampler``: ``None`` runs a ``GPUSampler`` when servers run on GPUs, ``True``
+    always, ``False`` never (or pass your own). With it, each request's span gets the GPU
+    energy it used (split between concurrent requests by token share), joules per token,
+    and mean power and utilization while it ran.
+
     ``telemetry`` (a ``setup_telemetry()`` result) turns each request into a GenAI span with
     per-token events and records GenAI metrics and llama-server's ``/metrics`` (scraped every
     ``metrics_interval`` s). Left ``None``, the application's global providers are used if
@@ -140,6 +147,7 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
         log_dir: str | os.PathLike[str] | None = None,
         telemetry: Telemetry | bool | None = None,
         metrics_interval: float = 10.0,
+        gpu_sampler: GPUSampler | bool | None = None,
     ) -> None:
         self.model = Path(model)
         self.model_name = self.model.name
@@ -149,6 +157,10 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
             meter_provider = self._telemetry.meter_provider if self._telemetry else None
             self._scraper = MetricsScraper(meter_provider)
         self._interval = metrics_interval
+        self._sampler_choice = gpu_sampler
+        self.gpu_sampler: GPUSampler | None = None
+        """The NVML sampler running with the engine, if any (``available`` says if it works)."""
+        self._energy: EnergyBook | None = None
         self.placement = Placement.coerce(placement)
         self.config = server if server is not None else ServerConfig()
         if max_waiting < 0:
@@ -170,23 +182,43 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
     @contextlib.asynccontextmanager
     async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
         servers = await self._prepare()
+        sampler = self._gpu_sampler_for(servers)
         try:
-            with single_error():
-                async with anyio.create_task_group() as tg:
-                    try:
-                        await self._start_all(tg, servers)
-                        if self._scraper is not None:
-                            tg.start_soon(self._scraper.run, self._ready_clients, self._interval)
-                        self._open = True
-                        yield self
-                    finally:
-                        self._open = False
-                        self._router.close(EngineError("the engine is closed"))
-                        tg.cancel_scope.cancel()  # supervisors stop; run() reaps each process
+            async with contextlib.AsyncExitStack() as stack:
+                if sampler is not None:
+                    await stack.enter_async_context(sampler)  # unavailable: it just says why
+                    self.gpu_sampler = sampler
+                    self._energy = EnergyBook(sampler)
+                await stack.enter_async_context(self._running(servers))
+                yield self
         finally:
             with anyio.CancelScope(shield=True):
                 for server in servers:
                     await server.close_clients()
+
+    def _gpu_sampler_for(self, servers: list[_Server]) -> GPUSampler | None:
+        choice = self._sampler_choice
+        if isinstance(choice, GPUSampler):
+            return choice
+        if choice is False or (choice is None and not any(s.process.gpus for s in servers)):
+            return None
+        meter_provider = self._telemetry.meter_provider if self._telemetry else None
+        return GPUSampler(meter_provider=meter_provider)
+
+    @contextlib.asynccontextmanager
+    async def _running(self, servers: list[_Server]) -> AsyncGenerator[None]:
+        with single_error():
+            async with anyio.create_task_group() as tg:
+                try:
+                    await self._start_all(tg, servers)
+                    if self._scraper is not None:
+                        tg.start_soon(self._scraper.run, self._ready_clients, self._interval)
+                    self._open = True
+                    yield
+                finally:
+                    self._open = False
+                    self._router.close(EngineError("the engine is closed"))
+                    tg.cancel_scope.cancel()  # supervisors stop; run() reaps each process
 
     async def _prepare(self) -> list[_Server]:
         """Everything that can fail before a process is spawned fails here."""
@@ -351,14 +383,16 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
         self._check_open()
         path, body = completion_stream_request(prompt, params)
         observer = self._observe("text_completion", body, stream=True)
-        return TokenStream(_RoutedSource(self, path, body), CompletionChunk, observer)
+        source = _RoutedSource(self, path, body, observer)
+        return source.attach(TokenStream(source, CompletionChunk, observer))
 
     def chat_stream(self, messages: Iterable[Message], **params: Any) -> TokenStream[ChatChunk]:
         """Stream ``/v1/chat/completions`` from the least busy server (OpenAI names)."""
         self._check_open()
         path, body = chat_stream_request(messages, params)
         observer = self._observe("chat", body, stream=True)
-        return TokenStream(_RoutedSource(self, path, body), ChatChunk, observer)
+        source = _RoutedSource(self, path, body, observer)
+        return source.attach(TokenStream(source, ChatChunk, observer))
 
     async def complete(self, prompt: str | Sequence[Any], **params: Any) -> Completion:
         """``/completion`` without streaming."""
@@ -400,6 +434,7 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
             raise
         release = self._router.releaser(member)
         exited = member.exited
+        energy = self._energy_begin(member, lambda: 0)
         try:
             client = member.client
             assert isinstance(client, AsyncLlamaClient)
@@ -422,9 +457,21 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
             raise
         finally:
             release()
+        usage = getattr(result, "usage", None)
+        figures = self._energy_end(energy, usage.completion_tokens if usage else 0)
         if observer is not None:
+            if figures:
+                observer.annotate(figures)
             observer.on_end(result)  # type: ignore[arg-type]  # completions carry text/usage
         return result
+
+    def _energy_begin(self, member: Member, tokens: Callable[[], int]) -> int | None:
+        if self._energy is None:
+            return None
+        return self._energy.begin(self._process(member.name).gpus, tokens)
+
+    def _energy_end(self, key: int | None, tokens: int) -> dict[str, Any]:
+        return self._energy.end(key, tokens) if self._energy is not None else {}
 
     async def _crash_error(
         self, member: Member, exited: anyio.Event | None, exc: LlamaError
@@ -469,8 +516,17 @@ def _instrumentation(
 class _RoutedSource(Source):
     """A stream source that first takes a slot from the router, then reads its server."""
 
-    def __init__(self, engine: AsyncEngine, path: str, body: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        path: str,
+        body: dict[str, Any],
+        observer: RequestObserver | None = None,
+    ) -> None:
         self._engine = engine
+        self._observer = observer
+        self._stream: TokenStream[Any] | None = None
+        self._energy: int | None = None
         self._path = path
         self._body = body
         self._inner: Source | None = None
@@ -504,7 +560,29 @@ class _RoutedSource(Source):
             except BaseException:
                 self._release()
                 raise
+            self._energy = self._engine._energy_begin(member, self._tokens)
             return
+
+    def attach(self, stream: TokenStreamT) -> TokenStreamT:
+        """Know the stream this source feeds (its token count, for energy shares)."""
+        self._stream = stream
+        return stream
+
+    def _tokens(self) -> int:
+        return self._stream.chunks if self._stream is not None else 0
+
+    def _account(self) -> None:
+        """The request's GPU figures onto its span (once, at the end)."""
+        key, self._energy = self._energy, None
+        if key is None:
+            return
+        stream = self._stream
+        usage = stream.usage if stream is not None else None
+        figures = self._engine._energy_end(
+            key, usage.completion_tokens if usage else self._tokens()
+        )
+        if figures and self._observer is not None:
+            self._observer.annotate(figures)
 
     async def fill(self) -> bool:
         assert self._inner is not None
@@ -525,6 +603,7 @@ class _RoutedSource(Source):
             if self._inner is not None:
                 await self._inner.finish()
         finally:
+            self._account()
             self._release()
 
     async def abort(self) -> None:
@@ -533,6 +612,7 @@ class _RoutedSource(Source):
             if self._inner is not None:
                 await self._inner.abort()
         finally:
+            self._account()
             self._release()
 
     def abort_nowait(self) -> None:

@@ -52,9 +52,16 @@ class EnergyShare:
 
 
 def attribute_energy(
-    samples: Sequence[GPUSample], requests: Sequence[RequestWindow]
+    samples: Sequence[GPUSample],
+    requests: Sequence[RequestWindow],
+    *,
+    until: float | None = None,
 ) -> dict[Hashable, EnergyShare]:
-    """Split one GPU's energy between ``requests`` by token share (see the module doc)."""
+    """Split one GPU's energy between ``requests`` by token share (see the module doc).
+
+    ``until`` extends the timeline past the last sample at its power (a request that ends
+    between two samples is not left without its tail).
+    """
     samples = sorted(samples, key=lambda s: s.t)
     intervals: list[tuple[float, float, float, str]] = []  # (start, end, watts, method)
     for a, b in itertools.pairwise(samples):
@@ -66,6 +73,8 @@ def attribute_energy(
         elif a.power_w is not None or b.power_w is not None:
             powers = [p for p in (a.power_w, b.power_w) if p is not None]
             intervals.append((a.t, b.t, sum(powers) / len(powers), "power"))
+    if until is not None and samples and until > samples[-1].t and samples[-1].power_w is not None:
+        intervals.append((samples[-1].t, until, samples[-1].power_w, "power"))
     joules: dict[Hashable, float] = {r.key: 0.0 for r in requests}
     methods: dict[Hashable, set[str]] = {r.key: set() for r in requests}
     rates = {r.key: (r.tokens / (r.t1 - r.t0) if r.t1 > r.t0 else 0.0) for r in requests}

@@ -262,6 +262,10 @@ class _Observer:
         self.span.set_attributes(span_attrs)
         self._inst.in_flight.add(1, self._metric_attrs())
 
+    def annotate(self, attributes: Mapping[str, Any]) -> None:
+        if not self._ended:
+            self.span.set_attributes(attributes)
+
     def on_chunk(self, chunk: Any) -> None:
         now = time.perf_counter()
         index = self._chunks
