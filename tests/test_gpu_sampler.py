@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -169,7 +170,7 @@ async def test_engine_puts_each_requests_energy_on_its_span(
         telemetry.shutdown()
     assert len(finished) == 3
     for span in finished:
-        attrs = dict(span.attributes or {})
+        attrs: dict[str, Any] = dict(span.attributes or {})
         assert attrs["llamatelemetry.gpu.energy_j"] > 0
         assert attrs["llamatelemetry.gpu.energy_method"] in ("counter", "power", "mixed")
         assert attrs["llamatelemetry.gpu.mean_power_w"] == 300.0
