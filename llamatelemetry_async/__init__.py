@@ -72,6 +72,9 @@ from .engine import (
     ServerPlan as ServerPlan,
 )
 from .gpu import (
+    GPUSample as GPUSample,
+    GPUSampler as GPUSampler,
+    attribute_energy as attribute_energy,
     visible_gpus as visible_gpus,
 )
 from .server import (
@@ -111,6 +114,8 @@ __all__ = [
     "EmbeddingList",
     "EngineBusyError",
     "EngineError",
+    "GPUSample",
+    "GPUSampler",
     "GenAIInstrumentation",
     "HTTPStatusError",
     "Health",
@@ -150,6 +155,7 @@ __all__ = [
     "WriteError",
     "WriteTimeout",
     "__version__",
+    "attribute_energy",
     "build_llama_server",
     "find_llama_server",
     "server_command",
