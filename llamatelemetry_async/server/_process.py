@@ -1,9 +1,10 @@
 """``LlamaServer``: one llama-server process, started, watched and always reaped.
 
 * Own process group (``start_new_session``), so stopping reaches every child it forks.
-* Parent-death signal: on Linux the child is started through a tiny exec shim that sets
-  ``PR_SET_PDEATHSIG`` to SIGKILL, so a llama-server never outlives a Python process that
-  was SIGKILLed (no ``finally`` runs then).
+* Parent-death signal: on Linux under asyncio the child is started through a tiny exec shim
+  that sets ``PR_SET_PDEATHSIG`` to SIGKILL, so a llama-server never outlives a Python
+  process that was SIGKILLed (no ``finally`` runs then). Not under trio: the signal follows
+  the spawning *thread*, and trio spawns from worker threads that it retires.
 * Output is drained from the first byte into a bounded ring of recent lines, Python
   ``logging``, and optionally a file (aiofiles): a pipe nobody reads stalls the server.
 * Readiness: llama-server logs ``listening on http://HOST:PORT`` once the model is loaded
@@ -275,7 +276,10 @@ class _LogFile:
 
 
 def _with_parent_death(argv: list[str]) -> list[str]:
-    if not sys.platform.startswith("linux"):
+    # PR_SET_PDEATHSIG fires when the *thread* that spawned the child exits. asyncio spawns
+    # from the event loop's thread, which outlives every server; trio spawns from a worker
+    # thread that it retires when idle, which would kill a healthy server. So: asyncio only.
+    if not sys.platform.startswith("linux") or sniffio.current_async_library() != "asyncio":
         return argv
     # -I -S: no site, no user paths: the shim starts in a few milliseconds.
     return [sys.executable, "-I", "-S", "-c", _PDEATH_SHIM, str(os.getpid()), *argv]
