@@ -33,17 +33,7 @@ import numpy.typing as npt
 
 # The tokenizer and template are the tiny model's. ``_vocabulary`` and the id constants are
 # private to that module; importing them here keeps one definition of the vocabulary.
-from ._tiny_model import (
-    _BOS,
-    _EOS,
-    _FIM_MID,
-    _FIM_PRE,
-    _FIM_SUF,
-    _IM_END,
-    _UNK,
-    CHAT_TEMPLATE,
-    _vocabulary,
-)
+from ._tiny_model import _vocabulary, llama_writer
 
 __all__ = ["BIG_MODEL_NAME", "write_random_llama"]
 
@@ -127,37 +117,17 @@ def write_random_llama(
     out = pathlib.Path(path)
     rng = np.random.default_rng(seed)
     weight_type = _FLOATS[dtype]
-    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    writer.add_name(BIG_MODEL_NAME)
-    writer.add_context_length(n_ctx_train)
-    writer.add_embedding_length(n_embd)
-    writer.add_block_count(n_layer)
-    writer.add_feed_forward_length(n_ff)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_head_kv)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_vocab_size(n_vocab)
-    writer.add_file_type(
-        gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32
+    writer = llama_writer(
+        BIG_MODEL_NAME,
+        n_ctx_train=n_ctx_train,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_ff=n_ff,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        vocabulary=(tokens, scores, types),
+        file_type=(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32),
     )
-
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_unk_token_id(_UNK)
-    writer.add_bos_token_id(_BOS)
-    writer.add_eos_token_id(_EOS)
-    writer.add_eot_token_id(_IM_END)
-    writer.add_uint32(gguf.Keys.Tokenizer.FIM_PRE_ID, _FIM_PRE)
-    writer.add_uint32(gguf.Keys.Tokenizer.FIM_SUF_ID, _FIM_SUF)
-    writer.add_uint32(gguf.Keys.Tokenizer.FIM_MID_ID, _FIM_MID)
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(False)
-    writer.add_add_space_prefix(True)
-    writer.add_chat_template(CHAT_TEMPLATE)
 
     # (name, numpy shape = ggml ne reversed, numpy dtype, how to fill it), in file order.
     plan: list[tuple[str, tuple[int, ...], type[np.floating], Fill]] = []

@@ -102,6 +102,57 @@ def _normal(
     return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(np.float32)
 
 
+def llama_writer(
+    name: str,
+    *,
+    n_ctx_train: int,
+    n_embd: int,
+    n_layer: int,
+    n_ff: int,
+    n_head: int,
+    n_head_kv: int,
+    vocabulary: tuple[list[str], list[float], list[int]],
+    file_type: gguf.LlamaFileType,
+) -> gguf.GGUFWriter:
+    """A GGUF writer holding the llama hyperparameters and this project's tokenizer and
+    chat template (shared by the tiny model and the big GPU-check model)."""
+    tokens, scores, types = vocabulary
+    n_vocab = len(tokens)
+    head_dim = n_embd // n_head
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer.add_name(name)
+    writer.add_context_length(n_ctx_train)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(n_vocab)
+    writer.add_file_type(file_type)
+
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_unk_token_id(_UNK)
+    writer.add_bos_token_id(_BOS)
+    writer.add_eos_token_id(_EOS)
+    writer.add_eot_token_id(_IM_END)
+    # llama.cpp also guesses FIM ids from token text; explicit ids make /infill independent
+    # of that guesswork.
+    writer.add_uint32(gguf.Keys.Tokenizer.FIM_PRE_ID, _FIM_PRE)
+    writer.add_uint32(gguf.Keys.Tokenizer.FIM_SUF_ID, _FIM_SUF)
+    writer.add_uint32(gguf.Keys.Tokenizer.FIM_MID_ID, _FIM_MID)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(True)
+    writer.add_chat_template(CHAT_TEMPLATE)
+    return writer
+
+
 def write_tiny_model(
     path: str | os.PathLike[str],
     *,
@@ -130,37 +181,17 @@ def write_tiny_model(
     n_vocab = len(tokens)
     rng = np.random.default_rng(seed)
 
-    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    writer.add_name(TINY_MODEL_NAME)
-    writer.add_context_length(n_ctx_train)
-    writer.add_embedding_length(n_embd)
-    writer.add_block_count(n_layer)
-    writer.add_feed_forward_length(n_ff)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_head_kv)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_vocab_size(n_vocab)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_unk_token_id(_UNK)
-    writer.add_bos_token_id(_BOS)
-    writer.add_eos_token_id(_EOS)
-    writer.add_eot_token_id(_IM_END)
-    # llama.cpp also guesses FIM ids from token text; explicit ids make /infill independent
-    # of that guesswork.
-    writer.add_uint32(gguf.Keys.Tokenizer.FIM_PRE_ID, _FIM_PRE)
-    writer.add_uint32(gguf.Keys.Tokenizer.FIM_SUF_ID, _FIM_SUF)
-    writer.add_uint32(gguf.Keys.Tokenizer.FIM_MID_ID, _FIM_MID)
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(False)
-    writer.add_add_space_prefix(True)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    writer = llama_writer(
+        TINY_MODEL_NAME,
+        n_ctx_train=n_ctx_train,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_ff=n_ff,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        vocabulary=(tokens, scores, types),
+        file_type=gguf.LlamaFileType.MOSTLY_F16,
+    )
 
     def matrix(rows: int, cols: int) -> npt.NDArray[np.float16]:
         # numpy shape is (rows, cols) = ggml ne reversed; 1/sqrt(fan_in) keeps activations O(1).
