@@ -23,11 +23,9 @@ import base64
 import contextlib
 import itertools
 import json
-import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,66 +42,18 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from llamatelemetry_async import AsyncEngine
 from llamatelemetry_async.telemetry import TokenEvents, setup_telemetry
 from llamatelemetry_async.testing import write_tiny_model
-
-# Serve offline and quietly: no fonts, pixels, sandbox downloads or docs server from the
-# internet, no assistant, no migration log.
-PHOENIX_OFFLINE = {
-    "PHOENIX_ALLOW_EXTERNAL_RESOURCES": "false",
-    "PHOENIX_TELEMETRY_ENABLED": "false",
-    "PHOENIX_DISABLE_AGENT_ASSISTANT": "true",
-    "PHOENIX_LOG_MIGRATIONS": "false",
-}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from llamatelemetry_async.testing._phoenix import run_phoenix
 
 
 @contextlib.contextmanager
-def run_phoenix(port: int, workdir: Path, timeout: float = 120) -> Iterator[str]:
-    """``phoenix serve`` on 127.0.0.1:``port`` until the block ends; yields its URL."""
-    env = {
-        **os.environ,
-        **PHOENIX_OFFLINE,
-        "PHOENIX_HOST": "127.0.0.1",
-        "PHOENIX_PORT": str(port),
-        "PHOENIX_GRPC_PORT": str(_free_port()),
-        "PHOENIX_WORKING_DIR": str(workdir),
-    }
-    log = workdir / "phoenix.log"
-    workdir.mkdir(parents=True, exist_ok=True)
-    url = f"http://127.0.0.1:{port}"
-    started = time.monotonic()
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "phoenix.server.main", "serve"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+def phoenix_at(port: int, workdir: Path, timeout: float = 120) -> Iterator[str]:
+    """``phoenix serve`` until the block ends; yields its URL."""
     try:
-        with httpx.Client(timeout=2) as http:
-            while True:
-                if process.poll() is not None:
-                    raise SystemExit(f"phoenix exited ({process.returncode}); see {log}")
-                with contextlib.suppress(httpx.TransportError):
-                    if http.get(f"{url}/healthz").status_code == 200:
-                        break
-                if time.monotonic() - started > timeout:
-                    raise SystemExit(f"phoenix not ready after {timeout:.0f} s; see {log}")
-                time.sleep(0.1)
-        print(f"Phoenix {url} ready in {time.monotonic() - started:.1f} s (log: {log})")
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        with run_phoenix(workdir, port=port, timeout=timeout) as server:
+            print(f"Phoenix {server.url} ready in {server.started_in:.1f} s (log: {server.log})")
+            yield server.url
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from exc
 
 
 async def stream_into_phoenix(
@@ -267,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         model = args.model or write_tiny_model(workdir / "tiny.gguf")
-        phoenix = args.phoenix or stack.enter_context(run_phoenix(args.port, workdir / "px"))
+        phoenix = args.phoenix or stack.enter_context(phoenix_at(args.port, workdir / "px"))
         phoenix = phoenix.rstrip("/")
         span_id = anyio.run(
             stream_into_phoenix, phoenix, model, args.prompt, args.n_predict, args.placement

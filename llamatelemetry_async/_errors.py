@@ -24,8 +24,12 @@ LlamaError
 │   ├── BuildError ................. building llama-server from source failed
 │   ├── ServerStartError ........... a server exited or timed out while starting (log tail)
 │   └── ServerCrashedError ......... a server died with a request in flight
-└── EngineError .................... the engine could not take the request
-    └── EngineBusyError ............ every slot busy and the waiting line full
+├── EngineError .................... the engine could not take the request
+│   └── EngineBusyError ............ every slot busy and the waiting line full
+└── NCCLError ...................... an NCCL call failed (code, name, NCCL's own texts)
+    ├── NCCLNotFoundError .......... no libnccl.so.2 found; says where it looked, what to install
+    ├── NCCLSymbolError ............ the loaded NCCL lacks a function (older library)
+    └── NCCLUsageError ............. bad buffers or arguments, before any call (also a UsageError)
 ```
 
 Dependency errors (httpx, OSError, msgspec) are translated at the edges with
@@ -47,6 +51,10 @@ __all__ = [
     "LlamaError",
     "LlamaServerError",
     "LlamaServerNotFoundError",
+    "NCCLError",
+    "NCCLNotFoundError",
+    "NCCLSymbolError",
+    "NCCLUsageError",
     "PoolTimeout",
     "ReadError",
     "ReadTimeout",
@@ -227,3 +235,53 @@ class EngineError(LlamaError):
 
 class EngineBusyError(EngineError):
     """Every slot is busy and ``max_waiting`` requests already wait; slow down or raise it."""
+
+
+class NCCLError(LlamaError):
+    """An NCCL call failed.
+
+    ``code`` is the ``ncclResult_t`` value and ``name`` its enum name (``"ncclUnhandledCudaError"``);
+    ``error_string`` is ``ncclGetErrorString(code)`` and ``last_error`` is ``ncclGetLastError``,
+    NCCL's own account of what went wrong (``None`` where not applicable).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: int | None = None,
+        name: str | None = None,
+        error_string: str | None = None,
+        last_error: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.name = name
+        self.error_string = error_string
+        self.last_error = last_error
+
+
+class NCCLNotFoundError(NCCLError):
+    """No NCCL library was found; ``searched`` lists the places tried, in order.
+
+    ``pip install nvidia-nccl-cu12`` (or ``-cu13``) provides one.
+    """
+
+    def __init__(self, message: str, *, searched: list[str]) -> None:
+        super().__init__(message)
+        self.searched = searched
+
+
+class NCCLSymbolError(NCCLError):
+    """The loaded NCCL library lacks a function (it is older than the binding); ``symbol`` names it."""
+
+    def __init__(self, message: str, *, symbol: str) -> None:
+        super().__init__(message)
+        self.symbol = symbol
+
+
+class NCCLUsageError(NCCLError, UsageError):
+    """Buffers or arguments that NCCL would reject (count or dtype mismatch, bad layout).
+
+    Raised before any library call.
+    """

@@ -7,13 +7,8 @@ fails, rather than skips, without it.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import http.server
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -45,6 +40,7 @@ from opentelemetry.trace import SpanKind
 
 from llamatelemetry_async import AsyncEngine, Placement, __version__
 from llamatelemetry_async.telemetry import Telemetry, TokenEvents, setup_telemetry
+from llamatelemetry_async.testing._phoenix import PhoenixServer, run_phoenix
 
 if TYPE_CHECKING:
     from phoenix.client import Client
@@ -328,12 +324,6 @@ async def test_otlp_http_export_arrives_as_sent(
 # -- a real trace backend: Arize Phoenix -------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _import_phoenix_client() -> type[Client]:
     try:
         # Importing phoenix.client imports the whole phoenix package, whose dependencies
@@ -353,69 +343,22 @@ def _import_phoenix_client() -> type[Client]:
 class Phoenix:
     url: str
     client: Client
-    log: Path
-
-
-# Serve offline and quietly: no fonts, pixels, sandbox downloads or docs server from the
-# internet, no assistant, no migration log.
-PHOENIX_OFFLINE = {
-    "PHOENIX_ALLOW_EXTERNAL_RESOURCES": "false",
-    "PHOENIX_TELEMETRY_ENABLED": "false",
-    "PHOENIX_DISABLE_AGENT_ASSISTANT": "true",
-    "PHOENIX_LOG_MIGRATIONS": "false",
-}
+    server: PhoenixServer
 
 
 @pytest.fixture
 def phoenix(tmp_path: Path) -> Iterator[Phoenix]:
     """``phoenix serve`` on free loopback ports, its database in ``tmp_path``."""
-    port = _free_port()
-    env = {
-        **os.environ,
-        **PHOENIX_OFFLINE,
-        "PHOENIX_HOST": "127.0.0.1",
-        "PHOENIX_PORT": str(port),
-        "PHOENIX_GRPC_PORT": str(_free_port()),
-        "PHOENIX_WORKING_DIR": str(tmp_path / "phoenix"),
-    }
-    log = tmp_path / "phoenix.log"
-    started = time.monotonic()
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "phoenix.server.main", "serve"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    imported: list[type[Client]] = []
     try:
-        client_class = _import_phoenix_client()  # meanwhile Phoenix starts
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 80
-        with httpx.Client(timeout=2) as http:
-            while True:
-                if process.poll() is not None:
-                    pytest.fail(f"phoenix exited ({process.returncode}):\n{_tail(log)}")
-                with contextlib.suppress(httpx.TransportError):
-                    if http.get(f"{url}/healthz").status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    pytest.fail(f"phoenix not ready after 80 s:\n{_tail(log)}")
-                time.sleep(0.1)
-        print(f"phoenix ready in {time.monotonic() - started:.1f} s")
-        with httpx.Client(base_url=url, timeout=10) as http:
-            yield Phoenix(url, client_class(http_client=http), log)
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _tail(log: Path, n: int = 40) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
+        with run_phoenix(
+            tmp_path / "phoenix", while_starting=lambda: imported.append(_import_phoenix_client())
+        ) as server:
+            print(f"phoenix ready in {server.started_in:.1f} s")
+            with httpx.Client(base_url=server.url, timeout=10) as http:
+                yield Phoenix(server.url, imported[0](http_client=http), server)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # Phoenix is the subject, not the loop
@@ -449,7 +392,7 @@ async def test_phoenix_receives_the_span_and_its_token_events(
     deadline = time.monotonic() + 30
     while not (spans := await anyio.to_thread.run_sync(get_spans)):
         if time.monotonic() > deadline:
-            pytest.fail(f"span {span_id} not in Phoenix after 30 s:\n{_tail(phoenix.log)}")
+            pytest.fail(f"span {span_id} not in Phoenix after 30 s:\n{phoenix.server.log_tail()}")
         await anyio.sleep(0.1)
     assert len(spans) == 1, spans
     span = spans[0]
