@@ -240,7 +240,7 @@ class EngineBusyError(EngineError):
 class NCCLError(LlamaError):
     """An NCCL call failed.
 
-    ``code`` is the ``ncclResult_t`` value and ``name`` its enum name (``"ncclUnhandledCudaError"``);
+    ``code`` is the ``ncclResult_t`` value, ``name`` its enum name (``"ncclInvalidUsage"``);
     ``error_string`` is ``ncclGetErrorString(code)`` and ``last_error`` is ``ncclGetLastError``,
     NCCL's own account of what went wrong (``None`` where not applicable).
     """
@@ -273,7 +273,7 @@ class NCCLNotFoundError(NCCLError):
 
 
 class NCCLSymbolError(NCCLError):
-    """The loaded NCCL library lacks a function (it is older than the binding); ``symbol`` names it."""
+    """The loaded NCCL lacks a function (it is older than the binding); ``symbol`` names it."""
 
     def __init__(self, message: str, *, symbol: str) -> None:
         super().__init__(message)
