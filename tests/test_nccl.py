@@ -251,3 +251,49 @@ def test_buffer_rejects_strided() -> None:
     arr.__cuda_array_interface__["strides"] = (64, 8)
     with pytest.raises(NCCLUsageError, match="contiguous"):
         Buffer.of(arr)
+
+
+async def test_collectives_are_spans_and_counted_bytes() -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    spans = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    reader = InMemoryMetricReader()
+    rec = RecordingLib()
+    comm = Communicator(
+        0x1,
+        lib=rec,  # type: ignore[arg-type]
+        nranks=2,
+        rank=0,
+        device=0,
+        synchronize=False,
+        tracer_provider=tracer_provider,
+        meter_provider=MeterProvider(metric_readers=[reader]),
+    )
+    f4 = FakeArray((4, 8), "<f4")
+    await comm.all_reduce(f4)
+    async with group():
+        await comm.send(f4, 1)
+        await comm.recv(f4, 1)
+    names = [s.name for s in spans.get_finished_spans()]
+    assert names == ["nccl ncclAllReduce", "nccl group"]
+    first = dict(spans.get_finished_spans()[0].attributes or {})
+    assert first["nccl.bytes"] == 128
+    assert first["nccl.nranks"] == 2
+    data = reader.get_metrics_data()
+    assert data is not None
+    sums = {
+        (m.name, dict(p.attributes or {})["nccl.op"]): getattr(p, "value", None)
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        for p in m.data.data_points
+    }
+    assert sums[("llamatelemetry.nccl.bytes", "ncclAllReduce")] == 128
+    assert sums[("llamatelemetry.nccl.bytes", "ncclSend")] == 128
+    assert sums[("llamatelemetry.nccl.operations", "ncclRecv")] == 1

@@ -28,9 +28,13 @@ from pathlib import Path
 from typing import Any, Self, TypeVar
 
 import anyio
+from opentelemetry import metrics, trace
 
 from .._errors import ClientClosedError, NCCLError, NCCLUsageError
+from .._version import __version__
 from ._lib import DataType, NCCLLibrary, RedOp, UniqueId, load
+
+_SCOPE = "llamatelemetry_async.nccl"
 
 __all__ = ["Buffer", "Communicator", "group"]
 
@@ -251,7 +255,13 @@ async def group() -> AsyncIterator[None]:
         # ordered with each communicator's other calls.
         for comm in comms:
             await stack.enter_async_context(comm._limiter)
-        await anyio.to_thread.run_sync(run)
+        attrs: dict[str, int | list[str]] = {
+            "nccl.ops": [op.name for op in ops],
+            "nccl.bytes": sum(op.nbytes for op in ops),
+            "nccl.communicators": len(comms),
+        }
+        with comms[0]._tracer.start_as_current_span("nccl group", attributes=attrs):
+            await anyio.to_thread.run_sync(run)
     for op in ops:
         op.comm._count(op.name, op.nbytes)
 
@@ -278,8 +288,15 @@ class Communicator:
         rank: int,
         device: int,
         synchronize: bool = True,
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
     ) -> None:
-        """Wrap an existing ``ncclComm_t``; use ``init_rank`` / ``init_all`` instead."""
+        """Wrap an existing ``ncclComm_t``; use ``init_rank`` / ``init_all`` instead.
+
+        Each collective becomes a span (``nccl ncclAllReduce``...) and its bytes are counted
+        (``llamatelemetry.nccl.bytes``) on the given providers, or the global ones (no cost
+        when none is configured).
+        """
         self._handle = ctypes.c_void_p(handle)
         self._lib = lib
         self.nranks = nranks
@@ -290,6 +307,14 @@ class Communicator:
         self._closed = False
         self.bytes_moved: dict[str, int] = {}
         self.calls: dict[str, int] = {}
+        self._tracer = trace.get_tracer(_SCOPE, __version__, tracer_provider=tracer_provider)
+        meter = metrics.get_meter(_SCOPE, __version__, meter_provider=meter_provider)
+        self._bytes_counter = meter.create_counter(
+            "llamatelemetry.nccl.bytes", unit="By", description="Bytes sent by NCCL operations."
+        )
+        self._op_counter = meter.create_counter(
+            "llamatelemetry.nccl.operations", unit="{operation}", description="NCCL operations."
+        )
 
     # ----------------------------------------------------------------- creation
     @classmethod
@@ -378,6 +403,18 @@ class Communicator:
     def _count(self, name: str, nbytes: int) -> None:
         self.bytes_moved[name] = self.bytes_moved.get(name, 0) + nbytes
         self.calls[name] = self.calls.get(name, 0) + 1
+        attrs: dict[str, str | int] = {"nccl.op": name, "nccl.rank": self.rank}
+        self._bytes_counter.add(nbytes, attrs)
+        self._op_counter.add(1, attrs)
+
+    def _span_attributes(self, name: str, nbytes: int) -> dict[str, Any]:
+        return {
+            "nccl.op": name,
+            "nccl.bytes": nbytes,
+            "nccl.rank": self.rank,
+            "nccl.nranks": self.nranks,
+            "nccl.device": self.device,
+        }
 
     async def _issue(self, name: str, args: tuple[Any, ...], stream: int, nbytes: int) -> None:
         self._live()
@@ -397,7 +434,9 @@ class Communicator:
             if sync:
                 _runtime().synchronize(stream)
 
-        await self._run(run)
+        attrs = self._span_attributes(name, nbytes)
+        with self._tracer.start_as_current_span(f"nccl {name}", attributes=attrs):
+            await self._run(run)
         self._count(name, nbytes)
 
     # ----------------------------------------------------------------- collectives
