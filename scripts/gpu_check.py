@@ -39,7 +39,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -585,6 +585,92 @@ def run(args: argparse.Namespace) -> int:
     return 0 if passed(result, args.target) else TARGET_MISSED
 
 
+async def nccl_measure() -> dict[str, Any]:
+    """One-rank collectives and an init_all over the visible GPUs, on CuPy buffers with
+    known values; timings and the event loop's lag while they run."""
+    import cupy  # type: ignore[import-not-found]  # the device image's (GPU_FACTS)
+
+    from llamatelemetry_async import Communicator
+    from llamatelemetry_async.nccl import load
+
+    lags: list[float] = []
+    stop = anyio.Event()
+    out: dict[str, Any] = {"version": load().version(), "ops": {}}
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker, lags, stop)
+        t = time.perf_counter()
+        comm = await Communicator.init_rank(1, 0, load().unique_id(), device=0)
+        out["init_rank_ms"] = (time.perf_counter() - t) * 1e3
+        n = 1 << 20
+        x = cupy.arange(n, dtype=cupy.float32)
+        y = cupy.empty_like(x)
+        checks: dict[str, tuple[Callable[[], Awaitable[None]], Callable[[], Any]]] = {
+            "all_reduce": (lambda: comm.all_reduce(x, y), lambda: cupy.array_equal(y, x)),
+            "broadcast": (lambda: comm.broadcast(x, y, root=0), lambda: cupy.array_equal(y, x)),
+            "reduce": (lambda: comm.reduce(x, y, root=0), lambda: cupy.array_equal(y, x)),
+            "all_gather": (lambda: comm.all_gather(x, y), lambda: cupy.array_equal(y, x)),
+            "reduce_scatter": (lambda: comm.reduce_scatter(x, y), lambda: cupy.array_equal(y, x)),
+        }
+        for name, (op, check) in checks.items():
+            y.fill(-1)
+            t = time.perf_counter()
+            await op()
+            out["ops"][name] = {"ms": (time.perf_counter() - t) * 1e3, "ok": bool(check())}
+        await comm.aclose()
+        devices = list(range(cupy.cuda.runtime.getDeviceCount()))
+        t = time.perf_counter()
+        comms = await Communicator.init_all(devices)
+        out["init_all_ms"] = (time.perf_counter() - t) * 1e3
+        buffers = []
+        for d in devices:
+            with cupy.cuda.Device(d):
+                buffers.append(cupy.ones(n, dtype=cupy.float32))
+        from llamatelemetry_async.nccl import group
+
+        t = time.perf_counter()
+        async with group():
+            for c, b in zip(comms, buffers, strict=True):
+                await c.all_reduce(b)
+        out["init_all_all_reduce_ms"] = (time.perf_counter() - t) * 1e3
+        out["init_all_ok"] = all(bool((b == len(devices)).all()) for b in buffers)
+        out["devices"] = len(devices)
+        for c in comms:
+            await c.aclose()
+        stop.set()
+    out["lag"] = _percentiles(lags)
+    return out
+
+
+def nccl(args: argparse.Namespace) -> int:
+    try:
+        result = anyio.run(nccl_measure)
+    except ImportError as exc:  # no CuPy on this machine: say so in the report
+        block = f"\n### NCCL ({time.strftime('%Y-%m-%d')})\n\nskipped: {exc}\n"
+        ok = False
+    else:
+        lines = [
+            f"\n### NCCL {result['version']} ({time.strftime('%Y-%m-%d')}, {args.card})\n",
+            f"- init_rank (1 rank): {result['init_rank_ms']:.0f} ms; init_all over "
+            f"{result['devices']} GPU(s): {result['init_all_ms']:.0f} ms, grouped all_reduce "
+            f"{result['init_all_all_reduce_ms']:.2f} ms, "
+            f"values {'ok' if result['init_all_ok'] else 'WRONG'}",
+            "- 1M float32 on one rank: "
+            + ", ".join(
+                f"{k} {v['ms']:.2f} ms ({'ok' if v['ok'] else 'WRONG'})"
+                for k, v in result["ops"].items()
+            ),
+            f"- event-loop lag while they ran: p99 {result['lag'].get('p99', 0):.2f} ms, "
+            f"max {result['lag'].get('max', 0):.2f} ms",
+        ]
+        block = "\n".join(lines) + "\n"
+        ok = result["init_all_ok"] and all(v["ok"] for v in result["ops"].values())
+    print(block)
+    if args.report:
+        with open(args.report, "a", encoding="utf-8") as fh:
+            fh.write(block)
+    return 0 if ok else TARGET_MISSED
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="The GPU check's driver (docs/gpu-report.md).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -623,6 +709,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--block", help="write the markdown block alone to this file")
     r.add_argument("--json", help="write the raw figures here")
     r.set_defaults(func=run)
+
+    n = sub.add_parser("nccl", help="NCCL collectives on CuPy buffers (one rank, init_all)")
+    n.add_argument("--card", default="unknown card")
+    n.add_argument("--report", help="append the markdown block to this file")
+    n.set_defaults(func=nccl)
     return parser
 
 

@@ -246,6 +246,9 @@ timeout --signal=INT --kill-after=20 $((DEADLINE + 15)) "$PY" scripts/gpu_check.
     --block "$WORK/gpu-report-block.md" --json "$WORK/gpu-check.json" "${RUN_ARGS[@]}"
 DRIVER_RC=$?
 set -e
+# NCCL through the library's Communicator: one rank, then init_all over every visible GPU.
+timeout --signal=INT --kill-after=10 120 "$PY" scripts/gpu_check.py nccl --card "$CARD" \
+    --report "$REPORT" || log "the NCCL check failed or found wrong values (see above)"
 case "$DRIVER_RC" in
 0) log "done: ratio target met; report block appended to $REPORT" ;;
 3) log "done: ratio target NOT met; report block appended to $REPORT" ;;
