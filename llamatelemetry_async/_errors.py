@@ -26,6 +26,11 @@ LlamaError
 │   └── ServerCrashedError ......... a server died with a request in flight
 ├── EngineError .................... the engine could not take the request
 │   └── EngineBusyError ............ every slot busy and the waiting line full
+├── ModelError ..................... a model file, name or plan problem (names the model)
+│   ├── ModelFormatError ........... not a GGUF file, truncated or corrupt (path, problem)
+│   ├── ModelNotFoundError ......... a spec that resolves to nothing (lists what was tried)
+│   ├── ModelDoesNotFitError ....... no setting fits the GPUs (lists what would fit)
+│   └── QuantizeError .............. llama-quantize failed (exit code, log tail)
 └── NCCLError ...................... an NCCL call failed (code, name, NCCL's own texts)
     ├── NCCLNotFoundError .......... no libnccl.so.2 found; says where it looked, what to install
     ├── NCCLSymbolError ............ the loaded NCCL lacks a function (older library)
@@ -51,11 +56,16 @@ __all__ = [
     "LlamaError",
     "LlamaServerError",
     "LlamaServerNotFoundError",
+    "ModelDoesNotFitError",
+    "ModelError",
+    "ModelFormatError",
+    "ModelNotFoundError",
     "NCCLError",
     "NCCLNotFoundError",
     "NCCLSymbolError",
     "NCCLUsageError",
     "PoolTimeout",
+    "QuantizeError",
     "ReadError",
     "ReadTimeout",
     "RemoteProtocolError",
@@ -235,6 +245,57 @@ class EngineError(LlamaError):
 
 class EngineBusyError(EngineError):
     """Every slot is busy and ``max_waiting`` requests already wait; slow down or raise it."""
+
+
+class ModelError(LlamaError):
+    """A model file, model name or placement plan problem; ``model`` names the model."""
+
+    def __init__(self, message: str, *, model: str | None = None) -> None:
+        super().__init__(message)
+        self.model = model
+
+
+class ModelFormatError(ModelError):
+    """The file is not a readable GGUF: not GGUF at all, truncated, or corrupt.
+
+    ``model`` is the path and ``problem`` says what is wrong with it, in a few words.
+    """
+
+    def __init__(self, message: str, *, model: str | None = None, problem: str = "") -> None:
+        super().__init__(message, model=model)
+        self.problem = problem
+
+
+class ModelNotFoundError(ModelError):
+    """A model spec resolved to nothing; ``tried`` lists every place looked, in order."""
+
+    def __init__(self, message: str, *, model: str | None = None, tried: list[str]) -> None:
+        super().__init__(message, model=model)
+        self.tried = tried
+
+
+class ModelDoesNotFitError(ModelError):
+    """No setting fits the model on the GPUs; ``suggestions`` lists what would fit."""
+
+    def __init__(self, message: str, *, model: str | None = None, suggestions: list[str]) -> None:
+        super().__init__(message, model=model)
+        self.suggestions = suggestions
+
+
+class QuantizeError(ModelError):
+    """``llama-quantize`` failed; ``returncode`` and ``log_tail`` say how."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        model: str | None = None,
+        returncode: int | None = None,
+        log_tail: str = "",
+    ) -> None:
+        super().__init__(message, model=model)
+        self.returncode = returncode
+        self.log_tail = log_tail
 
 
 class NCCLError(LlamaError):

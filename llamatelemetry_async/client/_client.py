@@ -24,8 +24,8 @@ from ._types import (
     CompletionChunk,
     EmbeddingList,
     Health,
-    ModelInfo,
     RerankResult,
+    ServedModel,
     TextCompletion,
     TextCompletionChunk,
 )
@@ -50,7 +50,7 @@ class _State(enum.Enum):
 
 
 class _ModelList(msgspec.Struct, frozen=True):
-    data: list[ModelInfo] = msgspec.field(default_factory=list)
+    data: list[ServedModel] = msgspec.field(default_factory=list)
 
 
 class _RerankResponse(msgspec.Struct, frozen=True):
@@ -334,7 +334,7 @@ class AsyncLlamaClient:
         """``POST /lora-adapters`` with ``[{"id": 0, "scale": 0.5}, ...]``."""
         return await self.request("POST", "/lora-adapters", list(adapters))
 
-    async def models(self) -> list[ModelInfo]:
+    async def models(self) -> list[ServedModel]:
         """``GET /v1/models``."""
         return (await self._call("GET", "/v1/models", None, _ModelList)).data
 

@@ -23,8 +23,8 @@ __all__ = [
     "Embedding",
     "EmbeddingList",
     "Health",
-    "ModelInfo",
     "RerankResult",
+    "ServedModel",
     "TextChoice",
     "TextCompletion",
     "TextCompletionChunk",
@@ -279,7 +279,7 @@ class RerankResult(msgspec.Struct, frozen=True):
     relevance_score: float = 0.0
 
 
-class ModelInfo(msgspec.Struct, frozen=True):
+class ServedModel(msgspec.Struct, frozen=True):
     """One entry of ``/v1/models``."""
 
     id: str = ""
