@@ -17,13 +17,15 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable
 from types import ModuleType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import anyio
-from opentelemetry import metrics
-from opentelemetry.metrics import CallbackOptions, Observation
 
 from .._version import __version__
+
+if TYPE_CHECKING:
+    from opentelemetry import metrics
+    from opentelemetry.metrics import CallbackOptions, Observation
 
 __all__ = ["GPUSample", "GPUSampler"]
 
@@ -112,6 +114,7 @@ class GPUSampler(anyio.AsyncContextManagerMixin):
 
     @property
     def gpus(self) -> list[int]:
+        """The NVML indices being sampled (empty until started, or when unavailable)."""
         return sorted(self._handles)
 
     # ----------------------------------------------------------------- lifecycle
@@ -286,6 +289,8 @@ class GPUSampler(anyio.AsyncContextManagerMixin):
 
     # ----------------------------------------------------------------- OpenTelemetry
     def _instruments(self) -> None:
+        from opentelemetry import metrics  # here: the sampler alone needs no OpenTelemetry
+
         meter = metrics.get_meter(
             "llamatelemetry_async.gpu", __version__, meter_provider=self._meter_provider
         )
@@ -322,6 +327,8 @@ class GPUSampler(anyio.AsyncContextManagerMixin):
     def _observe(
         self, value_of: Callable[[GPUSample], float | None]
     ) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        from opentelemetry.metrics import Observation
+
         def callback(options: CallbackOptions) -> Iterable[Observation]:
             for sample in self.latest().values():
                 value = value_of(sample)

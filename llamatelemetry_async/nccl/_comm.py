@@ -25,14 +25,16 @@ import importlib.util
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import anyio
-from opentelemetry import metrics, trace
 
 from .._errors import ClientClosedError, NCCLError, NCCLUsageError
 from .._version import __version__
 from ._lib import DataType, NCCLLibrary, RedOp, UniqueId, load
+
+if TYPE_CHECKING:
+    from opentelemetry import metrics, trace
 
 _SCOPE = "llamatelemetry_async.nccl"
 
@@ -64,6 +66,7 @@ class Buffer:
 
     @property
     def nbytes(self) -> int:
+        """The buffer's size in bytes (``count`` times the data type's size)."""
         return self.count * self.dtype.itemsize
 
     @classmethod
@@ -307,6 +310,8 @@ class Communicator:
         self._closed = False
         self.bytes_moved: dict[str, int] = {}
         self.calls: dict[str, int] = {}
+        from opentelemetry import metrics, trace  # here: loading NCCL needs no OpenTelemetry
+
         self._tracer = trace.get_tracer(_SCOPE, __version__, tracer_provider=tracer_provider)
         meter = metrics.get_meter(_SCOPE, __version__, meter_provider=meter_provider)
         self._bytes_counter = meter.create_counter(

@@ -14,18 +14,22 @@ import contextlib
 import dataclasses
 import json
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 import anyio
 from opentelemetry import metrics, trace
-from opentelemetry.sdk.trace import Event, Span as SDKSpan
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .._version import __version__
-from ..client._observe import Outcome
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import Event  # bound at run time by _is_sdk_span
+
+    from ..client._observe import Outcome
 
 __all__ = ["GenAIInstrumentation", "TokenEvents", "capture_content_from_env"]
 
@@ -83,18 +87,22 @@ class TokenEvents:
 
     @classmethod
     def all(cls, max_events: int = 4096) -> TokenEvents:
+        """Every token, up to ``max_events`` per span (the last token is always kept)."""
         return cls("all", max_events=max_events)
 
     @classmethod
     def first_last(cls, n: int = 16) -> TokenEvents:
+        """The first ``n`` tokens, then only the last one."""
         return cls("first_last", n=n, max_events=n + 1)
 
     @classmethod
     def every(cls, k: int, max_events: int = 4096) -> TokenEvents:
+        """Tokens 0, k, 2k, ... and the last one, up to ``max_events`` per span."""
         return cls("every", k=max(1, k), max_events=max_events)
 
     @classmethod
     def off(cls) -> TokenEvents:
+        """No token events; the span still records chunk counts, usage and timings."""
         return cls("off", max_events=0)
 
     def __post_init__(self) -> None:
@@ -178,6 +186,10 @@ class GenAIInstrumentation:
         )
 
     def start(self, operation: str, body: Mapping[str, Any], *, stream: bool) -> _Observer:
+        """Open one request's span (``operation``: "chat", "text_completion"...).
+
+        The client and the engine call this per request; ``body`` is the request's JSON.
+        """
         return _Observer(self, operation, body, stream)
 
 
@@ -233,7 +245,7 @@ class _Observer:
         self.span = inst.tracer.start_span(
             f"{operation} {model}", kind=SpanKind.CLIENT, attributes=attrs
         )
-        self._sdk_span = isinstance(self.span, SDKSpan)
+        self._sdk_span = _is_sdk_span(self.span)
         self._start = time.perf_counter()
         self._last = self._start
         self._chunks = 0
@@ -403,6 +415,21 @@ class _Observer:
             if timings.predicted_n > 1:
                 inst.server_tpot.record(timings.predicted_per_token_ms / 1000, attrs)
             inst.server_duration.record((timings.prompt_ms + timings.predicted_ms) / 1000, attrs)
+
+
+def _is_sdk_span(span: trace.Span) -> bool:
+    """Whether ``span`` is the OTel SDK's, whose events can skip re-validation.
+
+    Never imports the SDK: a span can only be the SDK's once the SDK is loaded, and with
+    the API alone (no provider set) loading it would cost ~15 ms for nothing. On the first
+    SDK span it binds this module's ``Event``, so the per-token path stays a global lookup.
+    """
+    global Event
+    if "opentelemetry.sdk.trace" not in sys.modules:
+        return False
+    from opentelemetry.sdk.trace import Event, Span
+
+    return isinstance(span, Span)
 
 
 def _input_messages(body: Mapping[str, Any]) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import anyio
 from opentelemetry import metrics
@@ -18,7 +19,9 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 from .._errors import LlamaError
 from .._version import __version__
-from ..client import AsyncLlamaClient
+
+if TYPE_CHECKING:
+    from ..client import AsyncLlamaClient
 
 __all__ = ["MetricsScraper"]
 
@@ -49,6 +52,7 @@ class MetricsScraper:
                 self._create(name)
 
     def forget(self, server: str) -> None:
+        """Stop reporting ``server``'s values (it stopped; a restart scrapes it afresh)."""
         self.values.pop(server, None)
 
     async def run(

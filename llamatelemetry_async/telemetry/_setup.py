@@ -12,19 +12,19 @@ import dataclasses
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
-
-import httpx
-from opentelemetry import metrics, trace
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanLimits, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from typing import TYPE_CHECKING, Any, Literal
 
 from .._errors import ConfigError
 from .._version import __version__
 from ._genai import GenAIInstrumentation, TokenEvents
+
+if TYPE_CHECKING:
+    # The SDK (~40 ms with its resource detectors) loads when setup_telemetry runs, not on import.
+    import httpx
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import MetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 __all__ = ["Telemetry", "gpu_resource_attributes", "setup_telemetry"]
 
@@ -48,6 +48,7 @@ class Telemetry:
     instrument_httpx: bool = False
 
     def force_flush(self) -> None:
+        """Export what is buffered now, keeping the exporters running (blocking)."""
         self.tracer_provider.force_flush()
         self.meter_provider.force_flush()
 
@@ -65,6 +66,7 @@ class Telemetry:
     def httpx_client(self, **kwargs: Any) -> httpx.AsyncClient:
         """An httpx client on the O(1) transport, instrumented with OpenTelemetry's httpx
         instrumentation under this telemetry's tracer provider."""
+        import httpx
         from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 
         from ..client import LlamaTransport
@@ -108,6 +110,13 @@ def setup_telemetry(
     NVML reports. This function blocks briefly (NVML, ``llama-server --version``): call it
     at start-up, not on the event loop's hot path.
     """
+    from opentelemetry import metrics, trace
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
     token_events = token_events if token_events is not None else TokenEvents.all()
     resource = Resource.create(
         {

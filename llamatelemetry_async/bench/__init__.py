@@ -1,0 +1,72 @@
+"""Load benchmarks of llama-server: fixed concurrency or Poisson arrivals, exact metrics.
+
+```python
+from llamatelemetry_async.bench import BenchConfig, run_bench
+
+result = await run_bench("http://127.0.0.1:8080", BenchConfig(concurrency=8, requests=200))
+print(result.summary_text())       # TTFT, TPOT, ITL, E2E, throughput, goodput, formulas
+await result.save("bench-out")     # result.json, ttft.png, itl.png, throughput.png, gpu.png
+```
+
+``run_bench`` drives a URL, an ``AsyncLlamaClient`` or an ``AsyncEngine`` (started here
+if it is not running). Every request is recorded (send, response head, each chunk's
+arrival, the server's own timings, any error); the metrics are pure functions of those
+records (``compute_metrics``).
+
+Constants and aliases:
+
+- ``FORMULAS``: how each metric is computed, by name (``"ttft"``, ``"tpot"``, ...); the
+  summary and the JSON state them.
+- ``SCHEMA``: the ``schema`` value of a result's JSON (``"llamatelemetry_async.bench/1"``).
+- ``WORDS``: the word list synthetic prompts are drawn from.
+- ``Endpoint``: ``"completion"`` or ``"chat"``, the streaming endpoint prompts go to.
+"""
+
+from ._config import (
+    BenchConfig as BenchConfig,
+    BenchPrompt as BenchPrompt,
+    Endpoint as Endpoint,
+    PromptFileError as PromptFileError,
+    load_prompts_jsonl as load_prompts_jsonl,
+    parse_prompts_jsonl as parse_prompts_jsonl,
+)
+from ._metrics import (
+    FORMULAS as FORMULAS,
+    BenchMetrics as BenchMetrics,
+    RequestRecord as RequestRecord,
+    Stats as Stats,
+    Timeline as Timeline,
+    compute_metrics as compute_metrics,
+    max_in_flight as max_in_flight,
+    throughput_timeline as throughput_timeline,
+)
+from ._prompts import (
+    WORDS as WORDS,
+    PromptSource as PromptSource,
+    inter_arrival_times as inter_arrival_times,
+)
+from ._result import SCHEMA as SCHEMA, BenchResult as BenchResult
+from ._run import run_bench as run_bench
+
+__all__ = [
+    "FORMULAS",
+    "SCHEMA",
+    "WORDS",
+    "BenchConfig",
+    "BenchMetrics",
+    "BenchPrompt",
+    "BenchResult",
+    "Endpoint",
+    "PromptFileError",
+    "PromptSource",
+    "RequestRecord",
+    "Stats",
+    "Timeline",
+    "compute_metrics",
+    "inter_arrival_times",
+    "load_prompts_jsonl",
+    "max_in_flight",
+    "parse_prompts_jsonl",
+    "run_bench",
+    "throughput_timeline",
+]

@@ -1,0 +1,134 @@
+"""PNG plots of a result, drawn with matplotlib's Agg canvas (no pyplot, no global state).
+
+matplotlib is imported here only, when a plot is asked for. Figures are plain ``Figure``
+objects on their own ``FigureCanvasAgg``, so plotting is safe from a worker thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .._errors import UsageError
+from ._metrics import FORMULAS, Stats, throughput_timeline
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from ._result import BenchResult
+
+__all__ = ["plot_result"]
+
+
+def plot_result(result: BenchResult, out_dir: Path) -> list[Path]:
+    """Write ttft.png, itl.png, throughput.png (and gpu.png with GPU samples) to out_dir."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise UsageError(
+            "plots need matplotlib: pip install 'llamatelemetry_async[bench]' "
+            "(or pass plots=False / --no-plots)"
+        ) from exc
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = [r for r in result.records if not r.warmup and r.ok]
+    metrics = result.metrics
+    subtitle = result.config.describe()
+    paths = []
+
+    def save(fig: Figure, name: str) -> None:
+        FigureCanvasAgg(fig)  # attaches itself: savefig renders with Agg
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path, dpi=110)
+        paths.append(path)
+
+    fig = Figure(figsize=(8, 4.5))
+    _histogram(
+        fig.add_subplot(),
+        [t * 1000 for r in records if (t := r.ttft) is not None],
+        metrics.ttft_ms,
+        "TTFT (ms)",
+        f"Time to first token\n{FORMULAS['ttft']}",
+    )
+    fig.suptitle(subtitle, fontsize=8)
+    save(fig, "ttft.png")
+
+    fig = Figure(figsize=(8, 4.5))
+    _histogram(
+        fig.add_subplot(),
+        [gap * 1000 for r in records for gap in r.itl],
+        metrics.itl_ms,
+        "ITL (ms)",
+        f"Inter-token latency\n{FORMULAS['itl']}",
+    )
+    fig.suptitle(subtitle, fontsize=8)
+    save(fig, "itl.png")
+
+    timeline = throughput_timeline(result.records)
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.add_subplot()
+    starts = [s + timeline.bin_s / 2 for s in timeline.starts]
+    ax.plot(starts, timeline.output_tokens_per_s, color="tab:blue", label="output tokens/s")
+    ax.set_xlabel("time since start (s)")
+    ax.set_ylabel("output tokens/s", color="tab:blue")
+    ax.set_title(f"Throughput over time ({timeline.bin_s * 1000:.0f} ms bins)")
+    ax.set_ylim(bottom=0)
+    twin = ax.twinx()
+    twin.step(starts, timeline.in_flight, where="mid", color="tab:orange", alpha=0.7)
+    twin.set_ylabel("requests in flight", color="tab:orange")
+    twin.set_ylim(bottom=0)
+    fig.suptitle(subtitle, fontsize=8)
+    save(fig, "throughput.png")
+
+    if result.gpu_samples:
+        fig = Figure(figsize=(8, 6))
+        util_ax, power_ax = fig.subplots(2, 1, sharex=True)
+        _gpu_series(util_ax, result, "utilization_gpu", "GPU utilization (%)")
+        _gpu_series(power_ax, result, "power_w", "power (W)")
+        util_ax.set_ylim(0, 105)
+        power_ax.set_xlabel("time since start (s)")
+        measured = [r.send for r in result.records if not r.warmup]
+        if measured and any(r.warmup for r in result.records):
+            for ax_ in (util_ax, power_ax):
+                ax_.axvline(min(measured), color="grey", linestyle=":", label="warm-up ends")
+        util_ax.legend(fontsize=8, loc="lower right")
+        fig.suptitle(f"GPUs during the run\n{subtitle}", fontsize=9)
+        save(fig, "gpu.png")
+    return paths
+
+
+def _histogram(ax: Axes, values: Sequence[float], stats: Stats, xlabel: str, title: str) -> None:
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    if not values:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        return
+    ax.hist(values, bins=min(60, max(10, len(values) // 10)), color="tab:blue", alpha=0.8)
+    marks: list[tuple[str, float | None, str]] = [
+        ("p50", stats.p50, "tab:green"),
+        ("p90", stats.p90, "tab:orange"),
+        ("p99", stats.p99, "tab:red"),
+    ]
+    for name, value, color in marks:
+        if value is not None:
+            ax.axvline(value, color=color, linestyle="--", label=f"{name} {value:.2f}")
+    ax.legend(fontsize=8)
+
+
+def _gpu_series(ax: Axes, result: BenchResult, field: str, ylabel: str) -> None:
+    by_gpu: dict[int, tuple[list[float], list[Any]]] = {}
+    for sample in result.gpu_samples:
+        value = getattr(sample, field)
+        if value is not None:
+            times, values = by_gpu.setdefault(sample.index, ([], []))
+            times.append(sample.t)
+            values.append(value)
+    for index, (times, values) in sorted(by_gpu.items()):
+        ax.plot(times, values, marker=".", label=f"GPU {index}")
+    ax.set_ylabel(ylabel)
+    if not by_gpu:
+        ax.text(0.5, 0.5, "not reported", ha="center", va="center", transform=ax.transAxes)

@@ -1,0 +1,245 @@
+"""``BenchResult``: a run's records and settings, its metrics, JSON, summary and plots."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+
+from ..gpu import GPUSample
+from ._config import BenchConfig
+from ._metrics import FORMULAS, BenchMetrics, RequestRecord, Stats, compute_metrics
+
+__all__ = ["SCHEMA", "BenchResult"]
+
+#: The ``schema`` value of a result's JSON.
+SCHEMA = "llamatelemetry_async.bench/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchResult:
+    """What ``run_bench`` measured.
+
+    ``records``: one ``RequestRecord`` per request in order of sending, warm-up first
+    (``warmup=True``; left out of every metric). ``environment``: library, Python, OS,
+    llama-server build, model, servers, GPUs, how input lengths came about.
+    ``gpu_samples``: the GPU sampler's readings during the run, ``t`` in seconds since
+    the run started (empty without a sampler).
+
+    ```python
+    result = await run_bench("http://127.0.0.1:8080", BenchConfig(concurrency=4))
+    print(result.summary_text())
+    print(result.metrics.ttft_ms.p99)
+    paths = await result.save("out")  # out/result.json, out/ttft.png, ...
+    ```
+    """
+
+    config: BenchConfig
+    records: tuple[RequestRecord, ...]
+    environment: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
+    gpu_samples: tuple[GPUSample, ...] = ()
+
+    @functools.cached_property
+    def metrics(self) -> BenchMetrics:
+        """The metrics of the measured requests, with the config's SLOs for goodput."""
+        return compute_metrics(
+            self.records,
+            ttft_slo_ms=self.config.ttft_slo_ms,
+            tpot_slo_ms=self.config.tpot_slo_ms,
+        )
+
+    @property
+    def errors(self) -> dict[str, int]:
+        """Each distinct error of the measured requests and how often it happened."""
+        return dict(collections.Counter(r.error for r in self.records if r.error and not r.warmup))
+
+    # ----------------------------------------------------------------- JSON
+    def to_json(self) -> dict[str, Any]:
+        """Everything as JSON values: config, environment, formulas, metrics, records."""
+        return {
+            "schema": SCHEMA,
+            "config": self.config.to_json(),
+            "environment": dict(self.environment),
+            "formulas": dict(FORMULAS),
+            "metrics": self.metrics.to_json(),
+            "errors": self.errors,
+            "records": [r.to_json() for r in self.records],
+            "gpu_samples": [_sample_json(s) for s in self.gpu_samples],
+        }
+
+    def write_json(self, path: str | os.PathLike[str]) -> Path:
+        """Write ``to_json()`` to ``path`` (a file); return the path.
+
+        Blocking (file I/O): from async code, ``await result.save(out_dir)``.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_dumps(self.to_json()))
+        return path
+
+    # ----------------------------------------------------------------- plots
+    def plot(self, out_dir: str | os.PathLike[str]) -> list[Path]:
+        """Write PNG plots into ``out_dir``; return their paths.
+
+        ``ttft.png`` and ``itl.png`` (distributions), ``throughput.png`` (output tokens/s
+        and requests in flight over time), and ``gpu.png`` (utilization and power per GPU
+        over time) when GPU samples were taken. Needs matplotlib
+        (``pip install 'llamatelemetry_async[bench]'``); blocking: from async code,
+        ``await result.save(out_dir)``.
+        """
+        from ._plots import plot_result
+
+        return plot_result(self, Path(out_dir))
+
+    async def save(self, out_dir: str | os.PathLike[str], *, plots: bool = True) -> list[Path]:
+        """Write ``result.json`` (and the plots) into ``out_dir`` from a worker thread."""
+
+        def write() -> list[Path]:
+            paths = [self.write_json(Path(out_dir) / "result.json")]
+            if plots:
+                paths += self.plot(out_dir)
+            return paths
+
+        return await anyio.to_thread.run_sync(write)
+
+    # ----------------------------------------------------------------- text
+    def summary_text(self) -> str:
+        """A table of the metrics, with the formula of each."""
+        m, env = self.metrics, self.environment
+        lines = [f"llamatelemetry_async bench: {self.config.describe()}"]
+        target = env.get("url") or env.get("target")
+        server = ", ".join(
+            f"{k} {v}"
+            for k, v in (
+                ("llama-server", env.get("llama_server")),
+                ("model", env.get("model")),
+                ("servers", len(env["servers"]) if env.get("servers") else None),
+                ("slots each" if env.get("servers") else "slots", env.get("slots")),
+            )
+            if v is not None
+        )
+        if target:
+            lines.append(f"target: {target}" + (f" ({server})" if server else ""))
+        if env.get("input_lengths"):
+            lines.append(f"input lengths: {env['input_lengths']}")
+        lines.append("")
+        lines.append(
+            f"requests: {m.requests_completed} completed, {m.requests_failed} failed, "
+            f"in {m.duration_s:.3f} s (at most {m.max_in_flight} in flight)"
+        )
+        lines.append(f"tokens: {m.input_tokens} input, {m.output_tokens} output")
+        slo = " and ".join(
+            f"{name} <= {value:g} ms"
+            for name, value in (("TTFT", m.ttft_slo_ms), ("TPOT", m.tpot_slo_ms))
+            if value is not None
+        )
+        rows = [
+            ("request throughput", m.request_throughput, "req/s", FORMULAS["request_throughput"]),
+            ("output throughput", m.output_throughput, "tok/s", FORMULAS["output_throughput"]),
+            (
+                "total throughput",
+                m.total_token_throughput,
+                "tok/s",
+                FORMULAS["total_token_throughput"],
+            ),
+        ]
+        if m.goodput is not None:
+            rows.append(
+                (
+                    "goodput",
+                    m.goodput,
+                    "req/s",
+                    f"goodput = completed requests with {slo} / duration "
+                    f"({m.goodput_requests} met)",
+                )
+            )
+        for label, value, unit, formula in rows:
+            lines.append(f"{label:<20} {_num(value):>10} {unit:<6} {formula}")
+        lines.append(f"{'':<38}{FORMULAS['duration']}")
+        lines.append("")
+        head = ("metric (ms)", "mean", "p50", "p90", "p99", "min", "max", "n")
+        lines.append(f"{head[0]:<13}" + "".join(f"{h:>10}" for h in head[1:]) + "   formula")
+        table: list[tuple[str, Stats, str]] = [
+            ("TTFT", m.ttft_ms, FORMULAS["ttft"]),
+            ("TPOT", m.tpot_ms, FORMULAS["tpot"]),
+            ("ITL", m.itl_ms, FORMULAS["itl"]),
+            ("E2E", m.e2e_ms, FORMULAS["e2e"]),
+            ("server prompt", m.server_prompt_ms, "llama.cpp timings.prompt_ms"),
+        ]
+        for label, stats, formula in table:
+            values = (stats.mean, stats.p50, stats.p90, stats.p99, stats.min, stats.max)
+            lines.append(
+                f"{label:<13}"
+                + "".join(f"{_num(v):>10}" for v in values)
+                + f"{stats.count:>10}   {formula}"
+            )
+        decode = m.server_predicted_per_second
+        if decode.count:
+            lines.append(
+                f"server decode speed (llama.cpp timings.predicted_per_second): mean "
+                f"{_num(decode.mean)} tok/s, p50 {_num(decode.p50)}, min {_num(decode.min)}"
+            )
+        lines.append(FORMULAS["percentiles"])
+        errors = self.errors
+        if errors:
+            lines.append("")
+            lines.append("errors:")
+            for message, count in sorted(errors.items(), key=lambda kv: -kv[1])[:5]:
+                lines.append(f"  {count} x {message}")
+        if self.gpu_samples:
+            lines.append("")
+            lines.append(_gpu_line(self.gpu_samples))
+        return "\n".join(lines)
+
+
+def _dumps(doc: dict[str, Any]) -> bytes:
+    """Indented JSON, except one line per record and per GPU sample (a run has thousands)."""
+    rows = ("records", "gpu_samples")
+    head = msgspec.json.format(
+        msgspec.json.encode({k: v for k, v in doc.items() if k not in rows}), indent=2
+    )
+    parts = [head.removesuffix(b"\n}")]
+    for key in rows:
+        lines = b",\n    ".join(msgspec.json.encode(item) for item in doc[key])
+        parts.append(
+            b',\n  "%s": [\n    %s\n  ]' % (key.encode(), lines)
+            if lines
+            else b',\n  "%s": []' % key.encode()
+        )
+    parts.append(b"\n}\n")
+    return b"".join(parts)
+
+
+def _num(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if abs(value) < 1e6 else f"{value:.3g}"
+
+
+def _sample_json(sample: GPUSample) -> dict[str, Any]:
+    out = dataclasses.asdict(sample)
+    out["t"] = round(sample.t, 6)
+    out["processes"] = [list(p) for p in sample.processes]
+    return out
+
+
+def _gpu_line(samples: tuple[GPUSample, ...]) -> str:
+    parts = []
+    for index in sorted({s.index for s in samples}):
+        mine = [s for s in samples if s.index == index]
+        util = [s.utilization_gpu for s in mine if s.utilization_gpu is not None]
+        power = [s.power_w for s in mine if s.power_w is not None]
+        text = f"GPU {index} ({mine[0].name}): {len(mine)} samples"
+        if util:
+            text += f", utilization mean {sum(util) / len(util):.0f}%"
+        if power:
+            text += f", power mean {sum(power) / len(power):.0f} W, max {max(power):.0f} W"
+        parts.append(text)
+    return "\n".join(parts)
