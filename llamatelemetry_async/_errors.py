@@ -6,6 +6,7 @@ LlamaError
 │   ├── ClientClosedError .......... a client used after aclose()
 │   ├── StreamConsumedError ........ a TokenStream iterated again after it ended or was closed
 │   └── ConfigError ................ invalid ServerConfig / ServerPlan / Placement (names the field)
+│       └── PromptFileError ........ a benchmark prompts file (JSONL) with a bad line (path, line)
 ├── TransportError ................. the request did not get a complete HTTP answer
 │   ├── ConnectError ............... no connection could be made (server down, wrong port)
 │   ├── ReadError .................. the connection broke while reading the response
@@ -43,6 +44,9 @@ Dependency errors (httpx, OSError, msgspec) are translated at the edges with
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 __all__ = [
     "APIError",
     "BuildError",
@@ -65,6 +69,7 @@ __all__ = [
     "NCCLSymbolError",
     "NCCLUsageError",
     "PoolTimeout",
+    "PromptFileError",
     "QuantizeError",
     "ReadError",
     "ReadTimeout",
@@ -107,6 +112,25 @@ class ConfigError(UsageError):
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+
+
+class PromptFileError(ConfigError):
+    """A prompts file (JSONL) cannot be used; ``path`` and ``line`` (from 1) say where.
+
+    ``line`` is ``None`` when the problem is the file as a whole (missing, empty).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], line: int | None, problem: str) -> None:
+        where = f"{os.fspath(path)}:{line}" if line is not None else os.fspath(path)
+        super().__init__(
+            f"{where}: {problem}. Each line must be a JSON object with "
+            '"prompt" (a string or a list of token ids) or "messages" (a list of '
+            '{"role": ..., "content": ...}), and optionally "max_tokens" (an int >= 1)',
+            field="prompts",
+        )
+        self.path = Path(path)
+        self.line = line
+        self.problem = problem
 
 
 class TransportError(LlamaError):

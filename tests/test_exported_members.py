@@ -49,6 +49,7 @@ EXPECTED = [
     "Placement",
     "PoolStats",
     "PoolTimeout",
+    "PromptFileError",
     "QuantizeError",
     "ReadError",
     "ReadTimeout",

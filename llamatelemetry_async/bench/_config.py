@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from .._errors import ConfigError
+from .._errors import ConfigError, PromptFileError
 
 __all__ = ["BenchConfig", "BenchPrompt", "Endpoint", "PromptFileError", "load_prompts_jsonl"]
 
@@ -19,25 +19,6 @@ __all__ = ["BenchConfig", "BenchPrompt", "Endpoint", "PromptFileError", "load_pr
 Endpoint = Literal["completion", "chat"]
 
 _ENDPOINTS: tuple[Endpoint, ...] = ("completion", "chat")
-
-
-class PromptFileError(ConfigError):
-    """A prompts file (JSONL) cannot be used; ``path`` and ``line`` (from 1) say where.
-
-    ``line`` is ``None`` when the problem is the file as a whole (missing, empty).
-    """
-
-    def __init__(self, path: str | os.PathLike[str], line: int | None, problem: str) -> None:
-        where = f"{os.fspath(path)}:{line}" if line is not None else os.fspath(path)
-        super().__init__(
-            f"{where}: {problem}. Each line must be a JSON object with "
-            '"prompt" (a string or a list of token ids) or "messages" (a list of '
-            '{"role": ..., "content": ...}), and optionally "max_tokens" (an int >= 1)',
-            field="prompts",
-        )
-        self.path = Path(path)
-        self.line = line
-        self.problem = problem
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
