@@ -16,7 +16,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
@@ -51,8 +51,10 @@ from ..client._client import chat_stream_request, completion_stream_request
 from ..client._observe import RequestObserver
 from ..client._stream import Source
 from ..gpu import GPUSampler, visible_gpus
+from ..models._gguf import inspect_model
+from ..models._vram import VRAMPlan, plan, read_gpu_specs
 from ..server import find_llama_server
-from ..server._config import ServerConfig, server_command
+from ..server._config import ServerConfig, ServerPlan, server_command
 from ..server._process import LlamaServer
 from ..telemetry import GenAIInstrumentation, MetricsScraper, Telemetry
 from ._energy_book import EnergyBook
@@ -112,8 +114,14 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
         reply = await engine.chat([{"role": "user", "content": "hi"}], max_tokens=32)
     ```
 
+    ``model`` is the path of a GGUF file, or (as a string) any spec ``resolve_model``
+    takes: a registry name or ``owner/repo:file.gguf`` on the Hugging Face Hub.
+
     ``placement`` says where servers run (``"auto"``: one per GPU found, else one on the
-    CPU); ``server`` configures each of them. Every server gets a fresh random API key
+    CPU); ``server`` configures each of them. On GPUs, the settings ``server`` leaves unset
+    among ``n_gpu_layers``, ``ctx_size`` and ``n_parallel`` are chosen per server to fit the
+    GPUs' free memory (``models.plan``; ``vram_plan`` holds the plan, the log explains it);
+    ``auto_configure=False`` leaves them to llama-server. Every server gets a fresh random API key
     through its environment. When all slots are busy, requests wait in the engine, up to
     ``max_waiting`` of them (``EngineBusyError`` beyond). A server that dies is restarted
     (backoff capped at ``max_restart_delay`` seconds) while requests go to the others.
@@ -148,9 +156,15 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
         telemetry: Telemetry | bool | None = None,
         metrics_interval: float = 10.0,
         gpu_sampler: GPUSampler | bool | None = None,
+        auto_configure: bool = True,
     ) -> None:
+        self._spec = model
         self.model = Path(model)
+        """The model file (a spec is resolved to its local path when the engine starts)."""
         self.model_name = self.model.name
+        self._auto_configure = auto_configure
+        self.vram_plan: VRAMPlan | None = None
+        """The VRAM plan the engine configured its GPU servers with, if it planned."""
         self._telemetry, self._instrumentation = _instrumentation(telemetry)
         self._scraper: MetricsScraper | None = None
         if self._instrumentation is not None and (server is None or server.metrics):
@@ -222,24 +236,78 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
 
     async def _prepare(self) -> list[_Server]:
         """Everything that can fail before a process is spawned fails here."""
-        if not self.model.is_file():
-            raise ConfigError(f"model file not found: {self.model} (pass the path of a .gguf file)")
+        self.model = await self._model_path()
+        self.model_name = self.model.name
         binary = find_llama_server(self._binary)
         gpus = await anyio.to_thread.run_sync(visible_gpus)  # NVML init blocks ~10 ms
         plans = self.placement.plans(gpus)
         config = dataclasses.replace(self.config, api_key=self._api_key)
+        configs = await self._configure(config, plans)
         if self._log_dir is not None:
             await anyio.Path(self._log_dir).mkdir(parents=True, exist_ok=True)
         servers = []
-        for plan in plans:
-            argv, env = server_command(config, binary=binary, model=self.model, plan=plan)
-            log_file = self._log_dir / f"{plan.name}.log" if self._log_dir else None
-            process = LlamaServer(argv, env, name=plan.name, gpus=plan.gpus, log_file=log_file)
-            member = Member(plan.name, None, slots=1)
+        for server_plan, server_config in zip(plans, configs, strict=True):
+            argv, env = server_command(
+                server_config, binary=binary, model=self.model, plan=server_plan
+            )
+            name = server_plan.name
+            log_file = self._log_dir / f"{name}.log" if self._log_dir else None
+            process = LlamaServer(argv, env, name=name, gpus=server_plan.gpus, log_file=log_file)
+            member = Member(name, None, slots=1)
             self._router.members.append(member)
             servers.append(_Server(process, member))
         self._servers = servers
         return servers
+
+    async def _model_path(self) -> Path:
+        """The local model file: a path as given, or what ``resolve_model`` makes of a spec."""
+        spec = self._spec
+        if not isinstance(spec, str):
+            if not await anyio.Path(spec).is_file():
+                raise ConfigError(f"model file not found: {spec} (pass the path of a .gguf file)")
+            return Path(spec)
+        from ..models._resolve import resolve_model  # only a spec needs the Hub machinery
+
+        return await resolve_model(spec)
+
+    async def _configure(self, config: ServerConfig, plans: list[ServerPlan]) -> list[ServerConfig]:
+        """One config per server: ``config``, with what it leaves unset planned on GPUs.
+
+        CPU servers keep ``config`` as it is. GPU servers get ``n_gpu_layers``, ``ctx_size``
+        and ``n_parallel`` from ``models.plan`` when ``config`` leaves them unset and NVML
+        says how much memory each GPU has free.
+        """
+        self.vram_plan = None
+        unset = config.n_gpu_layers is None or config.ctx_size is None or config.n_parallel is None
+        gpu_ids = sorted({gpu for server_plan in plans for gpu in server_plan.gpus})
+        if not (self._auto_configure and unset and gpu_ids):
+            return [config] * len(plans)
+        specs = await anyio.to_thread.run_sync(read_gpu_specs, gpu_ids)  # NVML blocks
+        missing = sorted(set(gpu_ids) - {spec.index for spec in specs})
+        if missing:
+            logger.warning(
+                "no memory figures for GPU %s (NVML unavailable?): n_gpu_layers, ctx_size and "
+                "n_parallel left to llama-server",
+                ", ".join(map(str, missing)),
+            )
+            return [config] * len(plans)
+        info = await inspect_model(self.model)  # parses in a worker thread
+        ngl = config.n_gpu_layers
+        vram = plan(
+            info,
+            specs,
+            placement=plans,
+            ctx_size=config.ctx_size,
+            n_parallel=config.n_parallel,
+            n_gpu_layers=None if ngl == "auto" else ngl,
+            cache_type=config.cache_type_k or "f16",
+            cache_type_v=config.cache_type_v,
+            ubatch_size=config.ubatch_size,
+            flash_attn=config.flash_attn,
+        )
+        self.vram_plan = vram
+        logger.info("VRAM plan for %s: %s", self.model.name, vram.summary())
+        return [vram.server(p.name).apply(config) for p in plans]
 
     async def _start_all(self, tg: anyio.abc.TaskGroup, servers: list[_Server]) -> None:
         errors: list[BaseException] = []
@@ -377,6 +445,68 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
         if not self._open:
             raise UsageError("the engine is not running: use `async with AsyncEngine(...)`")
 
+    # ----------------------------------------------------------------- LoRA adapters
+    async def lora_adapters(self) -> dict[str, list[dict[str, Any]]]:
+        """Each ready server's LoRA adapters, by server name (``GET /lora-adapters``).
+
+        Adapters are loaded when a server starts, e.g. with
+        ``ServerConfig(extra_args=("--lora", "adapter.gguf"))``; the entries are
+        llama-server's own: ``{"id": 0, "path": "adapter.gguf", "scale": 1.0}``.
+
+        ```python
+        await engine.lora_adapters()  # {"gpu0": [{"id": 0, ...}], "gpu1": [{"id": 0, ...}]}
+        ```
+        """
+        self._check_open()
+        found: dict[str, list[dict[str, Any]]] = {}
+
+        async def read(name: str, client: AsyncLlamaClient) -> None:
+            found[name] = await client.lora_adapters()
+
+        clients = self._ready_clients()
+        await _on_each(clients, read)
+        return {name: found[name] for name, _ in clients}
+
+    async def set_lora_adapters(
+        self, adapters: Iterable[Mapping[str, Any]] | Mapping[int, float]
+    ) -> None:
+        """Set LoRA adapter scales on every ready server at once (``POST /lora-adapters``).
+
+        ``adapters`` is ``[{"id": 0, "scale": 0.5}, ...]`` or ``{0: 0.5}``. As in
+        llama-server, an adapter left out gets scale 0 (off). Ids that a server does not
+        have raise ``ConfigError`` before any server is changed. A server that restarts
+        later comes back with the scales of its command line: call this again then.
+
+        ```python
+        await engine.set_lora_adapters([{"id": 0, "scale": 0.0}])  # adapter 0 off everywhere
+        ```
+        """
+        self._check_open()
+        body = _lora_body(adapters)
+        clients = self._ready_clients()
+        if not clients:
+            raise EngineError("no server is ready to take LoRA adapter scales; retry shortly")
+        present: dict[str, set[int]] = {}
+
+        async def read(name: str, client: AsyncLlamaClient) -> None:
+            present[name] = {int(entry["id"]) for entry in await client.lora_adapters()}
+
+        await _on_each(clients, read)
+        for name, _ in clients:
+            unknown = sorted({entry["id"] for entry in body} - present[name])
+            if unknown:
+                have = sorted(present[name])
+                raise ConfigError(
+                    f"adapters: server {name} has no LoRA adapter with id {unknown} "
+                    f"(its adapters: {have or 'none'}; load them with --lora when it starts)",
+                    field="adapters",
+                )
+
+        async def write(name: str, client: AsyncLlamaClient) -> None:
+            await client.set_lora_adapters(body)
+
+        await _on_each(clients, write)
+
     # ----------------------------------------------------------------- requests
     def stream(self, prompt: str | Sequence[Any], **params: Any) -> TokenStream[CompletionChunk]:
         """Stream ``/completion`` from the least busy server (llama.cpp parameter names)."""
@@ -511,6 +641,64 @@ def _instrumentation(
     if telemetry is None and not configured:
         return None, None
     return None, GenAIInstrumentation()
+
+
+async def _on_each(
+    clients: Sequence[tuple[str, AsyncLlamaClient]],
+    call: Callable[[str, AsyncLlamaClient], Awaitable[None]],
+) -> None:
+    """Run ``call`` for every server at once; raise the first failure (the others as notes)."""
+    errors: list[Exception] = []
+
+    async def one(name: str, client: AsyncLlamaClient) -> None:
+        try:
+            await call(name, client)
+        except Exception as exc:  # collected, then the first is raised below
+            exc.add_note(f"server {name}")
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for name, client in clients:
+            tg.start_soon(one, name, client)
+    if errors:
+        first = errors[0]
+        for other in errors[1:]:
+            first.add_note(f"also: {other} ({', '.join(getattr(other, '__notes__', []))})")
+        raise first
+
+
+def _lora_body(adapters: Iterable[Mapping[str, Any]] | Mapping[int, float]) -> list[dict[str, Any]]:
+    """``[{"id": int, "scale": float}, ...]`` from either form, checked."""
+    if isinstance(adapters, Mapping):
+        entries: list[Any] = [{"id": k, "scale": v} for k, v in adapters.items()]
+    elif isinstance(adapters, str | bytes):
+        entries = [adapters]  # rejected below
+    else:
+        entries = list(adapters)
+    body: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    for entry in entries:
+        ident = entry.get("id") if isinstance(entry, Mapping) else None
+        scale = entry.get("scale") if isinstance(entry, Mapping) else None
+        if (
+            isinstance(ident, bool)
+            or not isinstance(ident, int)
+            or ident < 0
+            or isinstance(scale, bool)
+            or not isinstance(scale, int | float)
+            or scale != scale  # NaN
+            or scale in (float("inf"), float("-inf"))
+        ):
+            raise ConfigError(
+                'adapters: each entry is {"id": int >= 0, "scale": finite number} '
+                f"(or pass {{id: scale}}), got {entry!r}",
+                field="adapters",
+            )
+        if ident in seen:
+            raise ConfigError(f"adapters: id {ident} is given twice", field="adapters")
+        seen.add(ident)
+        body.append({"id": ident, "scale": float(scale)})
+    return body
 
 
 class _RoutedSource(Source):

@@ -1,0 +1,51 @@
+"""Models: GGUF inspection and VRAM planning (usable without an engine).
+
+``inspect_model(path)`` reads a GGUF's shape with the ``gguf`` package (in a worker thread);
+``plan(info, gpus)`` chooses the GPU layers, context and slots that fit each server's GPUs,
+counting ``CUDA_OVERHEAD_BYTES`` (400 MiB) per GPU for the CUDA context and workspaces.
+``resolve_model(spec)`` turns a path, a registry name (``list_models()``) or a Hub file
+(``owner/repo:file.gguf``, through huggingface_hub and its cache) into a local path.
+"""
+
+from __future__ import annotations
+
+from ._gguf import (
+    ModelInfo as ModelInfo,
+    TensorTypeStats as TensorTypeStats,
+    inspect_model as inspect_model,
+    read_model_info as read_model_info,
+)
+from ._registry import RegistryModel as RegistryModel, list_models as list_models
+from ._resolve import resolve_model as resolve_model
+from ._vram import (
+    CUDA_OVERHEAD_BYTES as CUDA_OVERHEAD_BYTES,
+    DeviceUse as DeviceUse,
+    GPUSpec as GPUSpec,
+    ServerVRAMPlan as ServerVRAMPlan,
+    VRAMPlan as VRAMPlan,
+    compute_buffer_bytes as compute_buffer_bytes,
+    kv_cells as kv_cells,
+    model_shape as model_shape,
+    plan as plan,
+    read_gpu_specs as read_gpu_specs,
+)
+
+__all__ = [
+    "CUDA_OVERHEAD_BYTES",
+    "DeviceUse",
+    "GPUSpec",
+    "ModelInfo",
+    "RegistryModel",
+    "ServerVRAMPlan",
+    "TensorTypeStats",
+    "VRAMPlan",
+    "compute_buffer_bytes",
+    "inspect_model",
+    "kv_cells",
+    "list_models",
+    "model_shape",
+    "plan",
+    "read_gpu_specs",
+    "read_model_info",
+    "resolve_model",
+]

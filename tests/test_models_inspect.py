@@ -1,0 +1,162 @@
+"""GGUF inspection on files the tests write, checked against hand-computed shapes and bytes,
+and against what a real llama-server allocates for them."""
+
+from __future__ import annotations
+
+import re
+import struct
+from pathlib import Path
+
+import pytest
+
+from llamatelemetry_async._errors import ModelFormatError, ModelNotFoundError
+from llamatelemetry_async.models import inspect_model, kv_cells, read_model_info
+from llamatelemetry_async.models._gguf import cache_type_bytes
+from llamatelemetry_async.testing import TINY_MODEL_NAME, write_tiny_model
+from llamatelemetry_async.testing._server import run_llama_server
+from llamatelemetry_async.testing._tiny_lora import write_tiny_lora
+from llamatelemetry_async.testing._tiny_model import CHAT_TEMPLATE
+
+
+def test_tiny_model_shape_parameters_and_bytes(tiny_model: Path) -> None:
+    info = read_model_info(tiny_model)
+    # write_tiny_model's defaults: n_embd 64, 2 layers, 4 heads, 2 KV heads, n_ff 128.
+    assert (info.architecture, info.name, info.file_type) == ("llama", TINY_MODEL_NAME, "F16")
+    assert (info.block_count, info.embedding_length, info.feed_forward_length) == (2, 64, 128)
+    assert (info.head_count, info.head_count_kv, info.head_dim_k, info.head_dim_v) == (4, 2, 16, 16)
+    assert info.context_length == 4096
+    assert info.rope_freq_base == 10000.0
+    assert info.rope_dimension_count == 16
+    assert info.chat_template == CHAT_TEMPLATE
+    assert (info.bos_token_id, info.bos_token, info.eos_token_id, info.eos_token) == (
+        1,
+        "<s>",
+        2,
+        "</s>",
+    )
+    assert info.file_size == tiny_model.stat().st_size
+
+    n_vocab = info.vocab_size
+    # Per block: 2 norms of 64 (F32), q 64x64, k 32x64, v 32x64, o 64x64, gate/up/down 64x128.
+    block_matrix = 64 * 64 + 32 * 64 + 32 * 64 + 64 * 64 + 3 * 64 * 128  # 36,864
+    block_elements = block_matrix + 2 * 64
+    embd = n_vocab * 64
+    assert info.parameter_count == 2 * block_elements + embd + 64 + embd  # + output_norm, output
+    assert info.tensor_count == 2 * 9 + 3
+    assert info.layer_bytes == (block_matrix * 2 + 2 * 64 * 4,) * 2  # 74,240 each
+    assert info.input_bytes == embd * 2  # token_embd, F16
+    assert info.output_bytes == embd * 2 + 64 * 4  # output (F16) + output_norm (F32)
+    assert not info.tied_embeddings
+    assert info.output_device_bytes == info.output_bytes
+    assert info.tensor_types["F16"].count == 2 * 7 + 2
+    assert info.tensor_types["F16"].elements == 2 * block_matrix + 2 * embd
+    assert info.tensor_types["F32"].nbytes == 5 * 64 * 4
+    # Every byte of tensor data is accounted for: the data section ends the file.
+    assert info.weight_bytes == sum(s.nbytes for s in info.tensor_types.values())
+    assert info.weight_bytes <= info.file_size < info.weight_bytes + 64 * 1024
+
+    # KV per token: 2 layers x (K row + V row) of 2 KV heads x 16 = 32 elements.
+    assert info.kv_bytes_per_token("f16") == 2 * (32 * 2 + 32 * 2)  # 256
+    assert info.kv_bytes_per_token("q8_0") == 2 * (34 + 34)  # one 32-element block each
+    assert info.kv_bytes_per_token("q4_0") == 2 * (18 + 18)
+    assert info.kv_bytes_per_token("q8_0", "f16") == 2 * (34 + 64)
+    assert "2 layers" in info.summary()
+
+
+def test_a_grouped_query_shape(tmp_path: Path) -> None:
+    path = write_tiny_model(
+        tmp_path / "gqa.gguf", n_embd=128, n_layer=3, n_head=4, n_head_kv=1, n_ff=256
+    )
+    info = read_model_info(path)
+    assert (info.block_count, info.head_count, info.head_count_kv, info.head_dim_k) == (3, 4, 1, 32)
+    # q 128x128, k and v 32x128, o 128x128, gate/up/down 128x256, F16; norms 2x128 F32.
+    block = (2 * 128 * 128 + 2 * 32 * 128 + 3 * 128 * 256) * 2 + 2 * 128 * 4
+    assert info.layer_bytes == (block,) * 3
+    assert info.kv_bytes_per_token("f16") == 3 * (32 * 2 * 2)
+    assert info.kv_bytes_per_token("q4_0") == 3 * (18 * 2)
+    assert cache_type_bytes("q8_0", 4096) == 128 * 34
+
+
+@pytest.mark.anyio
+async def test_inspect_model_is_read_model_info_off_the_loop(tiny_model: Path) -> None:
+    assert await inspect_model(tiny_model) == read_model_info(tiny_model)
+
+
+@pytest.mark.parametrize(
+    ("args", "cache_type"),
+    [(["-c", "2500", "-np", "3"], "f16"), (["-c", "5000", "-np", "2"], "q8_0")],
+)
+def test_kv_bytes_match_what_llama_server_allocates(
+    tmp_path: Path, args: list[str], cache_type: str
+) -> None:
+    # Head dim 32: a quantized cache needs the head dim to be a multiple of its block (32).
+    model = write_tiny_model(tmp_path / "m.gguf", n_embd=128, n_head=4, n_head_kv=2)
+    ctx, slots = int(args[1]), int(args[3])
+    extra = ["-ctk", cache_type, "-ctv", cache_type, "-fa", "on"] if cache_type != "f16" else []
+    info = read_model_info(model)
+    with run_llama_server(model, args=[*args, *extra, "-lv", "4"]) as server:
+        log = server.log_tail(400)
+    cells = kv_cells(ctx, slots)
+    n_ctx = int(re.search(r"llama_context: n_ctx\s+= (\d+)", log).group(1))  # type: ignore[union-attr]
+    assert n_ctx == cells
+    # "size =    0.75 MiB (  1024 cells,   2 layers,  3/3 seqs)": cells per slot stream.
+    line = re.search(
+        r"llama_kv_cache: size =\s+([\d.]+) MiB "
+        r"\(\s*(\d+) cells,\s+(\d+) layers,\s+(\d+)/(\d+) seqs",
+        log,
+    )
+    assert line is not None, log
+    mib, per_stream, layers, streams = (
+        float(line.group(1)),
+        int(line.group(2)),
+        int(line.group(3)),
+        int(line.group(5)),
+    )
+    assert (per_stream * streams, layers) == (cells, info.block_count)
+    assert f"{mib:.2f}" == f"{info.kv_bytes_per_token(cache_type) * cells / 2**20:.2f}"
+
+
+def _cut(src: Path, dst: Path, length: int) -> Path:
+    dst.write_bytes(src.read_bytes()[:length])
+    return dst
+
+
+def test_unreadable_files_are_model_format_errors(tiny_model: Path, tmp_path: Path) -> None:
+    data = tiny_model.read_bytes()
+    garbled = bytearray(data)
+    garbled[8:16] = struct.pack("<Q", 2**40)  # an absurd tensor count
+    cases: dict[str, tuple[Path, str]] = {
+        "empty": (tmp_path / "empty.gguf", "empty"),
+        "text": (tmp_path / "notes.gguf", "not a GGUF file"),
+        "magic only": (_cut(tiny_model, tmp_path / "m.gguf", 4), "truncated or corrupt"),
+        "header cut": (_cut(tiny_model, tmp_path / "h.gguf", 100), "truncated or corrupt"),
+        "tensor table cut": (_cut(tiny_model, tmp_path / "t.gguf", 19000), "truncated"),
+        "data cut": (_cut(tiny_model, tmp_path / "d.gguf", len(data) - 1), "truncated"),
+        "garbled header": (tmp_path / "g.gguf", "corrupt"),
+        "directory": (tmp_path, "not a regular file"),
+    }
+    cases["empty"][0].write_bytes(b"")
+    cases["text"][0].write_text("these are my notes, not a model\n" * 4)
+    cases["garbled header"][0].write_bytes(bytes(garbled))
+    for what, (path, problem) in cases.items():
+        with pytest.raises(ModelFormatError) as info:
+            read_model_info(path)
+        assert info.value.model == str(path), what
+        assert problem in info.value.problem, (what, info.value.problem)
+        assert str(path) in str(info.value), what
+
+
+def test_an_adapter_is_not_a_model(tmp_path: Path) -> None:
+    lora = write_tiny_lora(tmp_path / "lora.gguf")
+    with pytest.raises(ModelFormatError, match="adapter") as info:
+        read_model_info(lora)
+    assert "--lora" in info.value.problem
+
+
+@pytest.mark.anyio
+async def test_a_missing_file_is_model_not_found(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.gguf"
+    with pytest.raises(ModelNotFoundError) as info:
+        await inspect_model(missing)
+    assert info.value.tried == [str(missing)]
+    assert info.value.model == str(missing)
