@@ -4,10 +4,16 @@ nox -s demo        stream tokens from a real llama-server on the tiny model
 nox -s tests       the test suite (builds llama-server into the cache on first use)
 nox -s lint        ruff
 nox -s typecheck   mypy --strict over the package, tests, benchmarks and this file
-nox -s bench       client overhead and 1,000-stream concurrency benchmarks
+nox -s bench       client comparisons: raw httpx, openai-python and this library, 1 to 1,000
+                   streams (`nox -s bench -- --quick` for a short run)
+nox -s package     build sdist and wheel, twine check, install the wheel in a clean venv
+nox -s docs        the documentation site into site/ (mkdocs build --strict)
 """
 
 from __future__ import annotations
+
+import shutil
+from pathlib import Path
 
 import nox
 
@@ -61,9 +67,55 @@ def typecheck(session: nox.Session) -> None:
 
 
 @nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site into site/, warnings as errors (``-- serve`` to preview it)."""
+    _install(session, "docs")
+    # Material prints a banner about MkDocs 2.0 on every build; the variable is its off switch.
+    env = {"NO_MKDOCS_2_WARNING": "1"}
+    if session.posargs[:1] == ["serve"]:
+        session.run("mkdocs", "serve", "--strict", *session.posargs[1:], env=env)
+    else:
+        session.run("mkdocs", "build", "--strict", "--site-dir", "site", *session.posargs, env=env)
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
-    """Client CPU per token and 1,000 concurrent streams, arms side by side in one run."""
+    """Client CPU per token, wall time and loop lag at 1 to 1,000 streams, arms side by side."""
     _install(session, extras="bench")
     session.run("python", "-m", "llamatelemetry_async", "build-server")
-    session.run("python", "benchmarks/client_overhead.py", *session.posargs)
-    session.run("python", "benchmarks/concurrency.py")
+    session.run("python", "benchmarks/compare_clients.py", *session.posargs)
+    # Unpaced, one stream at a time: the CPU-per-token targets of the client (issue 2).
+    quick = ["--quick"] if "--quick" in session.posargs else []
+    session.run("python", "benchmarks/client_overhead.py", *quick)
+
+
+# Run by the clean venv's interpreter with -I, so the source tree cannot shadow the wheel.
+_CHECK_INSTALLED = """
+import importlib.metadata, importlib.resources, sys
+import llamatelemetry_async as package
+assert package.__file__.startswith(sys.prefix), package.__file__
+assert importlib.metadata.version("llamatelemetry_async") == package.__version__
+assert importlib.resources.files(package).joinpath("py.typed").is_file()
+for name in package.__all__:
+    getattr(package, name)
+print("llamatelemetry_async", package.__version__, "installed and imported from", sys.prefix)
+"""
+
+
+@nox.session
+def package(session: nox.Session) -> None:
+    """Build sdist and wheel, twine check, install the wheel (no extras) in a clean venv, use it."""
+    session.install(*nox.project.dependency_groups(PYPROJECT, "packaging"))
+    tmp = Path(session.create_tmp())
+    dist = tmp / "dist"
+    shutil.rmtree(dist, ignore_errors=True)
+    # The sdist first, then the wheel built from the sdist: a file the sdist lacks fails here.
+    session.run("python", "-m", "build", "--outdir", str(dist))
+    session.run("twine", "check", "--strict", *sorted(str(p) for p in dist.iterdir()))
+    (wheel,) = dist.glob("*.whl")
+    venv = tmp / "clean-venv"
+    session.run("python", "-m", "venv", "--clear", str(venv))
+    python = str(venv / "bin" / "python")
+    session.run(python, "-m", "pip", "install", "--quiet", str(wheel), external=True)
+    session.run(python, "-I", "-c", _CHECK_INSTALLED, external=True)
+    session.run(str(venv / "bin" / "llamatelemetry-async"), "--help", external=True)

@@ -95,7 +95,7 @@ class UsageError(LlamaError):
 
 
 class ClientClosedError(UsageError):
-    """A client (or engine) was used after ``aclose()``; open a new one."""
+    """A client (or an NCCL communicator) was used after ``aclose()``; create a new one."""
 
 
 class StreamConsumedError(UsageError):
@@ -264,7 +264,11 @@ class ServerCrashedError(LlamaServerError):
 
 
 class EngineError(LlamaError):
-    """The engine could not take a request."""
+    """The engine could not take a request: it is closing, or every server has exited.
+
+    Also raised when no server is ready for an operation that needs every server
+    (``set_lora_adapters``).
+    """
 
 
 class EngineBusyError(EngineError):

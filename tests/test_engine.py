@@ -16,9 +16,9 @@ from _procs import gone
 
 from llamatelemetry_async import (
     AsyncEngine,
-    ConfigError,
     EngineBusyError,
     LlamaServerNotFoundError,
+    ModelNotFoundError,
     Placement,
     ReadTimeout,
     ServerConfig,
@@ -130,7 +130,7 @@ async def test_stopped_server_times_out(tiny_model: Path) -> None:
 async def test_start_errors_before_and_after_spawn(
     tiny_model: Path, tmp_path: Path, free_port: int
 ) -> None:
-    with pytest.raises(ConfigError, match="model file not found"):
+    with pytest.raises(ModelNotFoundError, match="model file not found"):
         async with AsyncEngine(tmp_path / "missing.gguf", placement=Placement.cpu(1)):
             pass
     with pytest.raises(LlamaServerNotFoundError):

@@ -123,7 +123,7 @@ async def test_an_unknown_model_name_is_model_not_found(monkeypatch: pytest.Monk
 
 async def test_lora_adapters_on_every_server(tiny_model: Path, tmp_path: Path) -> None:
     lora = write_tiny_lora(tmp_path / "lora.gguf")
-    config = ServerConfig(extra_args=("--lora", str(lora)))
+    config = ServerConfig(lora=(str(lora),))
     greedy = {"n_predict": 12, "temperature": 0, "cache_prompt": False}
     async with AsyncEngine(tiny_model, placement=Placement.cpu(2), server=config) as engine:
         adapters = await engine.lora_adapters()
@@ -151,3 +151,28 @@ async def test_lora_adapters_on_every_server(tiny_model: Path, tmp_path: Path) -
         assert bad.value.field == "adapters"
         adapters = await engine.lora_adapters()  # the refused calls changed nothing
         assert [entries[0]["scale"] for entries in adapters.values()] == [1.0, 1.0]
+
+
+async def test_model_facts_come_from_any_server_without_a_slot(tiny_model: Path) -> None:
+    from llamatelemetry_async import EngineBusyError, UsageError
+
+    engine = AsyncEngine(tiny_model, placement=Placement.cpu(1), max_waiting=0)
+    with pytest.raises(UsageError, match="not running"):
+        await engine.tokenize("hello")
+    async with engine:
+        slots = engine.servers[0].slots
+        ids = await engine.tokenize("Once upon a time")
+        assert ids and all(isinstance(i, int) for i in ids)
+        assert (await engine.detokenize(ids)).strip() == "Once upon a time"
+        assert (await engine.props())["total_slots"] == slots
+        # Every slot busy and no waiting room: a completion is refused, tokenize still works.
+        streams = [engine.stream("x", n_predict=64) for _ in range(slots)]
+        for stream in streams:
+            await stream.__aenter__()
+        try:
+            with pytest.raises(EngineBusyError):
+                await engine.complete("y", n_predict=1)
+            assert await engine.tokenize("Once upon a time") == ids
+        finally:
+            for stream in streams:
+                await stream.aclose()

@@ -28,15 +28,13 @@ from llamatelemetry_async._errors import (
     ModelNotFoundError,
     QuantizeError,
 )
+from llamatelemetry_async.models import QUANT_TYPES, QuantizeProgress, quantize
 from llamatelemetry_async.server import (
-    QUANT_TYPES,
-    QuantizeProgress,
     _build,
     build_llama_server,
     cached_builds,
     find_llama_quantize,
     find_llama_server,
-    quantize,
 )
 from llamatelemetry_async.server._build import BUILT_TOOLS, build_cache_key, cmake_args
 from llamatelemetry_async.testing._big_model import write_random_llama

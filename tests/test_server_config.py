@@ -255,6 +255,31 @@ def test_extra_args_come_last() -> None:
     assert argv[-3:] == ["--seed", "1", "--no-webui"]
 
 
+def test_lora_adapters_in_order_with_scales(tmp_path: Path) -> None:
+    config = ServerConfig(
+        lora=(tmp_path / "a.gguf", ("b.gguf", 0.5)),  # type: ignore[arg-type]
+        lora_init_without_apply=True,
+    )
+    assert config.lora == (str(tmp_path / "a.gguf"), ("b.gguf", 0.5))
+    argv, _ = command(config)
+    start = argv.index("--lora")
+    assert argv[start : start + 6] == [
+        "--lora",
+        str(tmp_path / "a.gguf"),
+        "--lora-scaled",
+        "b.gguf",
+        "0.5",
+        "--lora-init-without-apply",
+    ]
+    assert ServerConfig(lora="one.gguf").lora == ("one.gguf",)  # type: ignore[arg-type]
+    for bad in [[("a.gguf", "x")], [("a.gguf", 1, 2)], 3]:
+        with pytest.raises(ConfigError, match="lora") as info:
+            ServerConfig(lora=bad)  # type: ignore[arg-type]
+        assert info.value.field == "lora"
+    with pytest.raises(ConfigError, match="lora"):
+        ServerConfig(extra_args=("--lora", "a.gguf"))
+
+
 def test_lists_are_accepted_and_stored_as_tuples() -> None:
     config = ServerConfig(
         tensor_split=[1, 2],  # type: ignore[arg-type]

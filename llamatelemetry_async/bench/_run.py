@@ -10,7 +10,7 @@ import platform
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import numpy as np
@@ -33,7 +33,14 @@ __all__ = ["run_bench"]
 Target = str | AsyncLlamaClient | AsyncEngine
 
 
-@dataclasses.dataclass
+class _Facts(Protocol):
+    """What the run asks a target besides streams (a client or an engine both answer)."""
+
+    async def tokenize(self, content: str) -> list[int]: ...
+    async def props(self) -> dict[str, Any]: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class _Target:
     """One way to open streams, whatever the target is."""
 
@@ -41,7 +48,7 @@ class _Target:
     url: str | None
     completion: Callable[..., TokenStream[Any]]
     chat: Callable[..., TokenStream[Any]]
-    client: AsyncLlamaClient | None  # for /tokenize and /props; None when there is none
+    client: _Facts | None  # for /tokenize and /props; None when there is none
     engine: AsyncEngine | None = None
 
 
@@ -109,10 +116,7 @@ def _client_target(client: AsyncLlamaClient, kind: str) -> _Target:
 
 
 def _engine_target(engine: AsyncEngine) -> _Target:
-    # /tokenize and /props go to one of the engine's servers: they share the model.
-    clients = engine._ready_clients()
-    client = clients[0][1] if clients else None
-    return _Target("engine", None, engine.stream, engine.chat_stream, client, engine)
+    return _Target("engine", None, engine.stream, engine.chat_stream, engine, engine)
 
 
 async def _sampler_for(

@@ -177,6 +177,7 @@ class AsyncLlamaClient:
 
     @property
     def is_closed(self) -> bool:
+        """True once ``aclose()`` was called (or the ``async with`` block was left)."""
         return self._state is _State.CLOSED
 
     @property

@@ -239,6 +239,13 @@ class TokenStream(Generic[ChunkT]):
     ``timings`` describe the whole response.
 
     The request is sent on ``__aenter__`` or on the first ``__anext__``.
+
+    ```python
+    async with client.stream_completion("Once upon a time", n_predict=64) as stream:
+        async for chunk in stream:  # CompletionChunk, ChatChunk or TextCompletionChunk
+            print(chunk.text, end="")
+    print(stream.finish_reason, stream.usage, stream.timings)
+    ```
     """
 
     __slots__ = (
@@ -289,6 +296,7 @@ class TokenStream(Generic[ChunkT]):
 
     @property
     def url(self) -> str:
+        """The URL the request goes to (``engine:/path`` until the engine has routed it)."""
         return self._source.url
 
     @property

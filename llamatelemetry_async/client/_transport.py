@@ -92,6 +92,7 @@ class LlamaTransport(httpx.AsyncBaseTransport):
         return self.pool.stats
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request`` on the pool (httpx's transport interface; plain HTTP only)."""
         url = request.url
         if url.scheme != "http":
             raise httpx.UnsupportedProtocol(
@@ -135,4 +136,5 @@ class LlamaTransport(httpx.AsyncBaseTransport):
         )
 
     async def aclose(self) -> None:
+        """Close every pooled connection (``httpx.AsyncClient.aclose`` calls this)."""
         await self.pool.aclose()

@@ -112,14 +112,17 @@ class Completion(msgspec.Struct, frozen=True):
 
     @property
     def text(self) -> str:
+        """The generated text (``content``)."""
         return self.content
 
     @property
     def finish_reason(self) -> str | None:
+        """ "stop" (end of text or a stop word) or "length" (``n_predict`` reached)."""
         return native_finish_reason(self.stop_type)
 
     @property
     def usage(self) -> Usage:
+        """Prompt and generated token counts, in the OpenAI shape."""
         return Usage(
             self.tokens_evaluated,
             self.tokens_predicted,
@@ -156,11 +159,13 @@ class ChatChunk(msgspec.Struct, frozen=True, gc=False):
 
     @property
     def text(self) -> str:
+        """The text this chunk adds (the first choice's ``delta.content``)."""
         choices = self.choices
         return (choices[0].delta.content or "") if choices else ""
 
     @property
     def finish_reason(self) -> str | None:
+        """The first choice's finish reason: set on the last chunk, else ``None``."""
         choices = self.choices
         return choices[0].finish_reason if choices else None
 
@@ -194,10 +199,12 @@ class ChatCompletion(msgspec.Struct, frozen=True):
 
     @property
     def text(self) -> str:
+        """The assistant's reply (the first choice's ``message.content``)."""
         return (self.choices[0].message.content or "") if self.choices else ""
 
     @property
     def finish_reason(self) -> str | None:
+        """Why generation stopped: "stop", "length", "tool_calls"..."""
         return self.choices[0].finish_reason if self.choices else None
 
 
@@ -221,10 +228,12 @@ class TextCompletionChunk(msgspec.Struct, frozen=True, gc=False):
 
     @property
     def text(self) -> str:
+        """The first choice's text."""
         return self.choices[0].text if self.choices else ""
 
     @property
     def finish_reason(self) -> str | None:
+        """The first choice's finish reason ("stop", "length"), or ``None``."""
         return self.choices[0].finish_reason if self.choices else None
 
 
@@ -240,10 +249,12 @@ class TextCompletion(msgspec.Struct, frozen=True):
 
     @property
     def text(self) -> str:
+        """The first choice's text."""
         return self.choices[0].text if self.choices else ""
 
     @property
     def finish_reason(self) -> str | None:
+        """The first choice's finish reason ("stop", "length"), or ``None``."""
         return self.choices[0].finish_reason if self.choices else None
 
 
@@ -269,6 +280,7 @@ class EmbeddingList(msgspec.Struct, frozen=True):
 
     @property
     def vectors(self) -> list[list[float]]:
+        """The embedding vectors, in input order."""
         return [item.embedding for item in sorted(self.data, key=lambda e: e.index)]
 
 

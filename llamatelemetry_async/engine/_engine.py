@@ -32,6 +32,7 @@ from .._errors import (
     ConnectError,
     EngineError,
     LlamaError,
+    ModelNotFoundError,
     ReadError,
     ServerCrashedError,
     UsageError,
@@ -264,7 +265,11 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
         spec = self._spec
         if not isinstance(spec, str):
             if not await anyio.Path(spec).is_file():
-                raise ConfigError(f"model file not found: {spec} (pass the path of a .gguf file)")
+                raise ModelNotFoundError(
+                    f"model file not found: {spec} (pass the path of a .gguf file)",
+                    model=str(spec),
+                    tried=[f"local path {spec}"],
+                )
             return Path(spec)
         from ..models._resolve import resolve_model  # only a spec needs the Hub machinery
 
@@ -445,12 +450,36 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
         if not self._open:
             raise UsageError("the engine is not running: use `async with AsyncEngine(...)`")
 
+    def _any_client(self) -> AsyncLlamaClient:
+        self._check_open()
+        for _, client in self._ready_clients():
+            return client
+        raise EngineError("no server is ready (all are restarting); try again shortly")
+
+    # ----------------------------------------------------------------- model facts
+    # Every server runs the same model, so these go to any ready one and take no slot.
+    async def tokenize(
+        self, content: str, *, add_special: bool = False, parse_special: bool = True
+    ) -> list[int]:
+        """Token ids of ``content`` (``POST /tokenize`` on any ready server; takes no slot)."""
+        return await self._any_client().tokenize(
+            content, add_special=add_special, parse_special=parse_special
+        )
+
+    async def detokenize(self, tokens: Sequence[int]) -> str:
+        """The text of ``tokens`` (``POST /detokenize`` on any ready server; takes no slot)."""
+        return await self._any_client().detokenize(tokens)
+
+    async def props(self) -> dict[str, Any]:
+        """``GET /props`` of any ready server: model path, chat template, slots, build."""
+        return await self._any_client().props()
+
     # ----------------------------------------------------------------- LoRA adapters
     async def lora_adapters(self) -> dict[str, list[dict[str, Any]]]:
         """Each ready server's LoRA adapters, by server name (``GET /lora-adapters``).
 
         Adapters are loaded when a server starts, e.g. with
-        ``ServerConfig(extra_args=("--lora", "adapter.gguf"))``; the entries are
+        ``ServerConfig(lora=("adapter.gguf",))``; the entries are
         llama-server's own: ``{"id": 0, "path": "adapter.gguf", "scale": 1.0}``.
 
         ```python

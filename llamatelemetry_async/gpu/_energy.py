@@ -43,7 +43,13 @@ class RequestWindow:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class EnergyShare:
-    """A request's energy on one GPU, and how it was measured."""
+    """A request's energy on one GPU, and how it was measured.
+
+    ``joules`` is its share of the GPU's energy; ``method`` says where that came from:
+    "counter" (NVML's energy counter), "power" (mean power times time), "mixed" (both) or
+    "none" (no sample covered it). ``mean_power_w`` and ``mean_utilization`` (percent)
+    average the samples taken while it ran, or the one nearest to its middle.
+    """
 
     joules: float
     method: Method

@@ -5,6 +5,9 @@
 counting ``CUDA_OVERHEAD_BYTES`` (400 MiB) per GPU for the CUDA context and workspaces.
 ``resolve_model(spec)`` turns a path, a registry name (``list_models()``) or a Hub file
 (``owner/repo:file.gguf``, through huggingface_hub and its cache) into a local path.
+``quantize(src, dst, type)`` runs llama.cpp's ``llama-quantize`` (built beside llama-server)
+with progress; ``QUANT_TYPES`` maps its type names (``"Q4_K_M"``) to the GGUF file type each
+writes.
 """
 
 from __future__ import annotations
@@ -14,6 +17,11 @@ from ._gguf import (
     TensorTypeStats as TensorTypeStats,
     inspect_model as inspect_model,
     read_model_info as read_model_info,
+)
+from ._quantize import (
+    QUANT_TYPES as QUANT_TYPES,
+    QuantizeProgress as QuantizeProgress,
+    quantize as quantize,
 )
 from ._registry import RegistryModel as RegistryModel, list_models as list_models
 from ._resolve import resolve_model as resolve_model
@@ -32,9 +40,11 @@ from ._vram import (
 
 __all__ = [
     "CUDA_OVERHEAD_BYTES",
+    "QUANT_TYPES",
     "DeviceUse",
     "GPUSpec",
     "ModelInfo",
+    "QuantizeProgress",
     "RegistryModel",
     "ServerVRAMPlan",
     "TensorTypeStats",
@@ -45,6 +55,7 @@ __all__ = [
     "list_models",
     "model_shape",
     "plan",
+    "quantize",
     "read_gpu_specs",
     "read_model_info",
     "resolve_model",

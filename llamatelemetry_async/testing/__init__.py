@@ -1,4 +1,14 @@
-"""Helpers that tests (ours and users') can reuse: a tiny real GGUF model for llama-server."""
+"""Helpers that tests (ours and users') can reuse: a tiny real GGUF model for llama-server.
+
+```python
+from llamatelemetry_async.testing import write_tiny_model
+
+path = write_tiny_model(tmp_path / "tiny.gguf")  # ~360 KB, loads in well under a second
+```
+
+``TINY_MODEL_NAME`` is the model name written into the tiny model's metadata
+(``general.name``).
+"""
 
 from llamatelemetry_async.testing._tiny_model import TINY_MODEL_NAME, write_tiny_model
 

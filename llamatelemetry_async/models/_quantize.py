@@ -28,8 +28,8 @@ import anyio.abc
 import anyio.to_thread
 
 from .._errors import ConfigError, QuantizeError
-from ._binary import find_llama_quantize
-from ._process import _with_parent_death
+from ..server._binary import find_llama_quantize
+from ..server._process import _with_parent_death
 
 __all__ = ["QUANT_TYPES", "QuantizeProgress", "quantize"]
 
@@ -113,7 +113,7 @@ def _prepare(
     binary: str | os.PathLike[str] | None,
 ) -> tuple[Path, Path, Path, Path]:
     """The blocking checks: (binary, src, dst, a new temporary file beside dst)."""
-    from ..models._gguf import read_model_info
+    from ._gguf import read_model_info
 
     src_path, dst_path = Path(src).expanduser(), Path(dst).expanduser()
     read_model_info(src_path)  # ModelNotFoundError / ModelFormatError unless a readable GGUF
