@@ -66,6 +66,15 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from .bench import (
+        BenchConfig as BenchConfig,
+        BenchMetrics as BenchMetrics,
+        BenchPrompt as BenchPrompt,
+        BenchResult as BenchResult,
+        RequestRecord as RequestRecord,
+        load_prompts_jsonl as load_prompts_jsonl,
+        run_bench as run_bench,
+    )
     from .client import (
         DEFAULT_TIMEOUT as DEFAULT_TIMEOUT,
         AsyncLlamaClient as AsyncLlamaClient,
@@ -98,11 +107,26 @@ if TYPE_CHECKING:
         ServerInfo as ServerInfo,
         ServerPlan as ServerPlan,
     )
+    from .environment import (
+        Environment as Environment,
+        detect_environment as detect_environment,
+        load_secrets as load_secrets,
+    )
     from .gpu import (
         GPUSample as GPUSample,
         GPUSampler as GPUSampler,
         attribute_energy as attribute_energy,
         visible_gpus as visible_gpus,
+    )
+    from .models import (
+        GPUSpec as GPUSpec,
+        ModelInfo as ModelInfo,
+        RegistryModel as RegistryModel,
+        VRAMPlan as VRAMPlan,
+        inspect_model as inspect_model,
+        list_models as list_models,
+        quantize as quantize,
+        resolve_model as resolve_model,
     )
     from .nccl import Communicator as Communicator, find_nccl as find_nccl
     from .server import (
@@ -124,6 +148,30 @@ if TYPE_CHECKING:
 # name: add it here, to the TYPE_CHECKING block above and to __all__ (tests/test_import.py
 # checks that the three agree).
 _LAZY: dict[str, tuple[str, ...]] = {
+    "models": (
+        "GPUSpec",
+        "ModelInfo",
+        "RegistryModel",
+        "VRAMPlan",
+        "inspect_model",
+        "list_models",
+        "quantize",
+        "resolve_model",
+    ),
+    "environment": (
+        "Environment",
+        "detect_environment",
+        "load_secrets",
+    ),
+    "bench": (
+        "BenchConfig",
+        "BenchMetrics",
+        "BenchPrompt",
+        "BenchResult",
+        "RequestRecord",
+        "load_prompts_jsonl",
+        "run_bench",
+    ),
     "client": (
         "DEFAULT_TIMEOUT",
         "AsyncLlamaClient",
@@ -188,6 +236,10 @@ __all__ = [
     "APIError",
     "AsyncEngine",
     "AsyncLlamaClient",
+    "BenchConfig",
+    "BenchMetrics",
+    "BenchPrompt",
+    "BenchResult",
     "BuildError",
     "ChatChoice",
     "ChatChunk",
@@ -206,8 +258,10 @@ __all__ = [
     "EmbeddingList",
     "EngineBusyError",
     "EngineError",
+    "Environment",
     "GPUSample",
     "GPUSampler",
+    "GPUSpec",
     "GenAIInstrumentation",
     "HTTPStatusError",
     "Health",
@@ -220,6 +274,7 @@ __all__ = [
     "ModelDoesNotFitError",
     "ModelError",
     "ModelFormatError",
+    "ModelInfo",
     "ModelNotFoundError",
     "NCCLError",
     "NCCLNotFoundError",
@@ -232,7 +287,9 @@ __all__ = [
     "QuantizeError",
     "ReadError",
     "ReadTimeout",
+    "RegistryModel",
     "RemoteProtocolError",
+    "RequestRecord",
     "RerankResult",
     "ServedModel",
     "ServerConfig",
@@ -254,13 +311,22 @@ __all__ = [
     "TransportError",
     "Usage",
     "UsageError",
+    "VRAMPlan",
     "WriteError",
     "WriteTimeout",
     "__version__",
     "attribute_energy",
     "build_llama_server",
+    "detect_environment",
     "find_llama_server",
     "find_nccl",
+    "inspect_model",
+    "list_models",
+    "load_prompts_jsonl",
+    "load_secrets",
+    "quantize",
+    "resolve_model",
+    "run_bench",
     "server_command",
     "setup_telemetry",
     "visible_gpus",

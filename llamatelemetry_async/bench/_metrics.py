@@ -6,13 +6,16 @@ the run (``time.perf_counter``); statistics of latencies are in milliseconds.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    pass
+
 import dataclasses
 import itertools
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
-
-import numpy as np
 
 __all__ = [
     "FORMULAS",
@@ -141,6 +144,8 @@ class Stats:
     @classmethod
     def of(cls, values: Iterable[float], scale: float = 1.0) -> Stats:
         """Statistics of ``values`` times ``scale`` (1000 turns seconds into ms)."""
+        import numpy as np
+
         array = np.asarray(list(values), dtype=np.float64) * scale
         if array.size == 0:
             return cls(0)
@@ -300,6 +305,8 @@ def throughput_timeline(
 
     ``bin_s`` defaults to the measured span divided into ``bins`` bins (at least 10 ms).
     """
+    import numpy as np
+
     measured = [r for r in records if not r.warmup]
     if not measured:
         return Timeline(bin_s or 1.0, (), (), (), ())

@@ -12,9 +12,12 @@ keeps the server's own count (``prompt_tokens``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+
+from collections.abc import Iterator, Sequence
 
 from .._errors import ConfigError
 from ._config import BenchConfig, BenchPrompt
@@ -45,6 +48,8 @@ def inter_arrival_times(
     a Poisson process (exponential gaps); the coefficient of variation is
     ``1/sqrt(burstiness)``. An infinite rate gives gaps of 0 (everything at once).
     """
+    import numpy as np
+
     if rate <= 0 or burstiness <= 0:
         raise ConfigError("rate and burstiness must be > 0", field="rate")
     if np.isinf(rate):
@@ -65,6 +70,8 @@ class PromptSource:
     """
 
     def __init__(self, config: BenchConfig, vocabulary: Sequence[int] | None) -> None:
+        import numpy as np
+
         self._config = config
         self._rng = np.random.default_rng([config.seed, 1])  # apart from the arrivals' stream
         self._given = config.prompts

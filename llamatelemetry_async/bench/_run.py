@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    pass
+
 import contextlib
 import dataclasses
 import datetime
@@ -13,7 +18,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 import anyio
-import numpy as np
 
 from .._errors import APIError, LlamaError, RemoteProtocolError, UsageError
 from .._groups import single_error
@@ -213,6 +217,8 @@ class _Run:
                 tg.start_soon(worker)
 
     async def _arrivals(self) -> None:
+        import numpy as np
+
         config = self.config
         assert config.rate is not None
         rng = np.random.default_rng(config.seed)

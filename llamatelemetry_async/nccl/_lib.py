@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .._errors import NCCLError, NCCLNotFoundError, NCCLSymbolError
+from .._errors import NCCLError, NCCLNotFoundError, NCCLSymbolError, NCCLUsageError
 
 __all__ = [
     "ENV_VAR",
@@ -133,7 +133,7 @@ class UniqueId(ctypes.Structure):
     def from_bytes(cls, data: bytes) -> UniqueId:
         """Rebuild an id from its 128 bytes."""
         if len(data) != UNIQUE_ID_BYTES:
-            raise ValueError(f"an ncclUniqueId is {UNIQUE_ID_BYTES} bytes, got {len(data)}")
+            raise NCCLUsageError(f"an ncclUniqueId is {UNIQUE_ID_BYTES} bytes, got {len(data)}")
         return cls.from_buffer_copy(data)
 
 

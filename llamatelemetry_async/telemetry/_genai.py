@@ -24,6 +24,7 @@ import anyio
 from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from .._errors import ConfigError
 from .._version import __version__
 
 if TYPE_CHECKING:
@@ -111,7 +112,9 @@ class TokenEvents:
 
     def __post_init__(self) -> None:
         if self.mode != "off" and self.max_events < 2:
-            raise ValueError("max_events must leave room for the first and last token (>= 2)")
+            raise ConfigError(
+                "max_events must leave room for the first and last token (>= 2)", field="max_events"
+            )
 
 
 class GenAIInstrumentation:

@@ -33,6 +33,7 @@ import numpy.typing as npt
 
 # The tokenizer and template are the tiny model's. ``_vocabulary`` and the id constants are
 # private to that module; importing them here keeps one definition of the vocabulary.
+from .._errors import ConfigError
 from ._tiny_model import _vocabulary, llama_writer
 
 __all__ = ["BIG_MODEL_NAME", "write_random_llama"]
@@ -59,7 +60,7 @@ def _random_fill(rng: np.random.Generator, std: float, dtype: str) -> Fill:
     exponent = round(math.log2(std * math.sqrt(3 / 7)))
     biased = exponent + bias
     if not 0 < biased < 2 * bias:
-        raise ValueError(f"weight scale {std!r} is out of range for {dtype}")
+        raise ConfigError(f"weight scale {std!r} is out of range for {dtype}")
     itemsize = np.dtype(uint).itemsize
     sign = 1 << (8 * itemsize - 1)
     keep = uint(sign | ((1 << mant_bits) - 1))  # sign and mantissa stay random
@@ -97,17 +98,17 @@ def write_random_llama(
     written under a temporary name beside ``path`` and renamed into place.
     """
     if dtype not in _BITS:
-        raise ValueError(f"dtype must be 'f16' or 'f32', not {dtype!r}")
+        raise ConfigError(f"dtype must be 'f16' or 'f32', not {dtype!r}")
     if min(n_embd, n_layer, n_head, n_head_kv, n_ff, n_vocab) < 1:
-        raise ValueError("every size must be at least 1")
+        raise ConfigError("every size must be at least 1")
     if n_embd % n_head or n_head % n_head_kv:
-        raise ValueError("n_embd must divide by n_head, and n_head by n_head_kv")
+        raise ConfigError("n_embd must divide by n_head, and n_head by n_head_kv")
     head_dim = n_embd // n_head
     if head_dim % 2:
-        raise ValueError("head dimension (n_embd / n_head) must be even for RoPE")
+        raise ConfigError("head dimension (n_embd / n_head) must be even for RoPE")
     tokens, scores, types, word_ids = _vocabulary()
     if n_vocab < len(tokens):
-        raise ValueError(f"n_vocab must be at least {len(tokens)} (the tiny model's vocabulary)")
+        raise ConfigError(f"n_vocab must be at least {len(tokens)} (the tiny model's vocabulary)")
     # Pad with tokens no text can produce and the output layer never picks (its rows are 0).
     for i in range(len(tokens), n_vocab):
         tokens.append(f"<unused_{i}>")

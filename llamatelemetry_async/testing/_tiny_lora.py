@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import gguf
 import numpy as np
 
+from .._errors import ConfigError
+
 __all__ = ["write_tiny_lora"]
 
 # The weights of one tiny-model block a LoRA may adapt: name -> (n_in, n_out) per ggml.
@@ -45,7 +47,7 @@ def write_tiny_lora(
     """
     unknown = [t for t in targets if t not in _TARGETS]
     if unknown or not targets:
-        raise ValueError(f"targets must be some of {_TARGETS}, got {list(targets)}")
+        raise ConfigError(f"targets must be some of {_TARGETS}, got {list(targets)}")
     kv_dim = n_head_kv * (n_embd // n_head)
     shapes = {  # ggml (n_in, n_out) of each weight
         "attn_q": (n_embd, n_embd),

@@ -17,6 +17,8 @@ import gguf
 import numpy as np
 import numpy.typing as npt
 
+from .._errors import ConfigError
+
 __all__ = ["TINY_MODEL_NAME", "write_tiny_model"]
 
 TINY_MODEL_NAME = "llamatelemetry-tiny"
@@ -171,10 +173,10 @@ def write_tiny_model(
     given numpy version (numpy does not promise its random streams across versions).
     """
     if n_embd % n_head or n_head % n_head_kv:
-        raise ValueError("n_embd must divide by n_head, and n_head by n_head_kv")
+        raise ConfigError("n_embd must divide by n_head, and n_head by n_head_kv")
     head_dim = n_embd // n_head
     if head_dim % 2:
-        raise ValueError("head dimension (n_embd / n_head) must be even for RoPE")
+        raise ConfigError("head dimension (n_embd / n_head) must be even for RoPE")
 
     out = pathlib.Path(path)
     tokens, scores, types, word_ids = _vocabulary()
