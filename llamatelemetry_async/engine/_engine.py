@@ -75,16 +75,27 @@ class ServerInfo:
     """A snapshot of one server of an engine."""
 
     name: str
+    """The server's name in the placement: ``"gpu0"``, ``"gpu0+1"`` (a pair), ``"cpu0"``."""
     url: str | None
+    """Its base URL (``http://127.0.0.1:PORT``); ``None`` until it has bound a port."""
     pid: int | None
+    """The llama-server process id; ``None`` while no process runs."""
     gpus: tuple[int, ...]
+    """Physical GPU ids it runs on (NVML order); ``()`` on the CPU."""
     state: str
+    """A ``ServerState`` value: ``"starting"``, ``"ready"``, ``"crashed"``, ``"stopped"`` ..."""
     slots: int
+    """Requests it decodes at once (llama-server's ``total_slots``)."""
     outstanding: int
+    """Requests the engine has in flight on it now."""
     served: int
+    """Requests the engine has sent it since the engine started."""
     starts: int
+    """How many times it was started (1 + restarts)."""
     exit_code: int | None
+    """The last exit code, when it has exited (negative: killed by that signal)."""
     recent_logs: tuple[str, ...]
+    """Its last output lines, oldest first."""
 
 
 class _Server:
