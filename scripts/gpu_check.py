@@ -464,6 +464,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             # Warm-up (kernels, CUDA graphs for batch 1 and the full batch): not counted.
             await run_phase(engine, probe, 1, 1, 16, lag=False)
             await run_phase(engine, probe, args.streams, 1, 16, lag=False)
+            result["vram"] = vram_check(engine, probe)
             result["idle_lag_ms"] = _percentiles(await idle_lag(1.0))
             phases = []
             for streams, rounds in ((1, args.single_requests), (args.streams, args.rounds)):
@@ -474,6 +475,33 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             result["latest_sample"] = probe.latest()
             result["servers"] = [dataclasses.asdict(s) for s in engine.servers]
     return result
+
+
+def vram_check(engine: Any, probe: Any) -> dict[str, Any] | None:
+    """The planner's bytes for the GPU next to what NVML says is used after warm-up.
+
+    The engine planned ``n_gpu_layers`` (left unset above); comparing its prediction with
+    the real footprint checks the compute-buffer estimate and ``CUDA_OVERHEAD_BYTES``.
+    """
+    plan = engine.vram_plan
+    if plan is None or not plan.servers or not plan.servers[0].devices:
+        return None
+    device = plan.servers[0].devices[0]
+    latest = probe.latest() if probe.available else None
+    measured = latest.get("memory_used") if latest else None
+    return {
+        "explain": plan.explain(),
+        "n_gpu_layers": plan.servers[0].n_gpu_layers,
+        "predicted": {
+            "weights": device.weights_bytes,
+            "kv": device.kv_bytes,
+            "compute": device.compute_bytes,
+            "overhead": device.overhead_bytes,
+            "total": device.used_bytes,
+        },
+        "measured_used": measured,
+        "ratio": None if not measured else device.used_bytes / measured,
+    }
 
 
 # --------------------------------------------------------------------------- report
@@ -537,6 +565,21 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> str:
         f"max {_fmt(lag['max'], '.2f')} ms ({lag['n']} ticks).",
         "",
     ]
+    vram = result.get("vram")
+    if vram:
+        mib = 2**20
+        pred = vram["predicted"]
+        measured = vram["measured_used"]
+        lines += [
+            f"VRAM plan (n_gpu_layers={vram['n_gpu_layers']}, planned by the engine): "
+            f"weights {pred['weights'] / mib:.0f} MiB + KV {pred['kv'] / mib:.0f} MiB + "
+            f"compute {pred['compute'] / mib:.0f} MiB + overhead {pred['overhead'] / mib:.0f}"
+            f" MiB = **{pred['total'] / mib:.0f} MiB** predicted; NVML used after warm-up: "
+            f"**{_fmt(None if measured is None else measured / mib, '.0f', ' MiB')}**"
+            + (f" (predicted / measured = {vram['ratio']:.3f})" if vram["ratio"] else "")
+            + ".",
+            "",
+        ]
     if result["gpu_source"] == "none":
         lines.append(f"GPU sampling: none ({result['gpu_reason']}).")
     else:
