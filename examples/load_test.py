@@ -39,9 +39,12 @@ async def main(args: argparse.Namespace) -> None:
     m = result.metrics
     if m.requests_failed:
         print(f"\n{m.requests_failed} requests failed: {result.errors}")
-    print(
-        f"\nTTFT p99 {m.ttft_ms.p99} ms, output {m.output_throughput} tok/s (from result.metrics)"
-    )
+    # Statistics are None when nothing completed (every request failed).
+    if m.ttft_ms.p99 is not None and m.output_throughput is not None:
+        print(
+            f"\nfrom result.metrics: TTFT p99 {m.ttft_ms.p99:.1f} ms, "
+            f"output {m.output_throughput:.1f} tok/s"
+        )
     for path in await result.save(args.out):  # result.json and the PNGs, in a worker thread
         print(f"wrote {path}")
 

@@ -4,19 +4,28 @@ server, real runs against llama-server, plots, the JSONL loader, the CLI and the
 from __future__ import annotations
 
 import argparse
+import array
+import asyncio
+import contextlib
 import json
 import math
+import re
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
 import httpx
 import numpy as np
 import pytest
+import sniffio
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-from llamatelemetry_async import AsyncEngine, ConfigError
+from llamatelemetry_async import AsyncEngine, AsyncLlamaClient, ConfigError
 from llamatelemetry_async.bench import (
     FORMULAS,
     SCHEMA,
@@ -29,13 +38,17 @@ from llamatelemetry_async.bench import (
     inter_arrival_times,
     load_prompts_jsonl,
     max_in_flight,
+    pooled_itl,
     run_bench,
     throughput_timeline,
 )
 from llamatelemetry_async.bench._cli import add_arguments, run_from_args
+from llamatelemetry_async.bench._metrics import Stats
+from llamatelemetry_async.bench._plots import _histogram
+from llamatelemetry_async.client._http import Backend
 from llamatelemetry_async.engine import Placement
 from llamatelemetry_async.gpu import GPUSample, GPUSampler
-from llamatelemetry_async.server import ServerConfig
+from llamatelemetry_async.server import ServerConfig, ServerState
 from llamatelemetry_async.testing._fake_nvml import FakeGPU, FakeNVML
 from llamatelemetry_async.testing._replay import replay_server
 from llamatelemetry_async.testing._server import RunningServer
@@ -56,6 +69,26 @@ def _stats(url: str) -> dict[str, float]:
     response.raise_for_status()
     stats: dict[str, float] = response.json()
     return stats
+
+
+async def _astats(url: str) -> dict[str, float]:
+    async with httpx.AsyncClient(timeout=10) as http:
+        response = await http.get(f"{url}/stats")
+    response.raise_for_status()
+    stats: dict[str, float] = response.json()
+    return stats
+
+
+async def _wait_for_stat(
+    url: str, name: str, done: Callable[[float], bool], timeout: float = 20.0
+) -> float:
+    """Poll the replay server's /stats until ``done(value)`` (a condition, not a delay)."""
+    with anyio.fail_after(timeout):
+        while True:
+            value = (await _astats(url))[name]
+            if done(value):
+                return value
+            await anyio.sleep(0.02)
 
 
 # --------------------------------------------------------------------- metrics (pure)
@@ -164,6 +197,40 @@ def test_throughput_timeline_bins_chunks_and_counts_in_flight() -> None:
     assert timeline.in_flight == (2, 2, 1)
 
 
+def test_pooled_itl_never_bridges_two_requests() -> None:
+    records = [
+        _record(0, 0.0, (), 0.1),  # no chunk: no gap
+        _record(1, 0.0, (0.5,), 0.6),  # one chunk: no gap
+        _record(2, 1.0, (1.1, 1.3, 1.6), 1.7),
+        _record(3, 0.0, (0.2, 0.25), 0.3),  # earlier than the last: a bridged gap is negative
+        _record(4, 2.0, (2.5,), 2.6),
+    ]
+    gaps = pooled_itl(records)
+    assert gaps.tolist() == pytest.approx([0.2, 0.3, 0.05])
+    assert gaps.tolist() == pytest.approx([g for r in records for g in r.itl])
+    assert pooled_itl([]).size == 0
+    assert pooled_itl(records[:2]).size == 0
+    # Chunk times are kept as 8-byte doubles, whatever sequence they were given as.
+    assert isinstance(records[2].chunk_times, array.array)
+    assert records[2].chunk_times.typecode == "d"
+    assert RequestRecord.from_json(records[2].to_json()) == records[2]
+
+
+def test_goodput_needs_a_token_whichever_limits_are_given() -> None:
+    records = [
+        _record(0, 0.0, (), 0.1),  # completed, but no token came
+        _record(1, 0.0, (0.05,), 0.06),  # one token: no TPOT to miss
+        _record(2, 0.0, (0.05, 0.07, 0.09), 0.1),  # TPOT 25 ms
+    ]
+    # Before the fix the token-less request met a TPOT-only limit (3 instead of 2).
+    assert compute_metrics(records, tpot_slo_ms=30).goodput_requests == 2
+    assert compute_metrics(records, ttft_slo_ms=100).goodput_requests == 2
+    assert compute_metrics(records, tpot_slo_ms=20).goodput_requests == 1
+    m = compute_metrics(records)
+    assert m.requests_completed == 3
+    assert (m.ttft_ms.count, m.tpot_ms.count, m.itl_ms.count) == (2, 1, 2)
+
+
 # --------------------------------------------------------------------- arrival process
 @pytest.mark.parametrize("burstiness", [1.0, 0.5, 4.0])
 def test_gamma_arrivals_have_mean_one_over_rate_and_the_burstiness_spread(
@@ -186,10 +253,13 @@ def test_an_infinite_rate_sends_everything_at_once() -> None:
 
 
 @pytest.mark.anyio
-async def test_rate_run_sends_on_the_seeded_schedule(replay_url: str) -> None:
+async def test_rate_run_sends_on_the_seeded_schedule(
+    replay_url: str, client_backend: Backend
+) -> None:
     rate = 200.0
     config = BenchConfig(rate=rate, requests=60, output_tokens=4, seed=3)
-    result = await run_bench(replay_url, config, progress=False)
+    async with AsyncLlamaClient(replay_url, backend=client_backend) as client:
+        result = await run_bench(client, config, progress=False)
     records = result.records
     assert len(records) == 60
     assert all(r.ok for r in records)
@@ -209,23 +279,76 @@ async def test_rate_run_sends_on_the_seeded_schedule(replay_url: str) -> None:
 
 
 @pytest.mark.anyio
-async def test_rate_with_a_concurrency_cap_keeps_to_it(paced_replay_url: str) -> None:
+async def test_rate_arrivals_catch_up_after_the_loop_stalls(
+    replay_url: str, client_backend: Backend
+) -> None:
+    # Sleeping until absolute times, the requests due during a stall go out at once after
+    # it and the rest keep to the schedule; relative sleeps would push every later
+    # request back by the stall (100 ms here).
+    config = BenchConfig(rate=200.0, requests=100, output_tokens=2, seed=5)
+    stall = 0.1
+
+    async def stall_the_loop() -> None:
+        await anyio.sleep(0.15)  # when to inject the stall, not a synchronisation
+        time.sleep(stall)  # noqa: ASYNC251  # blocks the event loop on purpose
+
+    async with (
+        AsyncLlamaClient(replay_url, backend=client_backend) as client,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(stall_the_loop)
+        result = await run_bench(client, config, progress=False)
+    lateness = np.array([r.send - r.scheduled for r in result.records if r.scheduled is not None])
+    assert lateness.size == 100
+    assert lateness.max() > stall / 2  # the stall landed inside the run
+    assert float(np.median(lateness[-20:])) < 0.02  # and the schedule did not slip
+
+
+@pytest.mark.anyio
+async def test_rate_with_a_concurrency_cap_keeps_to_it(
+    paced_replay_url: str, client_backend: Backend
+) -> None:
     config = BenchConfig(rate=math.inf, concurrency=3, requests=9, output_tokens=5)
-    result = await run_bench(paced_replay_url, config, progress=False)
+    async with AsyncLlamaClient(paced_replay_url, backend=client_backend) as client:
+        result = await run_bench(client, config, progress=False)
     assert result.metrics.requests_completed == 9
     assert result.metrics.max_in_flight == 3
     assert all(r.output_tokens == 5 for r in result.records)
 
 
+@pytest.mark.anyio
+async def test_rate_with_a_cap_sends_nothing_after_the_deadline(
+    paced_replay_url: str, client_backend: Backend
+) -> None:
+    # 100 arrivals/s into one slot that takes ~50 ms a request: most arrivals wait. The run
+    # used to queue every arrival due before the deadline and send them all, long after it.
+    duration = 0.3
+    config = BenchConfig(
+        rate=100.0, concurrency=1, duration=duration, requests=None, output_tokens=10
+    )
+    began = time.perf_counter()
+    async with AsyncLlamaClient(paced_replay_url, backend=client_backend) as client:
+        result = await run_bench(client, config, progress=False)
+    took = time.perf_counter() - began
+    records = result.records
+    start = min(r.scheduled for r in records if r.scheduled is not None)
+    assert 2 <= len(records) <= 8
+    assert max(r.send for r in records) - start < duration + 0.01
+    assert max(r.send - (r.scheduled or 0.0) for r in records) > 0.03  # the cap held them
+    assert result.metrics.max_in_flight == 1
+    assert took < duration + 1.0  # the last request ends, nothing queued behind it
+
+
 # --------------------------------------------------------------------- load shapes, replay server
 @pytest.mark.anyio
 async def test_fixed_concurrency_is_never_exceeded_as_the_server_counts(
-    paced_replay_url: str,
+    paced_replay_url: str, client_backend: Backend
 ) -> None:
-    before = _stats(paced_replay_url)
+    before = await _astats(paced_replay_url)
     config = BenchConfig(concurrency=4, requests=16, warmup=4, output_tokens=10)
-    result = await run_bench(paced_replay_url, config, progress=False)
-    after = _stats(paced_replay_url)
+    async with AsyncLlamaClient(paced_replay_url, backend=client_backend) as client:
+        result = await run_bench(client, config, progress=False)
+    after = await _astats(paced_replay_url)
     # Each stream needs a connection of its own: the server saw at most 4 connections
     # opened by the run (the /stats requests open one each), so never 5 streams at once.
     opened = after["connections_opened"] - before["connections_opened"] - 1
@@ -243,9 +366,12 @@ async def test_fixed_concurrency_is_never_exceeded_as_the_server_counts(
 
 
 @pytest.mark.anyio
-async def test_a_run_by_duration_stops_sending_at_the_deadline(paced_replay_url: str) -> None:
+async def test_a_run_by_duration_stops_sending_at_the_deadline(
+    paced_replay_url: str, client_backend: Backend
+) -> None:
     config = BenchConfig(requests=None, duration=0.3, concurrency=2, output_tokens=4)
-    result = await run_bench(paced_replay_url, config, progress=False)
+    async with AsyncLlamaClient(paced_replay_url, backend=client_backend) as client:
+        result = await run_bench(client, config, progress=False)
     sends = [r.send for r in result.records]
     assert len(sends) >= 4  # 20 ms per request, 2 at a time, for 0.3 s
     assert max(sends) - min(sends) < 0.3 + 0.05
@@ -253,15 +379,129 @@ async def test_a_run_by_duration_stops_sending_at_the_deadline(paced_replay_url:
 
 
 @pytest.mark.anyio
-async def test_failed_requests_are_recorded_with_their_error(replay_url: str) -> None:
+async def test_failed_requests_are_recorded_with_their_error(
+    replay_url: str, client_backend: Backend
+) -> None:
     config = BenchConfig(
         concurrency=2, requests=4, output_tokens=4, params={"_replay_fault": "error_event"}
     )
-    result = await run_bench(replay_url, config, progress=False)
+    async with AsyncLlamaClient(replay_url, backend=client_backend) as client:
+        result = await run_bench(client, config, progress=False)
     assert result.metrics.requests_failed == 4
     assert all(r.error and r.error.startswith("StreamError: ") for r in result.records)
     assert list(result.errors.values()) == [4]
     assert "errors:" in result.summary_text()
+
+
+@pytest.mark.anyio
+async def test_a_server_that_dies_mid_run_fails_the_rest_and_the_run_goes_on(
+    client_backend: Backend,
+) -> None:
+    config = BenchConfig(concurrency=2, requests=30, output_tokens=10)
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(replay_server(tokens=10, rate=200.0))  # ~50 ms a request
+
+        async def kill_after_some_requests() -> None:
+            await _wait_for_stat(url, "requests", lambda n: n >= 5)
+            await anyio.to_thread.run_sync(stack.close)  # SIGTERM, reaped
+
+        async with (
+            AsyncLlamaClient(url, backend=client_backend) as client,
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(kill_after_some_requests)
+            result = await run_bench(client, config, progress=False)
+    m = result.metrics
+    assert len(result.records) == 30  # every request was tried and recorded
+    assert m.requests_completed >= 2
+    assert m.requests_failed >= 20
+    assert m.requests_completed + m.requests_failed == 30
+    assert sum(result.errors.values()) == m.requests_failed
+    assert all(r.error for r in result.records if not r.ok)
+    assert m.ttft_ms.count == m.requests_completed  # failed requests stay out of latencies
+    text = result.summary_text()
+    assert f"{m.requests_failed} failed" in text
+    assert "errors:" in text
+
+
+@pytest.mark.anyio
+async def test_cancelling_a_run_closes_every_stream_and_leaves_no_task(
+    replay_url: str, client_backend: Backend
+) -> None:
+    # Streams that stall after their first token: the run can only end by cancellation.
+    config = BenchConfig(
+        concurrency=4, requests=8, output_tokens=5, params={"_replay_fault": "stall"}
+    )
+    before = await _astats(replay_url)
+    on_asyncio = sniffio.current_async_library() == "asyncio"
+    tasks_before = set(asyncio.all_tasks()) if on_asyncio else set()
+    async with AsyncLlamaClient(replay_url, backend=client_backend) as client:
+        async with anyio.create_task_group() as tg:
+
+            async def bench() -> None:
+                await run_bench(client, config, progress=True)
+                pytest.fail("a run of stalled streams ended by itself")
+
+            tg.start_soon(bench)
+            # All four streams are open at the server; then cancel, as Ctrl-C would.
+            await _wait_for_stat(replay_url, "requests", lambda n: n >= before["requests"] + 4)
+            tg.cancel_scope.cancel()
+        # Every stream's connection was closed (the server sees each close).
+        opened = await _wait_for_stat(
+            replay_url, "connections_open", lambda n: n <= before["connections_open"]
+        )
+        assert opened == before["connections_open"]
+    if on_asyncio:
+        assert set(asyncio.all_tasks()) == tasks_before
+
+
+_SIGINT_CHILD = """
+import sys, anyio
+from llamatelemetry_async.bench import BenchConfig, run_bench
+
+async def main() -> None:
+    config = BenchConfig(
+        concurrency=4, requests=8, output_tokens=5, params={"_replay_fault": "stall"}
+    )
+    await run_bench(sys.argv[1], config, progress=True)
+
+try:
+    anyio.run(main, backend=sys.argv[2])
+except KeyboardInterrupt:
+    print("KeyboardInterrupt", flush=True)
+    sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_ctrl_c_closes_every_stream_and_raises_keyboard_interrupt(
+    replay_url: str, backend: str
+) -> None:
+    before = _stats(replay_url)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _SIGINT_CHILD, replay_url, backend],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while _stats(replay_url)["requests"] < before["requests"] + 4:  # 4 streams open
+            assert child.poll() is None, child.communicate()
+            assert time.monotonic() < deadline, "the streams never opened"
+            time.sleep(0.02)  # polling another process for a condition
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    # KeyboardInterrupt itself, not wrapped in an exception group (trio nests task groups).
+    assert (child.returncode, out.strip()) == (130, "KeyboardInterrupt"), err
+    deadline = time.monotonic() + 10
+    while _stats(replay_url)["connections_open"] > before["connections_open"]:
+        assert time.monotonic() < deadline, "a stream was left open"
+        time.sleep(0.02)
 
 
 @pytest.mark.anyio
@@ -366,7 +606,7 @@ async def test_engine_started_by_the_benchmark_with_its_gpu_samples(
     )
     config = BenchConfig(concurrency=2, requests=6, input_tokens=16, output_tokens=16)
     result = await run_bench(engine, config, progress=False)  # starts and stops the engine
-    assert engine.servers[0].state != "ready"
+    assert engine.servers[0].state == ServerState.STOPPED.value  # stopped here, not crashed
     assert result.environment["target"] == "engine"
     assert all(r.ok and r.output_tokens == 16 for r in result.records)
     assert {s.index for s in result.gpu_samples} == {0, 1}
@@ -396,6 +636,100 @@ def test_plots_are_pngs_drawn_by_matplotlib(tmp_path: Path) -> None:
     assert [p.name for p in paths] == ["ttft.png", "itl.png", "throughput.png", "gpu.png"]
     for path in paths:
         _assert_matplotlib_png(path)
+
+
+def test_histograms_of_a_heavy_tail_use_a_log_axis() -> None:
+    rng = np.random.default_rng(1)
+    bulk = rng.normal(20.0, 2.0, size=2000)  # ITLs of ~20 ms
+    tail = np.array([1500.0, 2500.0])  # two long stalls
+    for values, scale in ((bulk, "linear"), (np.concatenate([bulk, tail, [0.0]]), "log")):
+        ax = Figure().add_subplot()
+        _histogram(ax, values, Stats.of(values), "ITL (ms)", "gaps", "title")
+        assert ax.get_xscale() == scale
+        assert ax.get_xlabel().startswith("ITL (ms)")
+        assert ax.get_ylabel() == "gaps"
+        # Every value is drawn (the one at 0 in the first bin of the log axis).
+        assert sum(p.get_height() for p in ax.patches if isinstance(p, Rectangle)) == len(values)
+
+
+# --------------------------------------------------------------------- JSON schema
+_RECORD_KEYS = {
+    "index",
+    "send",
+    "end",
+    "first_byte",
+    "chunk_times",
+    "output_tokens",
+    "prompt_tokens",
+    "requested_tokens",
+    "scheduled",
+    "warmup",
+    "finish_reason",
+    "server_prompt_ms",
+    "server_predicted_ms",
+    "server_predicted_per_second",
+    "error",
+}
+_METRIC_KEYS = {
+    "requests_completed",
+    "requests_failed",
+    "duration_s",
+    "input_tokens",
+    "output_tokens",
+    "request_throughput",
+    "output_throughput",
+    "total_token_throughput",
+    "goodput",
+    "goodput_requests",
+    "max_in_flight",
+    "ttft_ms",
+    "tpot_ms",
+    "itl_ms",
+    "e2e_ms",
+    "server_prompt_ms",
+    "server_predicted_per_second",
+    "ttft_slo_ms",
+    "tpot_slo_ms",
+}
+_TOP_KEYS = [
+    "schema",
+    "config",
+    "environment",
+    "units",
+    "formulas",
+    "metrics",
+    "errors",
+    "records",
+    "gpu_samples",
+]
+
+
+def test_json_schema_is_pinned_and_documented(tmp_path: Path) -> None:
+    # A change to these keys is a change of SCHEMA: bump it and update the guide.
+    samples = (GPUSample(index=0, t=0.5, name="fake", utilization_gpu=50.0, power_w=100.0),)
+    result = BenchResult(BenchConfig(ttft_slo_ms=150), tuple(_timeline()), {"x": 1}, samples)
+    path = result.write_json(tmp_path / "result.json")
+    data = json.loads(path.read_text())
+    assert list(data) == _TOP_KEYS
+    assert data["schema"] == SCHEMA == "llamatelemetry_async.bench/1"
+    assert set(data["metrics"]) == _METRIC_KEYS
+    assert all(set(r) == _RECORD_KEYS for r in data["records"])
+    assert set(data["config"]) == set(BenchConfig.__dataclass_fields__) | {"mode"}
+    assert set(data["units"]) == {"records", "metrics", "gpu_samples"}
+    # Written row by row, the file holds the same document as to_json().
+    assert data == json.loads(json.dumps(result.to_json()))
+    recomputed = compute_metrics(
+        [RequestRecord.from_json(r) for r in data["records"]], ttft_slo_ms=150
+    )
+    assert recomputed == result.metrics
+    # Empty rows are still valid JSON.
+    empty = BenchResult(BenchConfig(), (), {}, ()).write_json(tmp_path / "empty.json")
+    assert json.loads(empty.read_text())["records"] == []
+    # The guide names every key a reader meets.
+    guide = (ROOT / "docs" / "guides" / "benchmarking.md").read_text()
+    documented = set(re.findall(r"`([a-z_0-9]+)`", guide))
+    missing = (set(_TOP_KEYS) | _METRIC_KEYS | _RECORD_KEYS) - documented
+    assert not missing, f"document these result.json keys in the guide: {sorted(missing)}"
 
 
 # --------------------------------------------------------------------- prompts and config
@@ -460,6 +794,12 @@ def test_jsonl_loader_missing_or_empty_file(tmp_path: Path) -> None:
         ({"ttft_slo_ms": 0}, "ttft_slo_ms"),
         ({"prompts": ()}, "prompts"),
         ({"prompts": (BenchPrompt((1, 2)),), "endpoint": "chat"}, "prompts"),
+        # The run sets these itself: n_predict here was a TypeError mid-run.
+        ({"params": {"n_predict": 5}}, "params"),
+        ({"params": {"max_tokens": 5}}, "params"),
+        ({"params": {"prompt": "x"}}, "params"),
+        # Every request due at once, with no count to stop at: the run never ended.
+        ({"rate": math.inf, "requests": None, "duration": 5.0}, "rate"),
     ],
 )
 def test_config_refuses_bad_values_naming_the_field(kwargs: dict[str, object], field: str) -> None:
@@ -512,6 +852,57 @@ def test_cli_options_make_the_config() -> None:
     assert (config.requests, config.duration, config.rate, config.mode) == (None, 5.0, 2.0, "rate")
     config = config_from_args(_cli_args(["--model", "m.gguf", "--concurrency", "3"]))
     assert (config.requests, config.workers, config.mode) == (100, 3, "concurrency")
+    # Placements are written as serve writes them (one parser for every command).
+    args = _cli_args(["--model", "m.gguf", "--placement", "cpu:2", "--parallel", "3"])
+    assert (args.placement, args.parallel) == (Placement.cpu(2), 3)
+    assert _cli_args(["--url", "u", "--preset", "kaggle-t4x2"]).placement == (
+        Placement.kaggle_t4x2()
+    )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [(["--parallel", "2"], "parallel"), (["--placement", "cpu:2"], "placement")],
+)
+async def test_cli_refuses_engine_options_with_a_url(
+    paced_replay_url: str, extra: list[str], field: str
+) -> None:
+    # They used to be dropped without a word: the run went on without them.
+    args = _cli_args(["--url", paced_replay_url, "--requests", "1", *extra])
+    with pytest.raises(ConfigError) as info:
+        await run_from_args(args)
+    assert info.value.field == field
+    assert "--model" in str(info.value)
+
+
+@pytest.mark.anyio
+async def test_cli_starts_an_engine_on_a_model_with_a_placement(
+    tiny_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = _cli_args(
+        [
+            "--model",
+            str(tiny_model),
+            "--placement",
+            "cpu:1",
+            "--parallel",
+            "2",
+            "--ctx-size",
+            "512",
+            "--concurrency",
+            "2",
+            "--requests",
+            "2",
+            "--output-tokens",
+            "2",
+            "--no-progress",
+        ]
+    )
+    assert await run_from_args(args) == 0
+    out = capsys.readouterr().out
+    assert "requests: 2 completed, 0 failed" in out
+    assert "servers 1, slots each 2" in out
 
 
 def test_load_test_example_writes_json_and_plots(

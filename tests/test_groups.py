@@ -31,3 +31,16 @@ async def test_several_errors_stay_grouped() -> None:
             tg.start_soon(fail, ValueError("a"))
             tg.start_soon(fail, KeyError("b"))
     assert len(info.value.exceptions) == 2
+
+
+async def test_nested_groups_of_one_unwrap_to_the_error() -> None:
+    async def fail() -> None:
+        raise KeyError("deep")
+
+    async def inner() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(fail)
+
+    with pytest.raises(KeyError, match="deep"), single_error():
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(inner)

@@ -17,7 +17,7 @@ _EPILOG = """\
 examples:
   llamatelemetry-async bench --url http://127.0.0.1:8080 --concurrency 16 --requests 200
   llamatelemetry-async bench --model model.gguf --rate 8 --burstiness 0.5 --duration 60
-  llamatelemetry-async bench --model model.gguf --servers 2 --out bench-out  # JSON + PNGs
+  llamatelemetry-async bench --model model.gguf --placement cpu:2 --out bench-out  # JSON + PNGs
   llamatelemetry-async bench --url http://127.0.0.1:8080 --ttft-slo 500 --tpot-slo 50
 
 Exit status: 0 when every measured request completed, 1 when some failed.

@@ -38,6 +38,7 @@ from ._metrics import (
     Timeline as Timeline,
     compute_metrics as compute_metrics,
     max_in_flight as max_in_flight,
+    pooled_itl as pooled_itl,
     throughput_timeline as throughput_timeline,
 )
 from ._prompts import (
@@ -67,6 +68,7 @@ __all__ = [
     "load_prompts_jsonl",
     "max_in_flight",
     "parse_prompts_jsonl",
+    "pooled_itl",
     "run_bench",
     "throughput_timeline",
 ]

@@ -3,7 +3,9 @@
 The CLI's ``bench`` subcommand calls ``add_arguments(subparser)`` and then
 ``anyio.run(run_from_args, args)``; the exit status is what ``run_from_args`` returns
 (0: every measured request completed, 1: some failed). Errors of the user's making are
-``LlamaError``s, which the CLI prints without a traceback.
+``LlamaError``s, which the CLI prints without a traceback. Where the engine's servers run
+(``--placement``, ``--preset``, ``--parallel``, ...) and which model (``--model``: a path,
+``owner/repo:file.gguf`` or a registry name) are read exactly as ``serve`` reads them.
 """
 
 from __future__ import annotations
@@ -12,29 +14,22 @@ import argparse
 import contextlib
 import dataclasses
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
 
+from .._cli._common import add_placement_options, placement_from, resolve
 from .._errors import ConfigError
 from ..engine import AsyncEngine, Placement
 from ..server import ServerConfig
 from ._config import BenchConfig, load_prompts_jsonl
 from ._run import run_bench
 
-__all__ = ["PLACEMENTS", "add_arguments", "run_from_args"]
+__all__ = ["add_arguments", "config_from_args", "run_from_args"]
 
-#: ``--placement`` names and the placements they make.
-PLACEMENTS: dict[str, Callable[[], Placement]] = {
-    "auto": Placement.auto,
-    "cpu": Placement.cpu,
-    "per-gpu": Placement.per_gpu,
-    "pairs": Placement.pairs,
-    "single-gpu": Placement.single_gpu,
-    "kaggle-t4x2": Placement.kaggle_t4x2,
-    "kaggle-t4x2-pair": Placement.kaggle_t4x2_pair,
-}
+# Options that shape an engine started here: meaningless against --url.
+_ENGINE_OPTIONS = ("ctx_size", "parallel", "n_gpu_layers", "llama_server", "log_dir")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,31 +43,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where = target.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="a running llama-server, e.g. http://127.0.0.1:8080")
     where.add_argument(
-        "--model", type=Path, metavar="GGUF", help="a GGUF file: start an engine on it here"
+        "--model",
+        metavar="MODEL",
+        help="a GGUF file, owner/repo:file.gguf or a registry name: start an engine on it "
+        "here (--placement cpu:2 starts two CPU servers)",
     )
     target.add_argument("--api-key", help="API key of the --url server")
-    target.add_argument(
-        "--placement",
-        choices=sorted(PLACEMENTS),
-        default="auto",
-        help="where the engine's servers run (default: one per GPU, else one on the CPU)",
-    )
-    target.add_argument(
-        "--servers",
-        type=int,
-        metavar="N",
-        help="start this many CPU servers (placement cpu with n servers)",
-    )
-    target.add_argument(
-        "--parallel", type=int, metavar="N", help="slots per server (llama-server -np)"
-    )
-    target.add_argument("--ctx-size", type=int, metavar="N", help="context size per server (-c)")
-    target.add_argument("--llama-server", metavar="PATH", help="path to the llama-server binary")
     target.add_argument(
         "--sample-gpus",
         action="store_true",
         help="with --url: sample this machine's GPUs during the run (an engine on GPUs does)",
     )
+    add_placement_options(parser)
 
     load = parser.add_argument_group("load")
     load.add_argument(
@@ -181,18 +163,25 @@ async def run_from_args(args: argparse.Namespace) -> int:
 @contextlib.asynccontextmanager
 async def _target(args: argparse.Namespace) -> AsyncIterator[str | AsyncEngine]:
     if args.url is not None:
+        given = [name for name in _ENGINE_OPTIONS if getattr(args, name) is not None]
+        if given or placement_from(args) != Placement.auto():
+            options = ", ".join("--" + n.replace("_", "-") for n in given) or "--placement"
+            raise ConfigError(
+                f"{options}: these set up the servers of an engine started with --model; "
+                "a --url server runs as it was started (leave them out)",
+                field=given[0] if given else "placement",
+            )
         yield args.url
         return
-    if args.servers is not None:
-        if args.placement not in ("auto", "cpu"):
-            raise ConfigError(
-                "--servers starts CPU servers; leave --placement out", field="servers"
-            )
-        placement = Placement.cpu(args.servers)
-    else:
-        placement = PLACEMENTS[args.placement]()
-    server = ServerConfig(n_parallel=args.parallel, ctx_size=args.ctx_size)
+    model = await resolve(args.model)
+    server = ServerConfig(
+        ctx_size=args.ctx_size, n_parallel=args.parallel, n_gpu_layers=args.n_gpu_layers
+    )
     async with AsyncEngine(
-        args.model, placement=placement, server=server, binary=args.llama_server
+        model,
+        placement=placement_from(args),
+        server=server,
+        binary=args.llama_server,
+        log_dir=args.log_dir,
     ) as engine:
         yield engine

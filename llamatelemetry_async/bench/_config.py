@@ -20,6 +20,12 @@ Endpoint = Literal["completion", "chat"]
 
 _ENDPOINTS: tuple[Endpoint, ...] = ("completion", "chat")
 
+# Body fields the run sets per request; from params they would clash with its own
+# keyword arguments (a TypeError mid-run) or silently override the requested length.
+_RESERVED_PARAMS = frozenset(
+    {"prompt", "messages", "n_predict", "max_tokens", "max_completion_tokens", "stream"}
+)
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class BenchPrompt:
@@ -85,17 +91,18 @@ class BenchConfig:
     ``1/rate`` (``burstiness=1``: a Poisson process; below 1 burstier, above 1 more even;
     ``rate=math.inf`` sends everything at once); ``concurrency`` then caps how many run at
     once. The run ends after ``requests`` requests or ``duration`` seconds, whichever comes
-    first (set ``requests=None`` to run by time alone); requests in flight at the deadline
-    finish and count. ``warmup`` requests run first and are left out of every statistic.
+    first (set ``requests=None`` to run by time alone; ``rate=math.inf`` needs a count);
+    requests in flight at the deadline finish and count, and no request is sent after it.
+    ``warmup`` requests run first and are left out of every statistic.
 
     Prompts: ``input_tokens`` and ``output_tokens`` size synthetic prompts, drawn with
     ``seed``; or pass ``prompts`` (``load_prompts_jsonl``), used in order and cycled.
     ``ignore_eos`` (llama-server) makes every request generate exactly its ``max_tokens``.
     ``params`` are sent with every request (``{"temperature": 0.0}``, ``{"cache_prompt":
-    False}``).
+    False}``); the prompt, the output length and ``stream`` are the run's to set.
 
-    Goodput counts the completed requests whose TTFT and TPOT are within ``ttft_slo_ms``
-    and ``tpot_slo_ms`` (either may be left out).
+    Goodput counts the completed requests that produced a token and whose TTFT and TPOT
+    are within ``ttft_slo_ms`` and ``tpot_slo_ms`` (either may be left out).
 
     ```python
     BenchConfig(concurrency=16, requests=200, input_tokens=512, output_tokens=128)
@@ -165,7 +172,21 @@ class BenchConfig:
             raise ConfigError(f"seed must be an int, got {self.seed!r}", field="seed")
         if not isinstance(self.params, Mapping):
             raise ConfigError(f"params must be a mapping, got {self.params!r}", field="params")
+        reserved = sorted(set(self.params) & _RESERVED_PARAMS)
+        if reserved:
+            raise ConfigError(
+                f"params may not set {', '.join(map(repr, reserved))}: the benchmark sets the "
+                "prompt and the output length itself (use output_tokens, BenchPrompt.max_tokens "
+                "or prompts)",
+                field="params",
+            )
         object.__setattr__(self, "params", dict(self.params))
+        if self.rate is not None and math.isinf(self.rate) and self.requests is None:
+            # Every request is due at once: only a count can end the sending.
+            raise ConfigError(
+                "rate=inf sends every request at once; give requests (a count) with it",
+                field="rate",
+            )
 
     @property
     def mode(self) -> Literal["concurrency", "rate"]:

@@ -6,14 +6,14 @@ objects on their own ``FigureCanvasAgg``, so plotting is safe from a worker thre
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._errors import UsageError
-from ._metrics import FORMULAS, Stats, throughput_timeline
+from ._metrics import FORMULAS, Stats, pooled_itl, throughput_timeline
 
 if TYPE_CHECKING:
+    import numpy.typing as npt
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
@@ -23,7 +23,11 @@ __all__ = ["plot_result"]
 
 
 def plot_result(result: BenchResult, out_dir: Path) -> list[Path]:
-    """Write ttft.png, itl.png, throughput.png (and gpu.png with GPU samples) to out_dir."""
+    """Write ttft.png, itl.png, throughput.png (and gpu.png with GPU samples) to out_dir.
+
+    Histograms are in milliseconds (their p50, p90 and p99 marked); time axes are seconds
+    since the run started, warm-up included.
+    """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -51,6 +55,7 @@ def plot_result(result: BenchResult, out_dir: Path) -> list[Path]:
         [t * 1000 for r in records if (t := r.ttft) is not None],
         metrics.ttft_ms,
         "TTFT (ms)",
+        "requests",
         f"Time to first token\n{FORMULAS['ttft']}",
     )
     fig.suptitle(subtitle, fontsize=8)
@@ -59,9 +64,10 @@ def plot_result(result: BenchResult, out_dir: Path) -> list[Path]:
     fig = Figure(figsize=(8, 4.5))
     _histogram(
         fig.add_subplot(),
-        [gap * 1000 for r in records for gap in r.itl],
+        pooled_itl(records) * 1000,
         metrics.itl_ms,
         "ITL (ms)",
+        "gaps between chunks",
         f"Inter-token latency\n{FORMULAS['itl']}",
     )
     fig.suptitle(subtitle, fontsize=8)
@@ -100,14 +106,36 @@ def plot_result(result: BenchResult, out_dir: Path) -> list[Path]:
     return paths
 
 
-def _histogram(ax: Axes, values: Sequence[float], stats: Stats, xlabel: str, title: str) -> None:
+# A tail reaching past this many times p99 squeezes linear bins into one bar: log x instead.
+_LOG_SPREAD = 5.0
+
+
+def _histogram(
+    ax: Axes, values: npt.ArrayLike, stats: Stats, xlabel: str, ylabel: str, title: str
+) -> None:
+    import numpy as np
+
     ax.set_title(title, fontsize=10)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("count")
-    if not values:
+    ax.set_ylabel(ylabel)
+    data = np.asarray(values, dtype=np.float64)
+    if data.size == 0:
+        ax.set_xlabel(xlabel)
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
         return
-    ax.hist(values, bins=min(60, max(10, len(values) // 10)), color="tab:blue", alpha=0.8)
+    count = min(60, max(10, data.size // 10))
+    low, high = float(data.min()), float(data.max())
+    positive = data[data > 0]
+    if stats.p99 is not None and high > _LOG_SPREAD * stats.p99 and positive.size:
+        # Heavy tail (a few long stalls among many short gaps): log-spaced bins on a log
+        # axis keep both the bulk and the tail readable; values <= 0 go in the first bin.
+        low = float(positive.min())
+        bins: Any = np.geomspace(low, high, count + 1)
+        ax.hist(np.clip(data, low, None), bins=bins, color="tab:blue", alpha=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{xlabel}, log scale")
+    else:
+        ax.hist(data, bins=count, color="tab:blue", alpha=0.8)
+        ax.set_xlabel(xlabel)
     marks: list[tuple[str, float | None, str]] = [
         ("p50", stats.p50, "tab:green"),
         ("p90", stats.p90, "tab:orange"),
@@ -115,7 +143,7 @@ def _histogram(ax: Axes, values: Sequence[float], stats: Stats, xlabel: str, tit
     ]
     for name, value, color in marks:
         if value is not None:
-            ax.axvline(value, color=color, linestyle="--", label=f"{name} {value:.2f}")
+            ax.axvline(value, color=color, linestyle="--", label=f"{name} {value:.2f} ms")
     ax.legend(fontsize=8)
 
 

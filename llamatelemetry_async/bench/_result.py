@@ -6,9 +6,9 @@ import collections
 import dataclasses
 import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import anyio
 import msgspec
@@ -21,6 +21,19 @@ __all__ = ["SCHEMA", "BenchResult"]
 
 #: The ``schema`` value of a result's JSON.
 SCHEMA = "llamatelemetry_async.bench/1"
+
+# What the numbers of the JSON are in, written into it so that the file explains itself.
+_UNITS = {
+    "records": (
+        "send, first_byte, chunk_times, end, scheduled in seconds since the run started "
+        "(time.perf_counter); server_*_ms in milliseconds"
+    ),
+    "metrics": (
+        "*_ms in milliseconds, duration_s in seconds; *_throughput and goodput per second "
+        "of duration_s (requests/s or tokens/s)"
+    ),
+    "gpu_samples": "t in seconds since the run started; power in W; utilization in %",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,26 +75,39 @@ class BenchResult:
 
     # ----------------------------------------------------------------- JSON
     def to_json(self) -> dict[str, Any]:
-        """Everything as JSON values: config, environment, formulas, metrics, records."""
+        """Everything as JSON values: the document ``write_json`` writes.
+
+        Keys: ``schema`` (``SCHEMA``), ``config``, ``environment``, ``units``,
+        ``formulas``, ``metrics``, ``errors``, ``records``, ``gpu_samples``; the
+        benchmarking guide lists every field.
+        """
+        doc = self._head_json()
+        doc["records"] = [r.to_json() for r in self.records]
+        doc["gpu_samples"] = [_sample_json(s) for s in self.gpu_samples]
+        return doc
+
+    def _head_json(self) -> dict[str, Any]:
         return {
             "schema": SCHEMA,
             "config": self.config.to_json(),
             "environment": dict(self.environment),
+            "units": dict(_UNITS),
             "formulas": dict(FORMULAS),
             "metrics": self.metrics.to_json(),
             "errors": self.errors,
-            "records": [r.to_json() for r in self.records],
-            "gpu_samples": [_sample_json(s) for s in self.gpu_samples],
         }
 
     def write_json(self, path: str | os.PathLike[str]) -> Path:
         """Write ``to_json()`` to ``path`` (a file); return the path.
 
-        Blocking (file I/O): from async code, ``await result.save(out_dir)``.
+        Records are encoded one at a time, so a run of 100,000 requests never holds
+        its whole document as Python objects. Blocking (file I/O): from async code,
+        ``await result.save(out_dir)``.
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(_dumps(self.to_json()))
+        with path.open("wb") as file:
+            _dump(self, file)
         return path
 
     # ----------------------------------------------------------------- plots
@@ -193,28 +219,34 @@ class BenchResult:
             lines.append("errors:")
             for message, count in sorted(errors.items(), key=lambda kv: -kv[1])[:5]:
                 lines.append(f"  {count} x {message}")
+            if len(errors) > 5:
+                lines.append(f"  ... and {len(errors) - 5} other errors (result.json has all)")
         if self.gpu_samples:
             lines.append("")
             lines.append(_gpu_line(self.gpu_samples))
         return "\n".join(lines)
 
 
-def _dumps(doc: dict[str, Any]) -> bytes:
-    """Indented JSON, except one line per record and per GPU sample (a run has thousands)."""
-    rows = ("records", "gpu_samples")
-    head = msgspec.json.format(
-        msgspec.json.encode({k: v for k, v in doc.items() if k not in rows}), indent=2
+def _dump(result: BenchResult, file: BinaryIO) -> None:
+    """Indented JSON, except one line per record and per GPU sample (a run has thousands).
+
+    Each row is encoded and written on its own: memory stays one row, not one document.
+    """
+    head = msgspec.json.format(msgspec.json.encode(result._head_json()), indent=2)
+    file.write(head.removesuffix(b"\n}"))
+    rows: tuple[tuple[str, Iterable[dict[str, Any]]], ...] = (
+        ("records", (r.to_json() for r in result.records)),
+        ("gpu_samples", (_sample_json(s) for s in result.gpu_samples)),
     )
-    parts = [head.removesuffix(b"\n}")]
-    for key in rows:
-        lines = b",\n    ".join(msgspec.json.encode(item) for item in doc[key])
-        parts.append(
-            b',\n  "%s": [\n    %s\n  ]' % (key.encode(), lines)
-            if lines
-            else b',\n  "%s": []' % key.encode()
-        )
-    parts.append(b"\n}\n")
-    return b"".join(parts)
+    encoder = msgspec.json.Encoder()
+    for key, items in rows:
+        file.write(b',\n  "%s": [' % key.encode())
+        separator = b"\n    "
+        for item in items:
+            file.write(separator + encoder.encode(item))
+            separator = b",\n    "
+        file.write(b"\n  ]" if separator != b"\n    " else b"]")
+    file.write(b"\n}\n")
 
 
 def _num(value: float | None) -> str:

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    pass
-
+import array
 import contextlib
 import dataclasses
 import datetime
@@ -84,6 +80,9 @@ async def run_bench(
 
     A request that fails (any ``LlamaError`` while it streams) is recorded with its error
     and counted as failed; the run goes on. Misuse raises ``UsageError`` or ``ConfigError``.
+
+    Cancelling the run (Ctrl-C, a cancel scope) closes every open stream and ends every
+    task of the run before the cancellation goes on; what was measured is dropped.
     """
     config = BenchConfig() if config is None else config
     if not isinstance(config, BenchConfig):
@@ -187,19 +186,22 @@ class _Run:
                 claimed += 1
                 await self._request(self._next_prompt(), warmup=True, scheduled=None)
 
-        async with anyio.create_task_group() as tg:
-            for _ in range(min(count, self.config.workers or count)):
-                tg.start_soon(worker)
+        with single_error():  # one failure (or Ctrl-C on trio) rises as itself
+            async with anyio.create_task_group() as tg:
+                for _ in range(min(count, self.config.workers or count)):
+                    tg.start_soon(worker)
 
     def _claim(self, at: float | None = None) -> bool:
         """Take the next measured request, unless the count or the deadline is reached.
 
-        ``at``: when the request will be sent (anyio clock); default now.
+        ``at``: when the request is due (anyio clock). Nothing is sent at or after the
+        deadline, whether it is due then or only reached then (a loop running late).
         """
         requests = self.config.requests
         if requests is not None and self.issued >= requests:
             return False
-        if (anyio.current_time() if at is None else at) >= self.deadline:
+        now = anyio.current_time()
+        if max(now, now if at is None else at) >= self.deadline:
             return False
         self.issued += 1
         return True
@@ -212,9 +214,10 @@ class _Run:
         workers = self.config.workers or 1
         if self.config.requests is not None:
             workers = min(workers, self.config.requests)
-        async with anyio.create_task_group() as tg:
-            for _ in range(workers):
-                tg.start_soon(worker)
+        with single_error():
+            async with anyio.create_task_group() as tg:
+                for _ in range(workers):
+                    tg.start_soon(worker)
 
     async def _arrivals(self) -> None:
         import numpy as np
@@ -223,24 +226,35 @@ class _Run:
         assert config.rate is not None
         rng = np.random.default_rng(config.seed)
         gaps = inter_arrival_times(config.rate, config.burstiness, rng)
-        cap = anyio.CapacityLimiter(config.workers) if config.workers else None
+        # A semaphore, not a limiter: the arrival loop takes a slot, the request gives it back.
+        slots = anyio.Semaphore(config.workers) if config.workers else None
         # The schedule on the anyio clock (to sleep until) and, offset, on the records' clock.
         start = due = anyio.current_time()
         offset = time.perf_counter() - self.t0 - start
-        async with anyio.create_task_group() as tg:
-            while self._claim(at=due):
-                await anyio.sleep_until(due)  # absolute times: arrivals never drift
-                tg.start_soon(self._capped, cap, self._next_prompt(), due + offset)
-                due += next(gaps)
+        with single_error():
+            async with anyio.create_task_group() as tg:
+                while self._claim(at=due):
+                    await anyio.sleep_until(due)  # absolute times: arrivals never drift
+                    if slots is not None:
+                        # A request due while every slot is busy waits here, in order, and
+                        # the arrivals behind it too: no queue of waiting tasks builds up.
+                        # Its TTFT counts from its send; ``scheduled`` keeps when it was due.
+                        await slots.acquire()
+                        if anyio.current_time() >= self.deadline:
+                            slots.release()  # the wait ran into the deadline: not sent
+                            self.issued -= 1
+                            break
+                    tg.start_soon(self._arrival, slots, self._next_prompt(), due + offset)
+                    due += next(gaps)
 
-    async def _capped(
-        self, cap: anyio.CapacityLimiter | None, prompt: BenchPrompt, scheduled: float
+    async def _arrival(
+        self, slots: anyio.Semaphore | None, prompt: BenchPrompt, scheduled: float
     ) -> None:
-        if cap is None:
+        try:
             await self._request(prompt, warmup=False, scheduled=scheduled)
-            return
-        async with cap:  # waits here: its TTFT counts from the send, its queueing does not
-            await self._request(prompt, warmup=False, scheduled=scheduled)
+        finally:
+            if slots is not None:
+                slots.release()
 
     def _next_prompt(self) -> BenchPrompt:
         assert self.prompts is not None
@@ -260,7 +274,7 @@ class _Run:
             stream = target.completion(prompt.prompt, n_predict=max_tokens, **params)
         index, self.sent = self.sent, self.sent + 1
         clock = time.perf_counter
-        times: list[float] = []
+        times = array.array("d")  # 8 bytes a chunk, no float object kept
         append = times.append
         first_byte: float | None = None
         error: str | None = None
@@ -281,7 +295,7 @@ class _Run:
                 send=send - t0,
                 end=end - t0,
                 first_byte=None if first_byte is None else first_byte - t0,
-                chunk_times=tuple(t - t0 for t in times),
+                chunk_times=array.array("d", [t - t0 for t in times]),
                 output_tokens=usage.completion_tokens if usage is not None else len(times),
                 prompt_tokens=usage.prompt_tokens if usage is not None else None,
                 requested_tokens=max_tokens,
