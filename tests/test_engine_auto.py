@@ -5,9 +5,12 @@ much memory it has; the CPU build of llama-server runs the server (it ignores th
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
+import anyio
+import gguf
 import pytest
 
 from llamatelemetry_async._errors import ConfigError, ModelDoesNotFitError, ModelNotFoundError
@@ -92,10 +95,13 @@ async def test_a_model_that_does_not_fit_fails_before_any_server_starts(
 ) -> None:
     fake_gpu(monkeypatch, 100 * MiB)  # less than the CUDA overhead alone
     engine = AsyncEngine(tiny_model, gpu_sampler=False)
-    with pytest.raises(ModelDoesNotFitError, match="does not fit server gpu0"):
+    with pytest.raises(ModelDoesNotFitError, match="does not fit server gpu0") as info:
         async with engine:
             pass
     assert engine.servers == []
+    # The reason is the GPU's free memory, not the model: no model setting would help.
+    assert "needs on it before any layer" in str(info.value)
+    assert info.value.suggestions[-1] == "the CPU: Placement.cpu()"
 
 
 async def test_nothing_is_planned_without_memory_figures_or_on_the_cpu(
@@ -162,7 +168,8 @@ async def test_model_facts_come_from_any_server_without_a_slot(tiny_model: Path)
     async with engine:
         slots = engine.servers[0].slots
         ids = await engine.tokenize("Once upon a time")
-        assert ids and all(isinstance(i, int) for i in ids)
+        assert ids
+        assert all(isinstance(i, int) for i in ids)
         assert (await engine.detokenize(ids)).strip() == "Once upon a time"
         assert (await engine.props())["total_slots"] == slots
         # Every slot busy and no waiting room: a completion is refused, tokenize still works.
@@ -176,3 +183,58 @@ async def test_model_facts_come_from_any_server_without_a_slot(tiny_model: Path)
         finally:
             for stream in streams:
                 await stream.aclose()
+
+
+async def test_auto_gpu_layers_become_the_planned_count(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_gpu(monkeypatch, free_for_tokens(tiny_model, 3200))
+    config = ServerConfig(n_gpu_layers="auto")
+    async with AsyncEngine(tiny_model, server=config, gpu_sampler=False) as engine:
+        vram = engine.vram_plan
+        assert vram is not None
+        assert vram.server("gpu0").n_gpu_layers == 3
+        # The server runs what the plan says, not llama.cpp's own "auto".
+        assert flag(engine._process("gpu0").argv, "--n-gpu-layers") == "3"
+
+
+async def test_lora_adapters_are_planned_with_their_layers(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lora = write_tiny_lora(tmp_path / "lora.gguf")
+    adapter = gguf.GGUFReader(lora)
+    adapter_bytes = sum(int(t.n_bytes) for t in adapter.tensors)
+    assert all(str(t.name).startswith("blk.") for t in adapter.tensors)
+    # Exactly the room for the model, its adapter and 3072 tokens of KV cache.
+    fake_gpu(monkeypatch, free_for_tokens(tiny_model, 3072) + adapter_bytes)
+    plain = read_model_info(tiny_model)
+    async with AsyncEngine(
+        tiny_model, server=ServerConfig(lora=(str(lora),)), gpu_sampler=False
+    ) as engine:
+        vram = engine.vram_plan
+        assert vram is not None
+        server = vram.server("gpu0")
+        (gpu,) = server.devices
+        assert gpu.weights_bytes == sum(plain.layer_bytes) + plain.output_bytes + adapter_bytes
+        assert (server.ctx_size, gpu.free_bytes) == (3072, 0)
+
+
+async def test_a_restarted_server_gets_the_adapter_scales_back(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    lora = write_tiny_lora(tmp_path / "lora.gguf")
+    config = ServerConfig(lora=(str(lora),))  # scale 1.0 on the command line
+    async with AsyncEngine(tiny_model, placement=Placement.cpu(1), server=config) as engine:
+        await engine.set_lora_adapters({0: 0.25})
+        first_pid = engine.servers[0].pid
+        process = engine._process("cpu0")
+        exited = process.exited  # this run's: set once the killed process is reaped
+        process.send_signal(signal.SIGKILL)
+        with anyio.fail_after(30):
+            await exited.wait()
+            # The request waits for the restarted server, which is ready only once it has
+            # the engine's scales again.
+            await engine.complete("again", n_predict=1)
+        assert engine.servers[0].pid != first_pid
+        adapters = await engine.lora_adapters()
+        assert [entry["scale"] for entry in adapters["cpu0"]] == [0.25]

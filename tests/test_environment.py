@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import pytest
 
+from llamatelemetry_async._errors import ModelDoesNotFitError
 from llamatelemetry_async.engine import Placement
 from llamatelemetry_async.environment import (
     Environment,
@@ -26,6 +27,7 @@ from llamatelemetry_async.environment import (
     detect_environment,
     load_secrets,
 )
+from llamatelemetry_async.models import GPUSpec, VRAMPlan, model_shape
 from llamatelemetry_async.testing._fake_nvml import FakeGPU, FakeNVML
 
 GIB = 2**30
@@ -308,3 +310,44 @@ def test_empty_secret_is_not_loaded(no_token: pytest.MonkeyPatch, value: str | N
     no_token.setitem(sys.modules, "kaggle_secrets", module)
     assert load_secrets() == []
     assert "HF_TOKEN" not in os.environ
+
+
+# -- the presets, planned -----------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_every_preset_planned_for_a_model(plain: pytest.MonkeyPatch) -> None:
+    _nvml(plain, FakeNVML([t4(), t4()]))
+    env = await detect_environment()
+    assert env.gpus[0].spec() == GPUSpec(0, "Tesla T4", 15 * GIB, free_bytes=15 * GIB - GIB // 4)
+    # Llama-2-13B in f16 (26 GB): one T4 cannot hold it, the pair can.
+    f16_13b = model_shape(
+        n_layer=40, n_embd=5120, n_head=40, n_ff=13824, n_vocab=32000, n_ctx_train=4096,
+        weight_type="F16",
+    )  # fmt: skip
+    plans = env.plan_presets(f16_13b, allow_partial=False, ctx_size=4096)
+    assert list(plans) == list(env.presets())
+    per_gpu = plans["per_gpu"]
+    assert isinstance(per_gpu, ModelDoesNotFitError)
+    assert any("Placement.pairs([(0, 1)])" in s for s in per_gpu.suggestions)
+    pair = plans["pair 50/50"]
+    assert isinstance(pair, VRAMPlan)
+    (server,) = pair.servers
+    assert server.full_offload
+    assert server.server.tensor_split == (0.5, 0.5)
+    assert [d.capacity_bytes for d in server.devices] == [15 * GIB - GIB // 4] * 2  # free memory
+    # 60% of 26 GB does not fit one 15 GiB T4: those presets say so, and what would.
+    for name in ("pair 60/40", "pair 70/30"):
+        uneven = plans[name]
+        assert isinstance(uneven, ModelDoesNotFitError), name
+        assert any("tensor_split=(0.5, 0.5)" in s for s in uneven.suggestions), name
+    cpu = plans["cpu"]
+    assert isinstance(cpu, VRAMPlan)
+    assert cpu.servers[0].devices == ()
+    # GPUs NVML gave no memory for are left out, with their presets.
+    no_memory = Environment(
+        kind="local", in_notebook=False, gpus=(GPUInfo(0, "unknown GPU"),),
+        placement=Placement.single_gpu(0),
+    )  # fmt: skip
+    assert no_memory.gpus[0].spec() is None
+    assert list(no_memory.plan_presets(f16_13b)) == ["cpu"]

@@ -146,6 +146,10 @@ async def test_bad_arguments_are_typed_errors_before_anything_runs(
     assert info.value.field == "threads"
     with pytest.raises(ConfigError, match="extra_args"):
         await quantize(tiny_model, tmp_path / "x.gguf", "Q8_0", extra_args="--pure")
+    with pytest.raises(ConfigError, match="extra_args"):
+        await quantize(tiny_model, tmp_path / "x.gguf", "Q8_0", extra_args=["--imatrix", 3])  # type: ignore[list-item]
+    with pytest.raises(ConfigError, match="threads"):
+        await quantize(tiny_model, tmp_path / "x.gguf", "Q8_0", threads="4")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="is a directory") as info:
         await quantize(tiny_model, tmp_path, "Q8_0")
     assert info.value.field == "dst"

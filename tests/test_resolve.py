@@ -290,6 +290,24 @@ def test_a_token_in_a_library_message_is_redacted() -> None:
     assert "run it again to resume" in str(err)
 
 
+def test_a_token_from_the_environment_is_redacted_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    # token=None: huggingface_hub reads HF_TOKEN itself, and its messages could carry it.
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    tried: list[str] = []
+    err = _resolve._hub_failure(
+        OSError(f"401 for Bearer {TOKEN}"),
+        _resolve._HubFile(REPO, FILE),
+        spec="s",
+        tried=tried,
+        token=None,
+        offline=False,
+        cache="/c",
+    )
+    assert TOKEN not in str(err)
+    assert TOKEN not in repr(tried)
+    assert "<HF_TOKEN>" in str(err)
+
+
 def _kaggle(monkeypatch: pytest.MonkeyPatch, secrets: dict[str, str]) -> list[str]:
     asked: list[str] = []
 

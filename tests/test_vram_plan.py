@@ -3,6 +3,8 @@ here by hand, for 7B/8B/13B/70B-like shapes (``model_shape``: no big files neede
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from llamatelemetry_async.models import (
     read_gpu_specs,
     read_model_info,
 )
+from llamatelemetry_async.models._vram import _read_gpu_specs
 from llamatelemetry_async.server import ServerConfig, ServerPlan
 from llamatelemetry_async.testing._fake_nvml import FakeGPU, FakeNVML
 
@@ -323,3 +326,104 @@ def test_gpu_specs_from_nvml() -> None:
     # Free memory is what a plan uses.
     server = plan(llama2_7b(), specs).servers[0]
     assert server.devices[0].capacity_bytes == T4 - 300 * MiB
+
+
+def test_a_row_split_keeps_each_layers_kv_cache_on_the_layers_gpu() -> None:
+    # llama.cpp b11434 assigns each layer a GPU by the split in every split mode; in a row split
+    # the matrices' rows spread over both GPUs, but the layer's KV cache stays on its GPU.
+    m = llama2_7b()
+    row = Placement.kaggle_t4x2_pair("60/40", split_mode="row")
+    server = plan(m, T4X2, placement=row, ctx_size=4096, n_parallel=4).servers[0]
+    gpu0, gpu1 = server.devices
+    kv_layer = KV7 // 32 * 4096
+    assert (gpu0.kv_bytes, gpu1.kv_bytes) == (20 * kv_layer, 12 * kv_layer)
+    assert gpu0.weights_bytes == 32 * math.ceil(L7 * 0.6) + math.ceil(OUT7 * 0.6)
+    assert gpu1.weights_bytes == 32 * math.ceil(L7 * 0.4) + math.ceil(OUT7 * 0.4)
+    assert (gpu0.layers, gpu1.layers, gpu0.output_layer, gpu1.output_layer) == (32, 32, True, True)
+    # A tensor split shares the KV cache by the proportions instead.
+    tensor = Placement.kaggle_t4x2_pair("60/40", split_mode="tensor")
+    gpu0, gpu1 = plan(m, T4X2, placement=tensor, ctx_size=4096, n_parallel=4).servers[0].devices
+    assert (gpu0.kv_bytes, gpu1.kv_bytes) == (
+        32 * math.ceil(kv_layer * 0.6),
+        32 * math.ceil(kv_layer * 0.4),
+    )
+
+
+def test_auto_gpu_layers_are_planned_and_written_into_the_config() -> None:
+    m = llama2_13b()
+    one = Placement.single_gpu(0)
+    server = plan(m, T4X2, placement=one, n_gpu_layers="auto").servers[0]
+    assert server.n_gpu_layers == 41
+    # "auto" is replaced, so the server runs what the plan describes.
+    assert server.config_overrides(ServerConfig(n_gpu_layers="auto"))["n_gpu_layers"] == 41
+    assert "n_gpu_layers" not in server.config_overrides(ServerConfig(n_gpu_layers=7))
+
+
+def test_cache_type_k_is_serverconfigs_name_and_cache_type_another() -> None:
+    m = llama3_8b()
+    one = Placement.single_gpu(0)
+    by_k = plan(m, T4X2, placement=one, ctx_size=8192, cache_type_k="q8_0").servers[0]
+    by_alias = plan(m, T4X2, placement=one, ctx_size=8192, cache_type="q8_0").servers[0]
+    assert by_k == by_alias
+    assert (by_k.cache_type_k, by_k.cache_type_v) == ("q8_0", "q8_0")
+    assert by_k.devices[0].kv_bytes == 32 * 2 * (1024 // 32 * 34) * 8192
+    with pytest.raises(ConfigError) as both:
+        plan(m, T4X2, cache_type_k="q8_0", cache_type="q4_0")
+    assert both.value.field == "cache_type"
+    with pytest.raises(ConfigError) as bad:
+        plan(m, T4X2, cache_type_k="q9_9")
+    assert bad.value.field == "cache_type_k"
+
+
+def test_moe_compute_buffer_counts_the_chosen_experts() -> None:
+    # Mixtral-8x7B-like: 8 experts of 14336, 2 per token (no expert_feed_forward_length key:
+    # llama.cpp's MoE FFN length is feed_forward_length then).
+    dense = model_shape(
+        n_layer=32, n_embd=4096, n_head=32, n_head_kv=8, n_ff=14336, n_vocab=32000,
+        n_ctx_train=32768,
+    )  # fmt: skip
+    moe = dataclasses.replace(dense, expert_count=8, expert_used_count=2)
+    assert compute_buffer_bytes(dense) == 4 * 512 * (32000 + 3 * 4096 + 2 * 14336)
+    assert compute_buffer_bytes(moe) == 4 * 512 * (
+        32000 + 3 * 4096 + 2 * (2 * 14336) + (8 + 2 * 4096)
+    )
+    # Qwen3-30B-A3B-like: 128 experts of 768, 8 per token: 8 x 768 = 6144 wide.
+    qwen = dataclasses.replace(
+        dense, feed_forward_length=6144, expert_count=128, expert_used_count=8,
+        expert_feed_forward_length=768,
+    )  # fmt: skip
+    assert compute_buffer_bytes(qwen) == 4 * 512 * (32000 + 3 * 4096 + 2 * 6144 + 128 + 8 * 4096)
+
+
+def test_sliding_window_layers_are_planned_at_their_size() -> None:
+    # Gemma-2-9B-like: 42 layers, every other one sliding-window (4096), f16, 8192 trained.
+    full = model_shape(
+        n_layer=42, n_embd=3584, n_head=16, n_head_kv=8, head_dim=256, n_ff=14336,
+        n_vocab=256000, n_ctx_train=8192, weight_type="Q4_K", tied_embeddings=True,
+    )  # fmt: skip
+    swa = dataclasses.replace(
+        full, architecture="gemma2", sliding_window=4096, swa_layers=(True, False) * 21
+    )
+    row = 2 * (8 * 256 * 2)  # K + V rows, f16
+    one = Placement.single_gpu(0)
+    a = plan(full, T4X2, placement=one, ctx_size=8192, n_parallel=1).servers[0]
+    b = plan(swa, T4X2, placement=one, ctx_size=8192, n_parallel=1).servers[0]
+    assert a.devices[0].kv_bytes == 42 * row * 8192
+    # SWA layers: pad(min(8192, 4096 + 512), 256) = 4608 cells.
+    assert b.devices[0].kv_bytes == 21 * row * 8192 + 21 * row * 4608
+    c = plan(swa, T4X2, placement=one, ctx_size=8192, n_parallel=1, swa_full=True).servers[0]
+    assert c.devices[0].kv_bytes == a.devices[0].kv_bytes
+    # Partial offload: the host keeps the KV cache of its layers, at their own sizes.
+    d = plan(swa, T4X2, placement=one, ctx_size=8192, n_parallel=1, n_gpu_layers=40).servers[0]
+    assert d.host_kv_bytes == row * (4608 + 8192 + 4608)  # layers 0, 1, 2: SWA, full, SWA
+    assert d.devices[0].kv_bytes == b.devices[0].kv_bytes - d.host_kv_bytes
+
+
+def test_why_nvml_gave_no_memory_figures() -> None:
+    specs, why = _read_gpu_specs(None, FakeNVML(no_driver=True))
+    assert specs == []
+    assert why is not None
+    assert why.startswith("NVML did not start (")
+    specs, why = _read_gpu_specs(None, FakeNVML([FakeGPU(name="Tesla T4")]))
+    assert [s.name for s in specs] == ["Tesla T4"]
+    assert why is None

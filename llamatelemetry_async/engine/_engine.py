@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import secrets
@@ -52,8 +53,8 @@ from ..client._client import chat_stream_request, completion_stream_request
 from ..client._observe import RequestObserver
 from ..client._stream import Source
 from ..gpu import GPUSampler, visible_gpus
-from ..models._gguf import inspect_model
-from ..models._vram import VRAMPlan, plan, read_gpu_specs
+from ..models._gguf import inspect_model, with_adapters
+from ..models._vram import VRAMPlan, _read_gpu_specs, plan
 from ..server import find_llama_server
 from ..server._config import ServerConfig, ServerPlan, server_command
 from ..server._process import LlamaServer
@@ -177,6 +178,7 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
         self._auto_configure = auto_configure
         self.vram_plan: VRAMPlan | None = None
         """The VRAM plan the engine configured its GPU servers with, if it planned."""
+        self._lora_scales: list[dict[str, Any]] | None = None  # last set_lora_adapters body
         self._telemetry, self._instrumentation = _instrumentation(telemetry)
         self._scraper: MetricsScraper | None = None
         if self._instrumentation is not None and (server is None or server.metrics):
@@ -290,37 +292,47 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
         """One config per server: ``config``, with what it leaves unset planned on GPUs.
 
         CPU servers keep ``config`` as it is. GPU servers get ``n_gpu_layers``, ``ctx_size``
-        and ``n_parallel`` from ``models.plan`` when ``config`` leaves them unset and NVML
-        says how much memory each GPU has free.
+        and ``n_parallel`` from ``models.plan`` when ``config`` leaves them unset (or
+        ``n_gpu_layers="auto"``) and NVML says how much memory each GPU has free. The plan
+        counts the LoRA adapters of ``config.lora`` with the layers they adapt.
         """
         self.vram_plan = None
-        unset = config.n_gpu_layers is None or config.ctx_size is None or config.n_parallel is None
+        unset = (
+            config.n_gpu_layers in (None, "auto")
+            or config.ctx_size is None
+            or config.n_parallel is None
+        )
         gpu_ids = sorted({gpu for server_plan in plans for gpu in server_plan.gpus})
         if not (self._auto_configure and unset and gpu_ids):
             return [config] * len(plans)
-        specs = await anyio.to_thread.run_sync(read_gpu_specs, gpu_ids)  # NVML blocks
+        specs, why = await anyio.to_thread.run_sync(_read_gpu_specs, gpu_ids)  # NVML blocks
         missing = sorted(set(gpu_ids) - {spec.index for spec in specs})
         if missing:
             logger.warning(
-                "no memory figures for GPU %s (NVML unavailable?): n_gpu_layers, ctx_size and "
-                "n_parallel left to llama-server",
+                "no memory figures for GPU %s (%s): n_gpu_layers, ctx_size and n_parallel "
+                "left to llama-server",
                 ", ".join(map(str, missing)),
+                why or "NVML does not list it",
             )
             return [config] * len(plans)
         info = await inspect_model(self.model)  # parses in a worker thread
-        ngl = config.n_gpu_layers
-        vram = plan(
+        adapters = [entry if isinstance(entry, str) else entry[0] for entry in config.lora]
+        info = await anyio.to_thread.run_sync(with_adapters, info, adapters)
+        planning = functools.partial(
+            plan,
             info,
             specs,
             placement=plans,
             ctx_size=config.ctx_size,
             n_parallel=config.n_parallel,
-            n_gpu_layers=None if ngl == "auto" else ngl,
-            cache_type=config.cache_type_k or "f16",
+            n_gpu_layers=config.n_gpu_layers,
+            cache_type_k=config.cache_type_k,
             cache_type_v=config.cache_type_v,
             ubatch_size=config.ubatch_size,
             flash_attn=config.flash_attn,
+            swa_full="--swa-full" in config.extra_args,
         )
+        vram = await anyio.to_thread.run_sync(planning)  # ~20 ms for an 80-layer model
         self.vram_plan = vram
         logger.info("VRAM plan for %s: %s", self.model.name, vram.summary())
         return [vram.server(p.name).apply(config) for p in plans]
@@ -360,6 +372,7 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
             member.client = server.client = client  # closed in the finally below
             props = await client.props()
             member.slots = max(1, int(props.get("total_slots", 1)))
+            await self._restore_lora(client)
             member.exited = process.exited
             self._router.set_ready(member, True)
 
@@ -514,8 +527,9 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
 
         ``adapters`` is ``[{"id": 0, "scale": 0.5}, ...]`` or ``{0: 0.5}``. As in
         llama-server, an adapter left out gets scale 0 (off). Ids that a server does not
-        have raise ``ConfigError`` before any server is changed. A server that restarts
-        later comes back with the scales of its command line: call this again then.
+        have raise ``ConfigError`` before any server is changed. The engine keeps the
+        scales: a server that restarts, or was restarting during this call, gets them
+        before it takes requests again.
 
         ```python
         await engine.set_lora_adapters([{"id": 0, "scale": 0.0}])  # adapter 0 off everywhere
@@ -541,11 +555,22 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
                     f"(its adapters: {have or 'none'}; load them with --lora when it starts)",
                     field="adapters",
                 )
+        # Kept before writing: a server that becomes ready meanwhile picks these up itself.
+        self._lora_scales = body
 
         async def write(name: str, client: AsyncLlamaClient) -> None:
             await client.set_lora_adapters(body)
 
         await _on_each(clients, write)
+
+    async def _restore_lora(self, client: AsyncLlamaClient) -> None:
+        """Give a (re)started server the adapter scales last set on the engine, if any."""
+        applied: list[dict[str, Any]] | None = None
+        # Again if set_lora_adapters changed them while this one was on its way.
+        while self._lora_scales is not applied:
+            applied = self._lora_scales
+            assert applied is not None
+            await client.set_lora_adapters(applied)
 
     # ----------------------------------------------------------------- requests
     def stream(self, prompt: str | Sequence[Any], **params: Any) -> TokenStream[CompletionChunk]:

@@ -2,7 +2,8 @@
 
 ``detect_environment()`` tells Kaggle, Colab and a local machine apart, sees whether a
 notebook kernel is running, lists the visible GPUs (NVML, in a worker thread) and recommends
-a ``Placement`` preset (Kaggle's two T4s -> ``Placement.kaggle_t4x2()``).
+a ``Placement`` preset (Kaggle's two T4s -> ``Placement.kaggle_t4x2()``);
+``Environment.plan_presets(model_info)`` plans a model under every preset that fits the GPUs.
 ``load_secrets()`` copies notebook secrets such as ``HF_TOKEN`` into the environment
 without printing them. ``EnvironmentKind`` is the type of ``Environment.kind``:
 ``"kaggle"``, ``"colab"`` or ``"local"``.

@@ -1,7 +1,8 @@
 """Where this code runs: Kaggle, Colab or a local machine; in a notebook or not; which GPUs.
 
 ``detect_environment()`` reads environment variables (no I/O), asks NVML for the GPUs in a
-worker thread (through ``llamatelemetry_async.gpu``), and recommends a ``Placement``.
+worker thread (``gpu.visible_gpus`` for which, ``models.read_gpu_specs`` for their names and
+memory: the figures the VRAM planner uses), and recommends a ``Placement``.
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
 import anyio.to_thread
 
 if TYPE_CHECKING:
+    from .._errors import ModelDoesNotFitError
     from ..engine._placement import Placement
+    from ..models._gguf import ModelInfo
+    from ..models._vram import GPUSpec, VRAMPlan
 
 __all__ = ["Environment", "EnvironmentKind", "GPUInfo", "detect_environment"]
 
@@ -41,6 +45,14 @@ class GPUInfo:
         if self.memory_total is None or self.memory_used is None:
             return None
         return self.memory_total - self.memory_used
+
+    def spec(self) -> GPUSpec | None:
+        """This GPU as the VRAM planner sees it (``None`` when its memory is unknown)."""
+        from ..models._vram import GPUSpec
+
+        if self.memory_total is None:
+            return None
+        return GPUSpec(self.index, self.name, self.memory_total, free_bytes=self.memory_free)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -95,6 +107,38 @@ class Environment:
         found["cpu"] = Placement.cpu()
         return found
 
+    def plan_presets(
+        self, model: ModelInfo, **settings: Any
+    ) -> dict[str, VRAMPlan | ModelDoesNotFitError]:
+        """Plan ``model`` under every preset of ``presets()``: what each would run, or why not.
+
+        Each value is ``models.plan(model, gpus, placement=preset, **settings)`` on these
+        GPUs' free memory, or the ``ModelDoesNotFitError`` saying what would fit instead.
+        ``settings`` are ``plan``'s (``ctx_size``, ``n_parallel``, ``cache_type_k`` ...).
+        GPUs whose memory NVML did not report are left out (with them, their presets).
+
+        ```python
+        info = await inspect_model(path)
+        for name, vram in env.plan_presets(info, ctx_size=8192).items():
+            print(name, vram.summary() if isinstance(vram, VRAMPlan) else f"no: {vram}")
+        ```
+        """
+        from .._errors import ModelDoesNotFitError
+        from ..models._vram import plan
+
+        specs = [spec for spec in (gpu.spec() for gpu in self.gpus) if spec is not None]
+        known = {spec.index for spec in specs}
+        found: dict[str, VRAMPlan | ModelDoesNotFitError] = {}
+        for name, preset in self.presets().items():
+            servers = preset.plans([gpu.index for gpu in self.gpus])
+            if any(gpu not in known for server in servers for gpu in server.gpus):
+                continue  # a GPU of this preset has no memory figures to plan with
+            try:
+                found[name] = plan(model, specs, placement=servers, **settings)
+            except ModelDoesNotFitError as exc:
+                found[name] = exc
+        return found
+
     def describe(self) -> str:
         """A few lines for a notebook cell: where, which GPUs, which placement."""
         where = {"kaggle": "Kaggle", "colab": "Colab", "local": "local machine"}[self.kind]
@@ -136,27 +180,25 @@ def _in_notebook() -> bool:
 
 async def _gpus() -> tuple[tuple[GPUInfo, ...], str | None]:
     """The visible GPUs with NVML's name and memory; every NVML call off the event loop."""
-    from opentelemetry.metrics import NoOpMeterProvider
-
-    from ..gpu import GPUSampler, visible_gpus
+    from ..gpu import visible_gpus
+    from ..models._vram import _read_gpu_specs
 
     ids = await anyio.to_thread.run_sync(visible_gpus)
     if not ids:
         return (), "NVML sees no GPU and CUDA_VISIBLE_DEVICES names none"
-    # One sample from the sampler gives each GPU's name and memory; no metrics are exported.
-    async with GPUSampler(interval=3600, meter_provider=NoOpMeterProvider()) as sampler:
-        samples = await sampler.sample_now()
-        reason = sampler.reason
+    specs, why = await anyio.to_thread.run_sync(_read_gpu_specs, ids)
+    by_index = {spec.index: spec for spec in specs}
     found = []
     for index in ids:
-        sample = samples.get(index)
-        if sample is None:
+        spec = by_index.get(index)
+        if spec is None:
             found.append(GPUInfo(index, "unknown GPU"))
         else:
-            found.append(GPUInfo(index, sample.name, sample.memory_total, sample.memory_used))
+            used = spec.total_bytes - spec.available_bytes
+            found.append(GPUInfo(index, spec.name, spec.total_bytes, used))
     note = None
-    if len(samples) == 0:
-        note = f"GPU names and memory unknown: NVML {reason or 'gave no sample'}"
+    if not specs:
+        note = f"GPU names and memory unknown: {why or 'NVML gave none'}"
     return tuple(found), note
 
 

@@ -1,6 +1,7 @@
 """Models: GGUF inspection and VRAM planning (usable without an engine).
 
-``inspect_model(path)`` reads a GGUF's shape with the ``gguf`` package (in a worker thread);
+``inspect_model(path)`` reads a GGUF's shape with the ``gguf`` package (in a worker thread;
+every part of a split model);
 ``plan(info, gpus)`` chooses the GPU layers, context and slots that fit each server's GPUs,
 counting ``CUDA_OVERHEAD_BYTES`` (400 MiB) per GPU for the CUDA context and workspaces.
 ``resolve_model(spec)`` turns a path, a registry name (``list_models()``) or a Hub file

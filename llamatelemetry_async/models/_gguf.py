@@ -4,6 +4,9 @@ Only the header and the tensor table are read (the tensor data stay memory-mappe
 untouched), yet the byte counts are exact: each tensor's size comes from its type and shape,
 as llama.cpp computes it. Parsing a big model takes a while (its vocabulary alone is an array
 of 100k+ strings), so the async ``inspect_model`` runs ``read_model_info`` in a worker thread.
+A split model (``name-00001-of-00003.gguf``, as ``gguf-split`` writes it) is read whole: the
+first part's metadata and every part's tensors, found by name beside the first part, as
+llama.cpp finds them.
 
 ```python
 info = await inspect_model("Llama-3.2-1B-Instruct-Q4_K_M.gguf")
@@ -15,9 +18,10 @@ info.kv_bytes_per_token("q8_0")                          # KV cache bytes per to
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -27,15 +31,34 @@ import anyio.to_thread
 from .._errors import ConfigError, ModelFormatError, ModelNotFoundError
 
 __all__ = [
+    "KV_CELL_ALIGN",
     "ModelInfo",
     "TensorTypeStats",
     "cache_type_bytes",
     "human_bytes",
     "inspect_model",
+    "kv_cells",
     "read_model_info",
+    "with_adapters",
 ]
 
+KV_CELL_ALIGN: Final = 256
+"""llama.cpp pads the context, and each slot's share of it, to a multiple of this."""
+
 _LAYER: Final = re.compile(r"^blk\.(\d+)\.")
+# gguf-split's part names (llama.cpp's llama_split_path): PREFIX-00001-of-00003.gguf.
+_SPLIT_NAME: Final = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+# Architectures whose sliding-window (SWA) layers llama.cpp b11434 knows by a fixed pattern
+# (src/models/<arch>.cpp: load_swa_pattern(ml, n)): every n-th layer is full attention, the
+# others SWA; a file's own {arch}.attention.sliding_window_pattern wins. (pattern, window when
+# the file gives none; 0: the model has no SWA layers without a window in the file).
+_SWA_PATTERNS: Final[Mapping[str, tuple[int, int]]] = {
+    "gemma2": (2, 4096),
+    "gemma3": (6, 0),
+    "cohere2": (4, 0),
+    "gpt-oss": (2, 0),
+    "olmo2": (4, 0),
+}
 # Input tensors: llama.cpp always keeps the input layer on the CPU (llama-model.cpp,
 # "there is very little benefit to offloading the input layer").
 _INPUT_PREFIXES: Final = ("token_embd.", "position_embd.", "token_types.")
@@ -63,9 +86,9 @@ class ModelInfo:
     """
 
     path: Path | None
-    """The file (``None`` for a hand-built shape)."""
+    """The file (``None`` for a hand-built shape); the first part of a split model."""
     file_size: int
-    """Size of the file in bytes (header + tensor data)."""
+    """Size in bytes (header + tensor data), of every part together for a split model."""
     architecture: str
     """``general.architecture``: ``llama``, ``qwen2``, ``gemma3`` ..."""
     name: str | None
@@ -73,7 +96,7 @@ class ModelInfo:
     file_type: str | None
     """llama.cpp's name for ``general.file_type`` (``Q4_K_M``, ``F16`` ...)."""
     parameter_count: int
-    """Sum of the element counts of every tensor."""
+    """Sum of the element counts of every tensor (every expert of a MoE model)."""
     tensor_count: int
     tensor_types: Mapping[str, TensorTypeStats]
     """Per ggml tensor type (``Q4_K``, ``Q6_K``, ``F32`` ...): count, elements, bytes."""
@@ -102,7 +125,24 @@ class ModelInfo:
     rope_scaling_type: str | None = None
     rope_scaling_factor: float | None = None
     sliding_window: int | None = None
-    """Sliding-window size of SWA layers, if any (planning counts them at full size)."""
+    """Sliding-window size of the SWA layers (``swa_layers``), if the model has any."""
+    swa_layers: tuple[bool, ...] = ()
+    """Per layer, whether llama.cpp gives it a sliding-window KV cache (``sliding_window`` +
+    ``n_ubatch`` cells per slot instead of the whole context). From the file's
+    ``attention.sliding_window_pattern``, else llama.cpp's fixed pattern for gemma2, gemma3,
+    cohere2, gpt-oss and olmo2. Empty when there are none, or when llama.cpp's pattern for
+    the architecture is not known here: every layer is then planned at full size."""
+    expert_count: int = 0
+    """Experts per MoE layer (``{arch}.expert_count``); 0 for a dense model."""
+    expert_used_count: int = 0
+    """Experts each token goes through (``{arch}.expert_used_count``); 0 for a dense model."""
+    expert_feed_forward_length: int | None = None
+    """FFN length of one expert (``{arch}.expert_feed_forward_length``), if the file says."""
+    mla: bool = False
+    """Multi-head latent attention (DeepSeek-V2/V3, Kimi: ``attention.key_length_mla``):
+    llama.cpp caches only the compressed K rows (``head_dim_k`` wide), no V."""
+    split_count: int = 1
+    """Files the model is split into (``split.count``; 1 for a single file)."""
     layer_bytes: tuple[int, ...] = ()
     input_bytes: int = 0
     output_bytes: int = 0
@@ -127,27 +167,103 @@ class ModelInfo:
         """Average bits per parameter over all tensors (4.89 for a typical Q4_K_M)."""
         return self.weight_bytes * 8 / self.parameter_count if self.parameter_count else 0.0
 
-    def kv_bytes_per_token(self, cache_type_k: str = "f16", cache_type_v: str | None = None) -> int:
-        """KV cache bytes per token of context, over all layers (llama.cpp's layout).
+    def kv_row_bytes(self, cache_type_k: str = "f16", cache_type_v: str | None = None) -> int:
+        """KV cache bytes of one layer for one token (one cell): a K row and a V row.
 
-        Per layer llama.cpp stores, per cell, a K row of ``head_count_kv * head_dim_k``
-        elements and a V row of ``head_count_kv * head_dim_v`` elements of the cache type
-        (``f16``: 2 bytes each; ``q8_0``: 34 bytes per 32; ``q4_0``: 18 bytes per 32).
+        The K row holds ``head_count_kv * head_dim_k`` elements and the V row
+        ``head_count_kv * head_dim_v`` of the cache type (``f16``: 2 bytes each; ``q8_0``:
+        34 bytes per 32; ``q4_0``: 18 bytes per 32). An MLA model has no V row.
         """
         k = cache_type_bytes(cache_type_k, self.head_count_kv * self.head_dim_k)
-        v = cache_type_bytes(cache_type_v or cache_type_k, self.head_count_kv * self.head_dim_v)
-        return self.block_count * (k + v)
+        if self.mla:
+            return k
+        return k + cache_type_bytes(
+            cache_type_v or cache_type_k, self.head_count_kv * self.head_dim_v
+        )
+
+    def kv_bytes_per_token(self, cache_type_k: str = "f16", cache_type_v: str | None = None) -> int:
+        """KV cache bytes per token of context over all layers, each at full size.
+
+        ``block_count * kv_row_bytes(...)``. For a model with sliding-window layers this is
+        the cost with ``--swa-full``; ``kv_cache_bytes`` gives the real total.
+        """
+        return self.block_count * self.kv_row_bytes(cache_type_k, cache_type_v)
+
+    def kv_cells_by_layer(
+        self,
+        ctx_size: int,
+        n_parallel: int = 1,
+        *,
+        ubatch_size: int = 512,
+        swa_full: bool = False,
+    ) -> tuple[int, ...]:
+        """KV cells llama.cpp allocates for each layer with ``-c ctx_size -np n_parallel``.
+
+        A full-attention layer gets ``kv_cells(ctx_size, n_parallel)``; a sliding-window
+        layer (``swa_layers``) gets, per slot, ``pad(min(ctx per slot, sliding_window +
+        ubatch_size), 256)`` (llama-kv-cache-iswa.cpp), unless ``swa_full``.
+        """
+        full = kv_cells(ctx_size, n_parallel)
+        if swa_full or not self.sliding_window or not any(self.swa_layers):
+            return (full,) * self.block_count
+        per_slot = min(full // n_parallel, self.sliding_window + ubatch_size)
+        swa = _pad(per_slot, KV_CELL_ALIGN) * n_parallel
+        flags = self.swa_layers
+        return tuple(
+            swa if il < len(flags) and flags[il] else full for il in range(self.block_count)
+        )
+
+    def kv_cache_bytes(
+        self,
+        ctx_size: int,
+        n_parallel: int = 1,
+        *,
+        cache_type_k: str = "f16",
+        cache_type_v: str | None = None,
+        ubatch_size: int = 512,
+        swa_full: bool = False,
+    ) -> int:
+        """The whole KV cache llama-server allocates for ``-c ctx_size -np n_parallel``.
+
+        ```python
+        info.kv_cache_bytes(8192, 4, cache_type_k="q8_0")  # bytes, over every layer
+        ```
+        """
+        row = self.kv_row_bytes(cache_type_k, cache_type_v)
+        cells = self.kv_cells_by_layer(
+            ctx_size, n_parallel, ubatch_size=ubatch_size, swa_full=swa_full
+        )
+        return row * sum(cells)
 
     def summary(self) -> str:
         """One line: name, architecture, size, quantization, shape."""
         params = _human_count(self.parameter_count)
+        moe = (
+            f", {self.expert_used_count} of {self.expert_count} experts"
+            if self.expert_count
+            else ""
+        )
         return (
             f"{self.name or (self.path.name if self.path else 'model')} ({self.architecture}, "
             f"{params} params, {self.file_type or '?'}, {human_bytes(self.weight_bytes)}): "
             f"{self.block_count} layers, {self.head_count} heads / {self.head_count_kv} KV "
             f"of {self.head_dim_k}, embd {self.embedding_length}, ctx {self.context_length}, "
-            f"vocab {self.vocab_size}"
+            f"vocab {self.vocab_size}{moe}"
         )
+
+
+def kv_cells(ctx_size: int, n_parallel: int) -> int:
+    """KV cells llama.cpp allocates for ``-c ctx_size -np n_parallel`` (non-unified cache).
+
+    ``n_ctx = pad(ctx, 256)``; each slot gets ``pad(n_ctx / np, 256)``; cells = slots x that.
+    """
+    n_ctx = _pad(ctx_size, KV_CELL_ALIGN)
+    per_slot = _pad(n_ctx // n_parallel, KV_CELL_ALIGN)
+    return per_slot * n_parallel
+
+
+def _pad(value: int, align: int) -> int:
+    return -(-value // align) * align
 
 
 def cache_type_bytes(cache_type: str, elements: int) -> int:
@@ -179,51 +295,202 @@ async def inspect_model(path: str | os.PathLike[str]) -> ModelInfo:
 
 
 def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
-    """The blocking body of ``inspect_model``: parse ``path`` with ``gguf.GGUFReader``."""
+    """The blocking body of ``inspect_model``: parse ``path`` with ``gguf.GGUFReader``.
+
+    For the first part of a split model (``x-00001-of-00003.gguf``) every part is read; the
+    others must sit beside it under gguf-split's names.
+    """
     import gguf
 
     file = Path(path)
     shown = os.fspath(file)
+    reader, size = _open(file, shown, missing=None)
+    try:
+        fields: Mapping[str, Any] = reader.fields
+        split_no = _scalar(fields, gguf.Keys.Split.LLM_KV_SPLIT_NO)
+        split_count = _scalar(fields, gguf.Keys.Split.LLM_KV_SPLIT_COUNT)
+        split_tensors = _scalar(fields, gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
+        parts = _split_parts(file, shown, split_no, split_count)
+        tensors = _Tensors()
+        tensors.add(reader, shown, size)
+        try:
+            return _model_info(reader, file, parts, tensors, split_tensors)
+        except (ValueError, IndexError, KeyError, TypeError, OverflowError) as exc:
+            raise _format_error(shown, f"has unreadable metadata ({exc})") from exc
+    finally:
+        del reader  # drops the memory map now, not at the next garbage collection
+
+
+def _open(file: Path, shown: str, *, missing: str | None) -> tuple[Any, int]:
+    """A ``GGUFReader`` on ``file`` and the file's size; typed errors for what is wrong.
+
+    ``missing``: the problem to report when the file does not exist (a split model's part),
+    ``None`` for ``ModelNotFoundError``. Errors always name ``shown``, the file asked for.
+    """
+    import gguf
+
+    def error(problem: str) -> ModelFormatError:
+        if file == Path(shown):
+            return _format_error(shown, problem)
+        return _format_error(shown, f"is split, and its part {file} {problem}")
+
     try:
         size = file.stat().st_size
     except FileNotFoundError:
+        if missing is not None:
+            raise _format_error(shown, missing) from None
         raise ModelNotFoundError(
             f"no model file at {shown}; pass the path of a .gguf file", model=shown, tried=[shown]
         ) from None
     except OSError as exc:
-        raise _format_error(shown, f"cannot be read ({exc.strerror or exc})") from exc
+        raise error(f"cannot be read ({exc.strerror or exc})") from exc
     if not file.is_file():
-        raise _format_error(shown, "is not a regular file (a directory?)")
+        raise error("is not a regular file (a directory?)")
     if size == 0:
-        raise _format_error(shown, "is empty (0 bytes)")
+        raise error("is empty (0 bytes)")
     try:
         with file.open("rb") as fh:
             magic = fh.read(4)
     except OSError as exc:
-        raise _format_error(shown, f"cannot be read ({exc.strerror or exc})") from exc
+        raise error(f"cannot be read ({exc.strerror or exc})") from exc
     if magic != b"GGUF":
-        raise _format_error(
-            shown, f"is not a GGUF file (it starts with {magic!r}, a GGUF file with b'GGUF')"
-        )
+        raise error(f"is not a GGUF file (it starts with {magic!r}, a GGUF file with b'GGUF')")
     try:
-        reader = gguf.GGUFReader(file, "r")
+        return gguf.GGUFReader(file, "r"), size
     except OSError as exc:
-        raise _format_error(shown, f"cannot be read ({exc.strerror or exc})") from exc
+        raise error(f"cannot be read ({exc.strerror or exc})") from exc
     except (ValueError, IndexError, KeyError, TypeError, OverflowError, MemoryError) as exc:
         # GGUFReader indexes a memory map: a short file gives empty slices, which surface as
         # IndexError or as ValueError from numpy's view/reshape. Either way the file is bad.
         problem = str(exc)
+        unknown = _UNKNOWN_TYPE.search(problem)
+        if unknown is not None:
+            # A tensor type newer than the gguf package: the file is fine, the reader is old.
+            raise error(
+                f"uses ggml tensor type {unknown.group(1)}, which the installed gguf package "
+                f"({_gguf_version()}) does not know: upgrade it (pip install -U gguf), or "
+                "start the engine with auto_configure=False"
+            ) from exc
         if "version" in problem:
-            raise _format_error(shown, f"has an unsupported GGUF version ({problem})") from exc
-        raise _format_error(
-            shown, f"is truncated or corrupt: its header or tensor table is unreadable ({problem})"
+            raise error(f"has an unsupported GGUF version ({problem})") from exc
+        raise error(
+            f"is truncated or corrupt: its header or tensor table is unreadable ({problem})"
         ) from exc
+
+
+_UNKNOWN_TYPE: Final = re.compile(r"(\d+)\)? is not a valid GGMLQuantizationType")
+
+
+def _gguf_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        return _model_info(reader, file, size)
-    except (ValueError, IndexError, KeyError, TypeError, OverflowError) as exc:
-        raise _format_error(shown, f"has unreadable metadata ({exc})") from exc
-    finally:
-        del reader  # drops the memory map now, not at the next garbage collection
+        return f"gguf {version('gguf')}"
+    except PackageNotFoundError:
+        return "gguf, version unknown"
+
+
+def _scalar(fields: Mapping[str, Any], key: str) -> int | None:
+    entry = fields.get(key)
+    if entry is None or len(entry.types) != 1:
+        return None
+    value = entry.contents()
+    return int(value) if isinstance(value, int) else None
+
+
+def _split_parts(file: Path, shown: str, split_no: int | None, count: int | None) -> list[Path]:
+    """The other parts of a split model whose first part is ``file`` (``[]`` if not split)."""
+    if not count or count <= 1:
+        return []
+    match = _SPLIT_NAME.match(file.name)
+    if split_no:
+        first = (
+            file.with_name(f"{match.group('prefix')}-00001-of-{count:05d}.gguf") if match else None
+        )
+        raise _format_error(
+            shown,
+            f"is part {split_no + 1} of {count} of a split model; pass its first part"
+            + (f" ({first})" if first else ""),
+        )
+    if match is None or int(match.group("count")) != count:
+        raise _format_error(
+            shown,
+            f"is the first of {count} parts of a split model, but its name does not end in "
+            f"-00001-of-{count:05d}.gguf, by which llama.cpp finds the other parts",
+        )
+    prefix = match.group("prefix")
+    return [file.with_name(f"{prefix}-{i:05d}-of-{count:05d}.gguf") for i in range(2, count + 1)]
+
+
+class _Tensors:
+    """Exact tensor bytes, per layer, per type, input and output, added up over the parts."""
+
+    def __init__(self) -> None:
+        self.layers: dict[int, int] = {}
+        self.types: dict[str, list[int]] = {}
+        self.names: set[str] = set()
+        self.input_bytes = self.output_bytes = self.params = self.count = self.size = 0
+
+    def add(self, reader: Any, shown: str, size: int) -> None:
+        """Count ``reader``'s tensors; the file (``size`` bytes) must hold all of their data."""
+        import gguf
+
+        data_end = 0
+        for tensor in reader.tensors:
+            name = str(tensor.name)
+            self.names.add(name)
+            n_elements, n_bytes = int(tensor.n_elements), int(tensor.n_bytes)
+            self.params += n_elements
+            data_end = max(data_end, int(tensor.data_offset) + n_bytes)
+            kind = gguf.GGMLQuantizationType(tensor.tensor_type).name
+            stats = self.types.setdefault(kind, [0, 0, 0])
+            stats[0] += 1
+            stats[1] += n_elements
+            stats[2] += n_bytes
+            match = _LAYER.match(name)
+            if match:
+                index = int(match.group(1))
+                self.layers[index] = self.layers.get(index, 0) + n_bytes
+            elif name.startswith(_INPUT_PREFIXES):
+                self.input_bytes += n_bytes
+            else:
+                self.output_bytes += n_bytes
+        if data_end > size:
+            raise _format_error(
+                shown,
+                f"is truncated: its tensors need {data_end} bytes but the file has {size}",
+            )
+        self.count += len(reader.tensors)
+        self.size += size
+
+
+def with_adapters(model: ModelInfo, adapters: Sequence[str | os.PathLike[str]]) -> ModelInfo:
+    """``model`` with the weights of LoRA ``adapters`` added where llama.cpp puts them. Blocking.
+
+    llama.cpp loads each adapter tensor (``blk.N.<weight>.lora_a`` / ``.lora_b``) on the
+    device of the weight it adapts, so each layer grows by its adapters' bytes.
+    """
+    if not adapters:
+        return model
+    layers = list(model.layer_bytes)
+    input_bytes, output_bytes = model.input_bytes, model.output_bytes
+    for adapter in adapters:
+        file = Path(adapter)
+        shown = os.fspath(file)
+        reader, size = _open(file, shown, missing=None)
+        try:
+            tensors = _Tensors()
+            tensors.add(reader, shown, size)
+        finally:
+            del reader
+        for index, nbytes in tensors.layers.items():
+            layers.extend([0] * (index + 1 - len(layers)))
+            layers[index] += nbytes
+        input_bytes += tensors.input_bytes
+        output_bytes += tensors.output_bytes
+    return dataclasses.replace(
+        model, layer_bytes=tuple(layers), input_bytes=input_bytes, output_bytes=output_bytes
+    )
 
 
 def _format_error(path: str, problem: str) -> ModelFormatError:
@@ -234,7 +501,9 @@ def _format_error(path: str, problem: str) -> ModelFormatError:
     )
 
 
-def _model_info(reader: Any, file: Path, size: int) -> ModelInfo:
+def _model_info(
+    reader: Any, file: Path, parts: list[Path], tensors: _Tensors, split_tensors: int | None
+) -> ModelInfo:
     import gguf
 
     shown = os.fspath(file)
@@ -247,7 +516,7 @@ def _model_info(reader: Any, file: Path, size: int) -> ModelInfo:
         if entry.types[0] == gguf.GGUFValueType.ARRAY:
             if entry.types[-1] == gguf.GGUFValueType.STRING:
                 return None
-            return entry.contents()  # a per-layer array (head counts, ff lengths)
+            return entry.contents()  # a per-layer array (head counts, ff lengths, SWA flags)
         return entry.contents()
 
     arch = value("general.architecture")
@@ -259,34 +528,21 @@ def _model_info(reader: Any, file: Path, size: int) -> ModelInfo:
             "is an adapter (general.type=adapter), not a model; load it with --lora on a model",
         )
 
-    # Tensors: exact bytes from type and shape; the file must hold all of their data.
-    layers: dict[int, int] = {}
-    types: dict[str, list[int]] = {}
-    input_bytes = output_bytes = params = 0
-    data_end = 0
-    names = set()
-    for tensor in reader.tensors:
-        name = str(tensor.name)
-        names.add(name)
-        n_elements, n_bytes = int(tensor.n_elements), int(tensor.n_bytes)
-        params += n_elements
-        data_end = max(data_end, int(tensor.data_offset) + n_bytes)
-        stats = types.setdefault(gguf.GGMLQuantizationType(tensor.tensor_type).name, [0, 0, 0])
-        stats[0] += 1
-        stats[1] += n_elements
-        stats[2] += n_bytes
-        match = _LAYER.match(name)
-        if match:
-            index = int(match.group(1))
-            layers[index] = layers.get(index, 0) + n_bytes
-        elif name.startswith(_INPUT_PREFIXES):
-            input_bytes += n_bytes
-        else:
-            output_bytes += n_bytes
-    if data_end > size:
+    # The other parts of a split model hold tensors only; the first one holds the metadata.
+    for part in parts:
+        part_reader, part_size = _open(
+            part, shown, missing=f"is split, but its part {part} is missing: put every part "
+            "in the same folder"
+        )  # fmt: skip
+        try:
+            tensors.add(part_reader, shown, part_size)
+        finally:
+            del part_reader
+    if split_tensors is not None and parts and tensors.count != split_tensors:
         raise _format_error(
             shown,
-            f"is truncated: its tensors need {data_end} bytes but the file has {size}",
+            f"is split, and its parts hold {tensors.count} tensors where it says "
+            f"{split_tensors} (split.tensors.count): a part is from another model or corrupt",
         )
 
     def count(key: str, default: int = 0) -> int:
@@ -301,6 +557,7 @@ def _model_info(reader: Any, file: Path, size: int) -> ModelInfo:
         raw = value(f"{arch}.{key}")
         return None if raw is None or isinstance(raw, list) else float(raw)
 
+    layers = tensors.layers
     block_count = count("block_count", len(layers))
     embd = count("embedding_length")
     heads = count("attention.head_count")
@@ -308,6 +565,7 @@ def _model_info(reader: Any, file: Path, size: int) -> ModelInfo:
     head_k = count("attention.key_length", embd // heads if heads else 0)
     head_v = count("attention.value_length", head_k)
     ff = count("feed_forward_length")
+    mla = bool(count("attention.key_length_mla") and count("attention.value_length_mla"))
 
     tokens = fields.get("tokenizer.ggml.tokens")
     n_tokens = len(tokens.data) if tokens is not None else 0
@@ -326,7 +584,7 @@ def _model_info(reader: Any, file: Path, size: int) -> ModelInfo:
     template = value("tokenizer.chat_template")
     ftype_raw = value("general.file_type")
     scaling = value(f"{arch}.rope.scaling.type")
-    window = count("attention.sliding_window")
+    window, swa_layers = _swa(arch, value, count, block_count)
     metadata = {
         key: value(key)
         for key, entry in fields.items()
@@ -337,15 +595,15 @@ def _model_info(reader: Any, file: Path, size: int) -> ModelInfo:
     name = value("general.name")
     return ModelInfo(
         path=file,
-        file_size=size,
+        file_size=tensors.size,
         architecture=arch,
         name=name if isinstance(name, str) else None,
         file_type=_file_type_name(ftype_raw),
-        parameter_count=params,
-        tensor_count=len(reader.tensors),
+        parameter_count=tensors.params,
+        tensor_count=tensors.count,
         tensor_types={
             name: TensorTypeStats(count=c, elements=e, nbytes=b)
-            for name, (c, e, b) in sorted(types.items())
+            for name, (c, e, b) in sorted(tensors.types.items())
         },
         context_length=count("context_length"),
         block_count=block_count,
@@ -365,13 +623,44 @@ def _model_info(reader: Any, file: Path, size: int) -> ModelInfo:
         rope_dimension_count=count("rope.dimension_count") or None,
         rope_scaling_type=scaling if isinstance(scaling, str) else None,
         rope_scaling_factor=real("rope.scaling.factor"),
-        sliding_window=window or None,
+        sliding_window=window,
+        swa_layers=swa_layers,
+        expert_count=count("expert_count"),
+        expert_used_count=count("expert_used_count"),
+        expert_feed_forward_length=count("expert_feed_forward_length") or None,
+        mla=mla,
+        split_count=len(parts) + 1,
         layer_bytes=tuple(layers.get(i, 0) for i in range(max([block_count - 1, *layers]) + 1)),
-        input_bytes=input_bytes,
-        output_bytes=output_bytes,
-        tied_embeddings="output.weight" not in names,
+        input_bytes=tensors.input_bytes,
+        output_bytes=tensors.output_bytes,
+        tied_embeddings="output.weight" not in tensors.names,
         metadata=metadata,
     )
+
+
+def _swa(
+    arch: str, value: Callable[[str], Any], count: Callable[..., int], n_layer: int
+) -> tuple[int | None, tuple[bool, ...]]:
+    """(sliding window, per-layer SWA flags) as llama.cpp reads them for ``arch``.
+
+    Flags only for the architectures of ``_SWA_PATTERNS``: for others llama.cpp's rules are
+    not known here, so their layers are planned at full size (more memory, never less).
+    """
+    window = count("attention.sliding_window") or None
+    known = _SWA_PATTERNS.get(arch)
+    if known is None:
+        return window, ()
+    default_pattern, default_window = known
+    window = window or default_window or None
+    if window is None:
+        return None, ()
+    raw = value(f"{arch}.attention.sliding_window_pattern")
+    if isinstance(raw, list):
+        flags = tuple(bool(x) for x in raw[:n_layer])
+        return window, flags + (False,) * (n_layer - len(flags))
+    pattern = int(raw) if isinstance(raw, int) else default_pattern
+    # llama_hparams::set_swa_pattern(n, dense_first=false): the last of every n is full.
+    return window, tuple(pattern == 0 or il % pattern < pattern - 1 for il in range(n_layer))
 
 
 def _file_type_name(raw: object) -> str | None:

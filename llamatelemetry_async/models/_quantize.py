@@ -33,7 +33,7 @@ from ..server._process import _with_parent_death
 
 __all__ = ["QUANT_TYPES", "QuantizeProgress", "quantize"]
 
-logger = logging.getLogger("llamatelemetry_async.server")
+logger = logging.getLogger("llamatelemetry_async.models")
 
 QUANT_TYPES: Final[Mapping[str, int]] = {
     "Q1_0": 40,
@@ -209,10 +209,15 @@ async def quantize(
     ```
     """
     name = _type_name(type)
-    if threads is not None and (isinstance(threads, bool) or threads < 1):
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
         raise ConfigError(f"threads: must be an int >= 1, got {threads!r}", field="threads")
-    if isinstance(extra_args, str):
-        raise ConfigError("extra_args: a list of arguments, not one string", field="extra_args")
+    if isinstance(extra_args, str) or not all(isinstance(a, str) for a in extra_args):
+        raise ConfigError(
+            f"extra_args: a list of strings, one per argument, got {extra_args!r}",
+            field="extra_args",
+        )
     exe, src_path, dst_path, tmp = await anyio.to_thread.run_sync(_prepare, src, dst, binary)
     argv = [
         os.fspath(exe),

@@ -77,7 +77,11 @@ def _offline_from_env() -> bool:
 
 
 def _redact(text: str, token: str | None) -> str:
-    return text.replace(token, "<HF_TOKEN>") if token else text
+    """``text`` without the token given, nor those huggingface_hub reads from the environment."""
+    for secret in (token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")):
+        if secret:
+            text = text.replace(secret, "<HF_TOKEN>")
+    return text
 
 
 def _parse_hub_spec(spec: str) -> _HubFile | None:
@@ -246,18 +250,19 @@ async def _from_hub(
     if not hub.filename.lower().endswith(".gguf"):
         tried.append(f"Hugging Face Hub {hub.repo_id}:{hub.filename}: not a .gguf file name")
         raise _not_found(spec, tried, "Name the .gguf file: 'owner/repo:file.gguf'.")
-    is_offline = _offline_from_env() if offline is None else offline
     cache = _hub_cache_dir(cache_dir)
-    logger.info(
-        "resolving %s:%s from the Hugging Face Hub (cache %s%s)",
-        hub.repo_id,
-        hub.filename,
-        cache,
-        ", offline" if is_offline else "",
-    )
     cancelled = threading.Event()
 
     def fetch() -> Path:
+        # Here, in the worker thread: the first call imports huggingface_hub (~10-70 ms).
+        is_offline = _offline_from_env() if offline is None else offline
+        logger.info(
+            "resolving %s:%s from the Hugging Face Hub (cache %s%s)",
+            hub.repo_id,
+            hub.filename,
+            cache,
+            ", offline" if is_offline else "",
+        )
         secret = _token(token, is_offline)
         bar = _cancellable_bar(cancelled)
         paths = []

@@ -8,16 +8,20 @@ llama.cpp is exact and with a stated, conservative estimate where it is not:
   ``output.weight`` and ``output_norm``, or the token embeddings again when they are tied).
   The token embeddings themselves always stay on the CPU. Over a GPU pair (layer split) the
   offloaded layers go to the GPUs by the cumulative tensor split, as ``llama-model.cpp`` does
-  (``upper_bound(splits, i / n_offloaded)``, in float32).
+  (``upper_bound(splits, i / n_offloaded)``, in float32). A row split spreads each matrix's
+  rows over the pair by the split; a tensor split spreads the weights and the KV cache.
 - **KV cache**: exact. Per offloaded layer and per cell, a K row of
   ``n_kv_heads * head_dim_k`` and a V row of ``n_kv_heads * head_dim_v`` elements of the
-  cache type (``f16``: 2 bytes; ``q8_0``: 34 bytes per 32; ``q4_0``: 18 bytes per 32).
+  cache type (``f16``: 2 bytes; ``q8_0``: 34 bytes per 32; ``q4_0``: 18 bytes per 32; an
+  MLA model has no V row), on the layer's own GPU (layer and row splits).
   llama-server's ``-c`` is the *total* context shared by the ``-np`` slots: llama.cpp pads it
   to a multiple of 256, gives each slot ``pad(c / np, 256)`` cells, so the cache holds
-  ``np * pad(pad(c, 256) / np, 256)`` cells (``kv_cells``).
+  ``np * pad(pad(c, 256) / np, 256)`` cells (``kv_cells``). A sliding-window layer
+  (``ModelInfo.swa_layers``) holds ``np * pad(min(c / np, window + n_ubatch), 256)`` cells
+  instead, unless ``swa_full``.
 - **Compute buffer** (estimate, see ``compute_buffer_bytes``): float32 activations of one
   micro-batch: ``4 * n_ubatch * (n_vocab + 3 * n_embd + 2 * n_ff)`` bytes (the logits and the
-  widest activations), plus the attention score matrix
+  widest activations; for MoE the chosen experts' too), plus the attention score matrix
   ``4 * n_ubatch * n_head * n_ctx_per_slot`` when flash attention is off, plus an f16 copy of
   one layer's K and V when the cache is quantized. Counted in full on every GPU of a server.
   Measured for comparison: Llama-3-8B, ubatch 512, flash attention: llama.cpp's CUDA compute
@@ -45,8 +49,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
 from .._errors import ConfigError, ModelDoesNotFitError
-from ..server._config import CACHE_TYPES, ServerConfig, ServerPlan
-from ._gguf import ModelInfo, TensorTypeStats, cache_type_bytes, human_bytes
+from ..server._config import _UNQUANTIZED_CACHE_TYPES, CACHE_TYPES, ServerConfig, ServerPlan
+from ._gguf import (
+    KV_CELL_ALIGN,
+    ModelInfo,
+    TensorTypeStats,
+    human_bytes,
+    kv_cells,
+)
 
 if TYPE_CHECKING:
     from ..engine._placement import Placement
@@ -84,8 +94,6 @@ MIN_SLOT_CONTEXT: Final = 1024
 MIN_AUTO_CONTEXT: Final = 2048
 """An unset ``ctx_size`` is never planned below this (or the model's own, if smaller): below
 it the plan offloads fewer layers instead."""
-KV_CELL_ALIGN: Final = 256
-"""llama.cpp pads the context, and each slot's share of it, to a multiple of this."""
 
 NGL: TypeAlias = int | Literal["all"]
 
@@ -175,7 +183,8 @@ class ServerVRAMPlan:
     cache_type_v: str
     ubatch_size: int
     kv_bytes_per_token: int
-    """KV cache bytes per token of context over all layers (GPU and CPU)."""
+    """KV cache bytes per token of context over all layers (GPU and CPU), each at full size
+    (``ModelInfo.kv_bytes_per_token``; sliding-window layers hold less: ``devices``)."""
     devices: tuple[DeviceUse, ...]
     host_weights_bytes: int
     """Weights left in host memory (token embeddings, layers not offloaded)."""
@@ -197,7 +206,9 @@ class ServerVRAMPlan:
     def config_overrides(self, config: ServerConfig | None = None) -> dict[str, Any]:
         """The ``ServerConfig`` fields this plan sets, for those ``config`` leaves unset.
 
-        A CPU server gets nothing: llama-server's defaults stand there.
+        ``n_gpu_layers="auto"`` counts as unset: the plan's count replaces it, so that the
+        server runs what the plan describes. A CPU server gets nothing: llama-server's
+        defaults stand there.
         """
         if not self.server.gpus:
             return {}
@@ -207,7 +218,11 @@ class ServerVRAMPlan:
             "ctx_size": self.ctx_size,
             "n_parallel": self.n_parallel,
         }
-        return {name: value for name, value in chosen.items() if getattr(config, name) is None}
+        return {
+            name: value
+            for name, value in chosen.items()
+            if getattr(config, name) is None or getattr(config, name) == "auto"
+        }
 
     def apply(self, config: ServerConfig) -> ServerConfig:
         """``config`` with its unset ``n_gpu_layers``, ``ctx_size`` and ``n_parallel`` filled."""
@@ -260,11 +275,15 @@ class VRAMPlan:
     servers: tuple[ServerVRAMPlan, ...]
 
     def server(self, name: str) -> ServerVRAMPlan:
-        """The plan of the server called ``name`` (``"gpu0"``, ``"gpu0+1"`` ...)."""
+        """The plan of the server called ``name`` (``"gpu0"``, ``"gpu0+1"`` ...).
+
+        Raises ``KeyError`` (naming the servers there are) for a name the plan does not have.
+        """
         for server in self.servers:
             if server.server.name == name:
                 return server
-        raise KeyError(name)
+        names = ", ".join(repr(s.server.name) for s in self.servers)
+        raise KeyError(f"no server {name!r} in this plan; its servers: {names}")
 
     def summary(self) -> str:
         """One line per server, joined with ``"; "``: fit for a log line."""
@@ -276,16 +295,6 @@ class VRAMPlan:
 
 
 # ------------------------------------------------------------------------------ arithmetic
-
-
-def kv_cells(ctx_size: int, n_parallel: int) -> int:
-    """KV cells llama.cpp allocates for ``-c ctx_size -np n_parallel`` (non-unified cache).
-
-    ``n_ctx = pad(ctx, 256)``; each slot gets ``pad(n_ctx / np, 256)``; cells = slots x that.
-    """
-    n_ctx = _pad(ctx_size, KV_CELL_ALIGN)
-    per_slot = _pad(n_ctx // n_parallel, KV_CELL_ALIGN)
-    return per_slot * n_parallel
 
 
 def compute_buffer_bytes(
@@ -300,29 +309,30 @@ def compute_buffer_bytes(
     """A conservative estimate of llama.cpp's compute buffer on one GPU, in bytes.
 
     ``4 * ubatch * (n_vocab + 3 * n_embd + 2 * n_ff)``: float32 logits of a micro-batch and
-    its widest activations (residual, normed input, attention output; FFN gate and up).
+    its widest activations (residual, normed input, attention output; FFN gate and up). For a
+    MoE model ``n_ff`` is at least ``n_expert_used * n_ff_expert`` (the chosen experts' gate
+    and up), plus ``4 * ubatch * (n_expert + n_expert_used * n_embd)`` for the router's
+    logits and each chosen expert's output.
     Flash attention off (``flash_attn="off"``): ``+ 4 * ubatch * n_head * ctx_per_slot`` for
     the attention scores. A quantized cache: ``+ 2 * ctx_per_slot * (K + V row elements)``,
     an f16 copy of one layer's K and V. ``None``/``"auto"``/``"on"`` count as flash attention
     on: llama.cpp's ``auto`` turns it on for CUDA GPUs that support it (T4 onwards).
     """
-    ff = model.feed_forward_length or 4 * model.embedding_length
-    total = 4 * ubatch_size * (model.vocab_size + 3 * model.embedding_length + 2 * ff)
+    embd = model.embedding_length
+    ff = model.feed_forward_length or 4 * embd
+    moe = 0
+    if model.expert_count and model.expert_used_count:
+        expert_ff = model.expert_feed_forward_length or model.feed_forward_length or 4 * embd
+        ff = max(ff, model.expert_used_count * expert_ff)
+        moe = model.expert_count + model.expert_used_count * embd
+    total = 4 * ubatch_size * (model.vocab_size + 3 * embd + 2 * ff + moe)
     if flash_attn == "off":
         total += 4 * ubatch_size * model.head_count * ctx_per_slot
-    row_k = model.head_count_kv * model.head_dim_k
-    row_v = model.head_count_kv * model.head_dim_v
-    if cache_type_k not in ("f16", "f32", "bf16") or (cache_type_v or cache_type_k) not in (
-        "f16",
-        "f32",
-        "bf16",
-    ):
+    if {cache_type_k, cache_type_v or cache_type_k} - _UNQUANTIZED_CACHE_TYPES:
+        row_k = model.head_count_kv * model.head_dim_k
+        row_v = 0 if model.mla else model.head_count_kv * model.head_dim_v
         total += 2 * ctx_per_slot * (row_k + row_v)
     return total
-
-
-def _pad(value: int, align: int) -> int:
-    return -(-value // align) * align
 
 
 # ------------------------------------------------------------------------------ GPU specs
@@ -337,17 +347,26 @@ def read_gpu_specs(gpus: Iterable[int] | None = None, *, nvml: Any = None) -> li
 
         specs = await anyio.to_thread.run_sync(read_gpu_specs)
     """
+    return _read_gpu_specs(gpus, nvml)[0]
+
+
+def _read_gpu_specs(
+    gpus: Iterable[int] | None, nvml: Any = None
+) -> tuple[list[GPUSpec], str | None]:
+    """``read_gpu_specs``, and why GPUs are missing from it (``None`` when none is)."""
     if nvml is None:
         try:
             import pynvml  # here, not at module level: no NVML work at import time
         except ImportError:
-            return []
+            return [], "pynvml (nvidia-ml-py) is not installed"
         nvml = pynvml
     try:
         nvml.nvmlInit()
-    except nvml.NVMLError:
-        return []  # no driver: no GPU memory to plan with, not an error
+    except nvml.NVMLError as exc:
+        # No driver: no GPU memory to plan with, not an error; the reason goes to the caller.
+        return [], f"NVML did not start ({type(exc).__name__}: {exc})"
     specs: list[GPUSpec] = []
+    problems: list[str] = []
     try:
         count = int(nvml.nvmlDeviceGetCount())
         wanted = range(count) if gpus is None else [g for g in gpus if 0 <= g < count]
@@ -356,7 +375,8 @@ def read_gpu_specs(gpus: Iterable[int] | None = None, *, nvml: Any = None) -> li
                 handle = nvml.nvmlDeviceGetHandleByIndex(index)
                 name = nvml.nvmlDeviceGetName(handle)
                 memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-            except nvml.NVMLError:
+            except nvml.NVMLError as exc:
+                problems.append(f"GPU {index}: {type(exc).__name__}: {exc}")
                 continue  # a lost or unreadable GPU: plan without it
             total, used = int(memory.total), int(memory.used)
             specs.append(
@@ -367,14 +387,14 @@ def read_gpu_specs(gpus: Iterable[int] | None = None, *, nvml: Any = None) -> li
                     free_bytes=max(0, total - used),
                 )
             )
-    except nvml.NVMLError:
-        return specs
+    except nvml.NVMLError as exc:
+        problems.append(f"NVML failed ({type(exc).__name__}: {exc})")
     finally:
         try:
             nvml.nvmlShutdown()
         except nvml.NVMLError:
             pass  # the figures are read; nothing to do about a failing shutdown
-    return specs
+    return specs, "; ".join(problems) or None
 
 
 def _coerce_gpus(gpus: Sequence[GPUSpec | int]) -> dict[int, GPUSpec]:
@@ -513,6 +533,7 @@ class _Settings:
     flash_attn: str | None
     min_ctx: int
     allow_partial: bool
+    swa_full: bool = False
 
 
 class _Layout:
@@ -528,9 +549,7 @@ class _Layout:
         self.specs = specs
         self.s = s
         self.n_layer = model.block_count
-        self.kv_row = cache_type_bytes(
-            s.cache_type_k, model.head_count_kv * model.head_dim_k
-        ) + cache_type_bytes(s.cache_type_v, model.head_count_kv * model.head_dim_v)
+        self.kv_row = model.kv_row_bytes(s.cache_type_k, s.cache_type_v)
         self.mode = server.split_mode or "layer"
         if server.tensor_split is not None:
             proportions = list(server.tensor_split)
@@ -551,8 +570,9 @@ class _Layout:
         """(per-GPU use, host weight bytes, host KV bytes) for ``ngl`` layers and ``ctx``."""
         import numpy as np
 
-        cells = kv_cells(ctx, n_parallel)
-        kv_layer = self.kv_row * cells
+        cells = self.model.kv_cells_by_layer(
+            ctx, n_parallel, ubatch_size=self.s.ubatch, swa_full=self.s.swa_full
+        )
         n = len(self.specs)
         weights = [0] * n
         kv = [0] * n
@@ -563,39 +583,39 @@ class _Layout:
         act = min(ngl, self.n_layer + 1)
         for il in range(self.n_layer + 1):
             w = self.layer_weights(il)
-            k = kv_layer if il < self.n_layer else 0
+            k = self.kv_row * cells[il] if il < self.n_layer else 0
             if il < i_start:
                 host_weights += w if il < self.n_layer else self.model.output_bytes
                 host_kv += k
                 continue
-            if self.mode == "layer" or n == 1:
-                x = float(np.float32(il - i_start) / np.float32(act))
-                dev = min(bisect.bisect_right(self.splits, x), n - 1)
+            # llama-model.cpp: a layer's device is upper_bound(splits, i / n_offloaded), in
+            # float32; the layer's KV cache lives there (llama-kv-cache.cpp: dev_layer(il)).
+            x = float(np.float32(il - i_start) / np.float32(act))
+            dev = min(bisect.bisect_right(self.splits, x), n - 1)
+            if self.mode == "none":
+                dev = 0  # everything on the main GPU (the plan's first)
+            if self.mode in ("layer", "none") or n == 1:
                 weights[dev] += w
                 kv[dev] += k
                 layers[dev] += il < self.n_layer
                 output[dev] |= il == self.n_layer
-            elif self.mode == "none":  # everything on the main GPU
-                weights[0] += w
-                kv[0] += k
-                layers[0] += il < self.n_layer
-                output[0] |= il == self.n_layer
-            else:
-                # row / tensor: every matrix is split by the proportions (an approximation:
-                # norms and biases stay whole on the main GPU). Row split keeps the KV cache
-                # on the main GPU; tensor split shares it.
-                for dev, fraction in enumerate(self.fractions):
-                    weights[dev] += math.ceil(w * fraction)
-                    if self.mode == "tensor":
-                        kv[dev] += math.ceil(k * fraction)
-                    layers[dev] += il < self.n_layer
-                    output[dev] |= il == self.n_layer
-                if self.mode == "row":
-                    kv[0] += k
+                continue
+            # Row and tensor split: every GPU holds a share of every layer's matrices, by the
+            # proportions (an approximation: norms and biases stay whole on one GPU). A row
+            # split keeps each layer's KV cache on the layer's own GPU, as a layer split does;
+            # a tensor split shares the KV cache too.
+            for other, fraction in enumerate(self.fractions):
+                weights[other] += math.ceil(w * fraction)
+                if self.mode == "tensor":
+                    kv[other] += math.ceil(k * fraction)
+                layers[other] += il < self.n_layer
+                output[other] |= il == self.n_layer
+            if self.mode == "row":
+                kv[dev] += k
         compute = compute_buffer_bytes(
             self.model,
             ubatch_size=self.s.ubatch,
-            ctx_per_slot=cells // n_parallel,
+            ctx_per_slot=kv_cells(ctx, n_parallel) // n_parallel,
             flash_attn=self.s.flash_attn,
             cache_type_k=self.s.cache_type_k,
             cache_type_v=self.s.cache_type_v,
@@ -662,21 +682,23 @@ def plan(
     *,
     ctx_size: int | None = None,
     n_parallel: int | None = None,
-    n_gpu_layers: NGL | None = None,
-    cache_type: str = "f16",
+    n_gpu_layers: NGL | Literal["auto"] | None = None,
+    cache_type_k: str | None = None,
     cache_type_v: str | None = None,
     ubatch_size: int | None = None,
     flash_attn: str | None = None,
+    swa_full: bool = False,
     placement: Placement | str | Sequence[ServerPlan] | None = None,
     min_ctx: int = MIN_AUTO_CONTEXT,
     allow_partial: bool = True,
+    cache_type: str | None = None,
 ) -> VRAMPlan:
     """Choose ``n_gpu_layers``, ``ctx_size`` and ``n_parallel`` for every server of a placement.
 
     ``gpus``: a ``GPUSpec`` per GPU (``read_gpu_specs()`` reads them), or plain memory sizes
     in bytes for GPUs 0, 1, ... ``placement``: a ``Placement`` (default ``"auto"``: one server
     per GPU), or the ``ServerPlan`` list it resolved to. Settings given here are kept;
-    for those left ``None`` the plan chooses, per server:
+    for those left ``None`` (``n_gpu_layers="auto"`` too) the plan chooses, per server:
 
     - ``n_gpu_layers``: every layer and the output layer when they fit with at least
       ``min_ctx`` (2048) of context, else the most that fit (partial offload; with
@@ -685,12 +707,28 @@ def plan(
       ``min_ctx`` (or the model's own context if smaller); a multiple of 256 per slot.
     - ``n_parallel``: 4 slots, fewer when a slot would get under 1024 tokens.
 
-    ``cache_type`` is the K cache type and ``cache_type_v`` the V one (default: the same).
+    ``cache_type_k`` and ``cache_type_v`` are the KV cache types, as in ``ServerConfig``
+    (default ``f16``; V defaults to K's; ``cache_type`` is another name for ``cache_type_k``).
+    ``swa_full`` plans sliding-window layers at full size, as llama-server's ``--swa-full``.
     Raises ``ModelDoesNotFitError`` when nothing fits; its ``suggestions`` say what would
     (a smaller context, a GPU pair, a smaller quantization, partial offload).
     """
+    if cache_type is not None and cache_type_k is not None and cache_type != cache_type_k:
+        raise ConfigError(
+            f"cache_type: another name for cache_type_k; got both ({cache_type!r} and "
+            f"{cache_type_k!r}): give one",
+            field="cache_type",
+        )
     settings = _settings(
-        cache_type, cache_type_v, ubatch_size, flash_attn, min_ctx, allow_partial, model
+        cache_type_k or cache_type or "f16",
+        cache_type_v,
+        ubatch_size,
+        flash_attn,
+        min_ctx,
+        allow_partial,
+        model,
+        swa_full=swa_full,
+        k_field="cache_type_k" if cache_type_k is not None else "cache_type",
     )
     _check_request(ctx_size, n_parallel, n_gpu_layers)
     specs = _coerce_gpus(gpus)
@@ -706,7 +744,7 @@ def plan(
                 settings,
                 ctx_size=ctx_size,
                 n_parallel=n_parallel,
-                n_gpu_layers=n_gpu_layers,
+                n_gpu_layers=None if n_gpu_layers == "auto" else n_gpu_layers,
                 all_specs=specs,
             )
         )
@@ -721,14 +759,17 @@ def _settings(
     min_ctx: int,
     allow_partial: bool,
     model: ModelInfo,
+    *,
+    swa_full: bool,
+    k_field: str = "cache_type_k",
 ) -> _Settings:
-    for field, value in (("cache_type", cache_k), ("cache_type_v", cache_v)):
+    for field, value in ((k_field, cache_k), ("cache_type_v", cache_v)):
         if value is not None and value not in CACHE_TYPES:
             raise ConfigError(
                 f"{field}: must be one of {', '.join(CACHE_TYPES)}; got {value!r}", field=field
             )
     for field, value, head_dim in (
-        ("cache_type", cache_k, model.head_dim_k),
+        (k_field, cache_k, model.head_dim_k),
         ("cache_type_v", cache_v or cache_k, model.head_dim_v),
     ):
         if not _cache_fits_heads(value, head_dim):
@@ -749,6 +790,7 @@ def _settings(
         flash_attn=flash_attn,
         min_ctx=min_ctx,
         allow_partial=allow_partial,
+        swa_full=swa_full,
     )
 
 
@@ -763,7 +805,9 @@ def _cache_fits_heads(cache_type: str, head_dim: int) -> bool:
     return head_dim == 0 or head_dim % _block_size(cache_type) == 0
 
 
-def _check_request(ctx: int | None, n_parallel: int | None, ngl: NGL | None) -> None:
+def _check_request(
+    ctx: int | None, n_parallel: int | None, ngl: NGL | Literal["auto"] | None
+) -> None:
     for field, value, minimum in (("ctx_size", ctx, 0), ("n_parallel", n_parallel, 1)):
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, int) or value < minimum
@@ -771,11 +815,12 @@ def _check_request(ctx: int | None, n_parallel: int | None, ngl: NGL | None) -> 
             raise ConfigError(f"{field}: must be an int >= {minimum}, got {value!r}", field=field)
     if (
         ngl is not None
-        and ngl != "all"
+        and ngl not in ("all", "auto")
         and (isinstance(ngl, bool) or not isinstance(ngl, int) or ngl < 0)
     ):
         raise ConfigError(
-            f'n_gpu_layers: must be an int >= 0 or "all", got {ngl!r}', field="n_gpu_layers"
+            f'n_gpu_layers: must be an int >= 0, "all" or "auto", got {ngl!r}',
+            field="n_gpu_layers",
         )
 
 
@@ -822,7 +867,10 @@ def _plan_server(
         if layout is not None:
             devices, host_w, host_kv = layout.devices(ngl, ctx, slots)
         else:
-            devices, host_w, host_kv = [], model.weight_bytes, kv_per_token * kv_cells(ctx, slots)
+            host_kv = model.kv_row_bytes(s.cache_type_k, s.cache_type_v) * sum(
+                model.kv_cells_by_layer(ctx, slots, ubatch_size=s.ubatch, swa_full=s.swa_full)
+            )
+            devices, host_w = [], model.weight_bytes
         return ServerVRAMPlan(
             server=server,
             n_gpu_layers=ngl,
@@ -849,10 +897,25 @@ def _plan_server(
     wanted_ngl = None if wanted_ngl is None else min(wanted_ngl, full)
 
     def does_not_fit(reason: str, ctx: int) -> ModelDoesNotFitError:
-        suggestions = _suggestions(
-            model, server, specs, s, layout, ctx=ctx, n_parallel=n_parallel,
-            ngl=wanted_ngl, all_specs=all_specs,
-        )  # fmt: skip
+        # Not even the CUDA context and compute buffer fit: no setting of the model helps.
+        bare = [d for d in layout.devices(0, KV_CELL_ALIGN, 1)[0] if not d.fits]
+        if bare:
+            d = bare[0]
+            reason = (
+                f"GPU {d.gpu} has {human_bytes(d.capacity_bytes)} free, less than the "
+                f"{human_bytes(d.used_bytes)} llama.cpp needs on it before any layer (CUDA "
+                f"context and workspaces {human_bytes(d.overhead_bytes)}, compute buffer "
+                f"{human_bytes(d.compute_bytes)})"
+            )
+            suggestions = [
+                f"free memory on GPU {d.gpu} (another process holds it; nvidia-smi shows which)",
+                "the CPU: Placement.cpu()",
+            ]
+        else:
+            suggestions = _suggestions(
+                model, server, specs, s, layout, ctx=ctx, n_parallel=n_parallel,
+                ngl=wanted_ngl, all_specs=all_specs,
+            )  # fmt: skip
         where = ", ".join(f"GPU {g.index} ({human_bytes(g.available_bytes)})" for g in specs)
         text = "; ".join(suggestions) if suggestions else "nothing smaller fits either"
         return ModelDoesNotFitError(
