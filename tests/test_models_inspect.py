@@ -267,6 +267,10 @@ def test_a_split_model_is_read_whole_and_llama_server_agrees(
         read_model_info(first)
     assert str(parts[2]) in missing.value.problem
     assert missing.value.model == str(first)
+    parts[2].write_bytes(b"junk")
+    with pytest.raises(ModelFormatError) as corrupt:
+        read_model_info(first)
+    assert f"its part {parts[2]} is not a GGUF file" in corrupt.value.problem
     renamed = first.rename(tmp_path / "tiny.gguf")
     with pytest.raises(ModelFormatError, match=r"-00001-of-00003\.gguf"):
         read_model_info(renamed)

@@ -316,8 +316,9 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
             )
             return [config] * len(plans)
         info = await inspect_model(self.model)  # parses in a worker thread
-        adapters = [entry if isinstance(entry, str) else entry[0] for entry in config.lora]
-        info = await anyio.to_thread.run_sync(with_adapters, info, adapters)
+        if config.lora:  # each adapter's tensors go where the weights they adapt are
+            adapters = [entry if isinstance(entry, str) else entry[0] for entry in config.lora]
+            info = await anyio.to_thread.run_sync(with_adapters, info, adapters)
         planning = functools.partial(
             plan,
             info,
