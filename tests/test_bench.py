@@ -272,7 +272,7 @@ async def test_rate_run_sends_on_the_seeded_schedule(
     # Sends follow it: never early, and late by a few milliseconds at most on a busy machine.
     lateness = sends - scheduled
     assert lateness.min() > -1e-3
-    assert float(np.median(lateness)) < 0.02
+    assert float(np.median(lateness)) < 0.05
     # Without a concurrency cap requests overlapped (the replay server took them at once).
     assert result.metrics.max_in_flight > 1
     assert result.config.workers is None
@@ -301,7 +301,7 @@ async def test_rate_arrivals_catch_up_after_the_loop_stalls(
     lateness = np.array([r.send - r.scheduled for r in result.records if r.scheduled is not None])
     assert lateness.size == 100
     assert lateness.max() > stall / 2  # the stall landed inside the run
-    assert float(np.median(lateness[-20:])) < 0.02  # and the schedule did not slip
+    assert float(np.median(lateness[-20:])) < 0.05  # and did not slip (relative sleeps: ~0.17)
 
 
 @pytest.mark.anyio

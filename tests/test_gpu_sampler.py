@@ -57,9 +57,11 @@ async def test_sampler_survives_every_nvml_failure_without_stalling_the_loop(
         ring0 = sampler.samples(0)
     # NVML was only ever called off the event loop's thread.
     assert threading.main_thread().name not in nvml.threads
-    # Each tick blocked for 50 ms in a worker thread; the loop kept its 1 ms beat.
+    # Each tick blocked for 50 ms in a worker thread; the loop kept its beat. Had a call run
+    # on the loop, every tick would lag >= 50 ms; half of that separates the two cases on a
+    # busy machine too (the <= 5 ms goal itself is measured by benchmarks/compare_clients.py).
     lags.sort()
-    assert lags[int(len(lags) * 0.99) - 1] < 0.005, lags[-5:]
+    assert lags[int(len(lags) * 0.99) - 1] < 0.025, lags[-5:]
     # Unsupported metrics are absent (logged once), the rest present.
     assert latest[0].temperature_c is None
     assert latest[0].ecc_errors is None

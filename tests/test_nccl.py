@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import importlib.metadata
+import threading
 import time
 from typing import Any
 
@@ -132,7 +133,21 @@ def test_not_found_lists_places(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) 
 
 
 @needs_lib
-async def test_init_rank_without_gpu_fails_typed_while_loop_ticks() -> None:
+async def test_init_rank_without_gpu_fails_typed_while_loop_ticks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from llamatelemetry_async.nccl._lib import NCCLLibrary
+
+    threads: set[int] = set()
+    real_call = NCCLLibrary.call
+
+    def recording_call(self: NCCLLibrary, name: str, *args: Any, comm: Any = None) -> int:
+        if name == "ncclCommInitRank":
+            threads.add(threading.get_ident())
+        return real_call(self, name, *args, comm=comm)
+
+    monkeypatch.setattr(NCCLLibrary, "call", recording_call)
+    loop_thread = threading.get_ident()
     lags: list[float] = []
     errors: list[NCCLError] = []
     t_init: list[float] = []
@@ -168,12 +183,15 @@ async def test_init_rank_without_gpu_fails_typed_while_loop_ticks() -> None:
     assert "unhandled cuda error" in err.error_string
     assert err.last_error is not None
     assert "CUDA driver" in err.last_error
+    # The blocking init ran on a worker thread, never on the event loop's; the ticker's lag
+    # is printed for the record (a ~0.3 ms failing init is too short to show up as lag).
+    assert threads
+    assert loop_thread not in threads
     lags.sort()
     p99 = lags[int(len(lags) * 0.99) - 1]
     print(
         f"init fail {min(t_init) * 1e3:.2f} ms min; {len(lags)} ticks, lag p99 {p99 * 1e3:.2f} ms"
     )
-    assert p99 < 0.005
 
 
 class FakeArray:

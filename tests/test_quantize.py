@@ -224,11 +224,13 @@ async def test_cancelling_the_real_binary_leaves_nothing(
     midsize_model: Path, tmp_path: Path
 ) -> None:
     me = psutil.Process()
+    # Session fixtures' llama-servers are children of this process too: only new ones count.
+    before = {c.pid for c in me.children(recursive=True)}
     children: list[int] = []
     with anyio.CancelScope() as scope:
 
         def progress(p: QuantizeProgress) -> None:
-            children.extend(c.pid for c in me.children(recursive=True))
+            children.extend(c.pid for c in me.children(recursive=True) if c.pid not in before)
             scope.cancel()
 
         await quantize(
