@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import os
 import pathlib
-import tempfile
 from collections.abc import Callable
 from typing import Literal
 
@@ -34,7 +33,7 @@ import numpy.typing as npt
 # The tokenizer and template are the tiny model's. ``_vocabulary`` and the id constants are
 # private to that module; importing them here keeps one definition of the vocabulary.
 from .._errors import ConfigError
-from ._tiny_model import _vocabulary, llama_writer
+from ._tiny_model import _vocabulary, llama_writer, write_atomically
 
 __all__ = ["BIG_MODEL_NAME", "write_random_llama"]
 
@@ -170,25 +169,15 @@ def write_random_llama(
         nbytes = math.prod(shape) * np.dtype(np_type).itemsize
         writer.add_tensor_info(name, shape, np.dtype(np_type), nbytes)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = pathlib.Path(tmp_name)
-    try:
-        try:
-            writer.write_header_to_file(tmp)
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            for _, shape, np_type, fill in plan:
-                data = np.empty(shape, dtype=np_type)
-                fill(data)
-                writer.write_tensor_data(data)
-                del data
-        finally:
-            writer.close()
-        tmp.chmod(0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    def body(writer: gguf.GGUFWriter) -> None:
+        # Tensor data streamed one tensor at a time: the model never sits in memory whole.
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for _, shape, np_type, fill in plan:
+            data = np.empty(shape, dtype=np_type)
+            fill(data)
+            writer.write_tensor_data(data)
+            del data
+
+    write_atomically(writer, out, body)
     return out

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tempfile
 from collections.abc import Sequence
 
 import gguf
 import numpy as np
 
 from .._errors import ConfigError
+from ._tiny_model import write_atomically
 
 __all__ = ["write_tiny_lora"]
 
@@ -73,21 +73,4 @@ def write_tiny_lora(
             writer.add_tensor(f"{name}.lora_a", a)
             writer.add_tensor(f"{name}.lora_b", b)
 
-    out = pathlib.Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = pathlib.Path(tmp_name)
-    try:
-        try:
-            writer.write_header_to_file(tmp)
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()
-        tmp.chmod(0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
+    return write_atomically(writer, pathlib.Path(path))

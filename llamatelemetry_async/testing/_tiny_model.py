@@ -12,6 +12,7 @@ import os
 import pathlib
 import string
 import tempfile
+from collections.abc import Callable
 
 import gguf
 import numpy as np
@@ -155,6 +156,39 @@ def llama_writer(
     return writer
 
 
+def write_atomically(
+    writer: gguf.GGUFWriter,
+    out: pathlib.Path,
+    body: Callable[[gguf.GGUFWriter], None] | None = None,
+) -> pathlib.Path:
+    """Write ``writer``'s GGUF to a temporary file beside ``out``, then rename it into place.
+
+    ``body`` writes what follows the header (default: the metadata and the tensors added
+    with ``add_tensor``); a reader never sees a half-written model.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = pathlib.Path(tmp_name)
+    try:
+        try:
+            writer.write_header_to_file(tmp)
+            if body is None:
+                writer.write_kv_data_to_file()
+                writer.write_tensors_to_file()
+            else:
+                body(writer)
+        finally:
+            writer.close()
+        # mkstemp creates the file 0600; a model file is ordinary readable data.
+        tmp.chmod(0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
 def write_tiny_model(
     path: str | os.PathLike[str],
     *,
@@ -226,21 +260,4 @@ def write_tiny_model(
     output[rows] = _normal(rng, (len(rows), n_embd), 1.0)
     writer.add_tensor("output.weight", output.astype(np.float16))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = pathlib.Path(tmp_name)
-    try:
-        try:
-            writer.write_header_to_file(tmp)
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()
-        # mkstemp creates the file 0600; a model file is ordinary readable data.
-        tmp.chmod(0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
+    return write_atomically(writer, out)
