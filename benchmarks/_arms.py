@@ -133,9 +133,11 @@ class CPUSplit:
         os.sched_setaffinity(0, self.client)
 
     @contextlib.contextmanager
-    def spawning_server(self) -> Iterator[None]:
-        """Processes (and threads) started in the block run on the server CPUs."""
-        os.sched_setaffinity(0, self.server)
+    def spawning(self, *, pinned: bool = True) -> Iterator[None]:
+        """Processes (and threads) started in the block run on the server CPUs, or on every
+        CPU with ``pinned=False`` (a child inherits the affinity of the thread that starts it).
+        """
+        os.sched_setaffinity(0, self.server if pinned else self.client | self.server)
         try:
             yield
         finally:
@@ -519,6 +521,15 @@ async def ticker(lags_ms: list[float]) -> None:
         lags_ms.append((loop.time() - expected) * 1000.0)
 
 
+def _describe(exc: BaseException) -> str:
+    """One line for an error, with its cause (openai wraps httpx's errors in its own)."""
+    text = f"{type(exc).__name__}: {exc}"
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and str(cause) not in text:
+        text += f" (from {type(cause).__name__}: {cause})"
+    return text[:200]
+
+
 async def measure(
     arm: Arm,
     url: str,
@@ -542,7 +553,7 @@ async def measure(
             try:
                 n = await once(load.tokens)
             except Exception as exc:
-                run.errors[f"{type(exc).__name__}: {exc}"[:120]] += 1
+                run.errors[_describe(exc)] += 1
                 continue
             if n != load.tokens:
                 run.errors[f"stream ended with {n} of {load.tokens} tokens"] += 1

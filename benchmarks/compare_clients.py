@@ -13,18 +13,20 @@ Arms (``benchmarks/_arms.py``): ``raw`` httpx loop, ``openai`` (openai-python
 on request. Tracing exports into memory (``InMemorySpanExporter``, ``InMemoryMetricReader``
 behind the SDK's batch processor), so a network exporter's cost does not dominate.
 
-Servers, each in its own process so that only the client's CPU counts, and (unless
-``--no-pin``) on CPUs of their own: this process is pinned to one CPU, the servers to the
-others, because a server sharing the client's CPU turns its own work into the client's
-event-loop lag (on 2 cores: p99 ~7 ms shared, ~1 ms apart).
+Servers, each in its own process so that only the client's CPU counts. Unless ``--no-pin``,
+this process is pinned to one CPU and the replay server to the others, because a server
+sharing the client's CPU turns its own work into the client's event-loop lag (1,000 paced
+streams on 2 cores: lag p99 ~7 ms shared, ~1-2 ms apart). The real llama-server keeps every
+CPU (see below).
 
 - ``replay``: ``llamatelemetry_async.testing._replay``, every stream paced at ``--rate``
   tokens/s (default 20), ``--tokens`` per stream (default 50): ideal wall time
   ``repeat * tokens / rate``. ``--rate 0`` replays as fast as it can (no ideal).
 - ``llama``: the real llama-server (``find_llama_server``, or ``--llama-server``) on the
-  project's tiny model (or ``--model``) on the server CPUs (``-t`` = their number), with
-  ``-np`` = the largest concurrency capped at 256 (llama.cpp's maximum number of sequences)
-  and ``-cram 0``. What
+  project's tiny model (or ``--model``) on every CPU, the client's included, as on a
+  CPU-only box (pinned to the one CPU a 2-core split leaves, its HTTP threads starved the
+  generation at 1,000 connections), with ``-np`` = the largest concurrency capped at 256
+  (llama.cpp's maximum number of sequences) and ``-cram 0``. What
   is feasible on a CPU: streams of ``--llama-tokens`` (default 32, ``ignore_eos``), shortened
   so that a run stays within ``--llama-token-budget`` tokens (default 8,192: at 1,000 streams,
   8 tokens each; 256 generate at once and the rest wait in the server); at low concurrency
@@ -226,8 +228,8 @@ class Cell:
 # -- servers ---------------------------------------------------------------------------------
 
 
-def _on_server_cpus(split: CPUSplit | None) -> contextlib.AbstractContextManager[None]:
-    return split.spawning_server() if split is not None else contextlib.nullcontext()
+def _spawning(split: CPUSplit | None, pinned: bool) -> contextlib.AbstractContextManager[None]:
+    return split.spawning(pinned=pinned) if split is not None else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -237,7 +239,7 @@ def replay(args: argparse.Namespace, split: CPUSplit | None) -> Iterator[Server]
     pacing = f"paced at {args.rate:g} tokens/s per stream" if args.rate > 0 else "unpaced"
     wake = run_loop(idle_wake_cost(1 / args.rate)) * 1e6 if args.rate > 0 else None
     with contextlib.ExitStack() as stack:
-        with _on_server_cpus(split):
+        with _spawning(split, pinned=True):
             url = stack.enter_context(replay_server(tokens=args.tokens, rate=args.rate))
         title = f"replay server (own process), {pacing}"
         yield Server("replay", url, title, args.tokens, args.rate, args.repeat, wake_us=wake)
@@ -260,9 +262,10 @@ def llama(args: argparse.Namespace, slots: int, split: CPUSplit | None) -> Itera
         # as requests rotate through the slots, server work that only adds noise here.
         ctx = slots * max(128, args.llama_tokens + 96)
         server_args = ["-np", str(slots), "-c", str(ctx), "-cram", "0"]
-        if split is not None:  # one generation thread per CPU it may use
-            server_args += ["-t", str(len(split.server))]
-        with _on_server_cpus(split):
+        # Not pinned: it keeps every CPU, the client's included, as on a CPU-only box. With
+        # 1,000 connections its HTTP threads (slots + 2) keep hundreds of threads runnable;
+        # squeezed onto the one CPU a 2-core split leaves, it served ~140 tokens/s.
+        with _spawning(split, pinned=False):
             srv = stack.enter_context(
                 run_llama_server(
                     model, binary=binary, args=server_args, ready_timeout=args.server_timeout
@@ -589,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-pin",
         dest="pin",
         action="store_false",
-        help="do not pin this process to one CPU and the servers to the others",
+        help="do not pin this process to one CPU and the replay server to the others",
     )
     parser.add_argument("--uvloop", action="store_true", help="run the client on uvloop")
     parser.add_argument(
@@ -666,8 +669,8 @@ def main(argv: Sequence[str] | None = None, *, defaults: dict[str, Any] | None =
     )
     if split is not None:
         print(
-            f"CPUs: this process pinned to {sorted(split.client)}, the servers to "
-            f"{sorted(split.server)} (--no-pin lets the kernel place them)"
+            f"CPUs: this process pinned to {sorted(split.client)}, the replay server to "
+            f"{sorted(split.server)}, llama-server unpinned (--no-pin: the kernel places all)"
         )
     for note in notes:
         print(f"note: {note}")

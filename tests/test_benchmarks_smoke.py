@@ -32,8 +32,9 @@ def _run(script: str, out: Path, *args: str, timeout: float = 200) -> tuple[str,
 
 
 # llama-server closes its connection after each streamed response; a plain httpx pool may
-# send the next request on it first (no retry: max_retries=0 for openai). The benchmark
-# reports that as an error of those arms; this library does not pool such connections.
+# send the next request on it first (no retry: max_retries=0 for openai, whose error names
+# httpx's as its cause). The benchmark reports that as an error of those arms; this library
+# does not pool such connections.
 _KEEPALIVE_RACE = "Server disconnected without sending a response"
 
 
