@@ -16,7 +16,8 @@ LlamaError
 │       ├── ConnectTimeout
 │       ├── ReadTimeout
 │       ├── WriteTimeout
-│       └── PoolTimeout
+│       ├── PoolTimeout
+│       └── DeadlineExceeded ....... a request (a whole stream) outlived its ``deadline=``
 ├── APIError ....................... the server answered, with an error
 │   ├── HTTPStatusError ............ a non-2xx status, with the server's own message and type
 │   └── StreamError ................ an error event in the middle of an SSE stream
@@ -26,7 +27,8 @@ LlamaError
 │   ├── ServerStartError ........... a server exited or timed out while starting (log tail)
 │   └── ServerCrashedError ......... a server died with a request in flight
 ├── EngineError .................... the engine could not take the request
-│   └── EngineBusyError ............ every slot busy and the waiting line full
+│   ├── EngineBusyError ............ every slot busy and the waiting line full
+│   └── ServerUnavailableError ..... no server is ready and none can become ready (log tails)
 ├── ModelError ..................... a model file, name or plan problem (names the model)
 │   ├── ModelFormatError ........... not a GGUF file, truncated or corrupt (path, problem)
 │   ├── ModelNotFoundError ......... a spec that resolves to nothing (lists what was tried)
@@ -54,12 +56,14 @@ __all__ = [
     "ConfigError",
     "ConnectError",
     "ConnectTimeout",
+    "DeadlineExceeded",
     "EngineBusyError",
     "EngineError",
     "HTTPStatusError",
     "LlamaError",
     "LlamaServerError",
     "LlamaServerNotFoundError",
+    "LlamaWarning",
     "ModelDoesNotFitError",
     "ModelError",
     "ModelFormatError",
@@ -76,10 +80,12 @@ __all__ = [
     "RemoteProtocolError",
     "ServerCrashedError",
     "ServerStartError",
+    "ServerUnavailableError",
     "StreamConsumedError",
     "StreamError",
     "TimeoutException",
     "TransportError",
+    "UnknownParameterWarning",
     "UsageError",
     "WriteError",
     "WriteTimeout",
@@ -180,6 +186,14 @@ class PoolTimeout(TimeoutException):
     """No connection became free within the pool timeout (``max_connections`` reached)."""
 
 
+class DeadlineExceeded(TimeoutException):
+    """The whole request took longer than its ``deadline=`` (seconds, for a stream end to end).
+
+    The read timeout bounds only the gap between two reads, so a server that drips bytes
+    slowly never hits it; a deadline bounds the total.
+    """
+
+
 class APIError(LlamaError):
     """The server answered with an error.
 
@@ -273,6 +287,20 @@ class EngineError(LlamaError):
 
 class EngineBusyError(EngineError):
     """Every slot is busy and ``max_waiting`` requests already wait; slow down or raise it."""
+
+
+class ServerUnavailableError(EngineError):
+    """No server is ready and none can become ready: each failed to (re)start repeatedly.
+
+    ``servers`` names them; ``log_tail`` holds the last lines of each (they usually say why:
+    a missing model file, out of memory). The engine keeps retrying in the background, and a
+    server that comes back takes requests again.
+    """
+
+    def __init__(self, message: str, *, servers: tuple[str, ...], log_tail: str = "") -> None:
+        super().__init__(f"{message}\n{log_tail}" if log_tail else message)
+        self.servers = servers
+        self.log_tail = log_tail
 
 
 class ModelError(LlamaError):
@@ -373,4 +401,17 @@ class NCCLUsageError(NCCLError, UsageError):
     """Buffers or arguments that NCCL would reject (count or dtype mismatch, bad layout).
 
     Raised before any library call.
+    """
+
+
+class LlamaWarning(UserWarning):
+    """Base class of the warnings this library issues."""
+
+
+class UnknownParameterWarning(LlamaWarning):
+    """A request keyword is neither a known llama.cpp/OpenAI parameter nor in ``extra_body=``.
+
+    It is still sent (llama.cpp gains parameters often); a typo such as ``n_predcit`` is the
+    usual cause. Pass deliberate unknown names through ``extra_body=`` to silence it, or
+    create the client with ``strict=True`` to raise ``UsageError`` instead.
     """

@@ -10,15 +10,21 @@ together.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncGenerator, Callable
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncGenerator, Callable, Iterator
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
 import anyio
 import httpx
 import msgspec
+import sniffio
 
 from .._errors import (
+    DeadlineExceeded,
     LlamaError,
     RemoteProtocolError,
     StreamConsumedError,
@@ -41,6 +47,8 @@ from ._types import (
 __all__ = ["HttpxSource", "PoolSource", "Source", "TokenStream"]
 
 ChunkT = TypeVar("ChunkT", CompletionChunk, ChatChunk, TextCompletionChunk)
+
+logger = logging.getLogger("llamatelemetry_async.client")
 
 _NEW, _OPEN, _FINISHING, _DONE, _CLOSED = range(5)
 _MAX_ERROR_BODY = 1 << 20
@@ -115,6 +123,13 @@ class PoolSource(Source):
             finally:
                 await (self._pool.release if conn.parser.done else self._pool.discard)(conn)
             raise status_error(head.status, b"".join(pieces), self.url)
+        try:
+            check_stream_head(
+                head.status, head.get(b"content-type"), head.get(b"content-encoding"), self.url
+            )
+        except RemoteProtocolError:
+            await self._pool.discard(conn)
+            raise
         self._conn = conn  # from here on, abort() owns it
         conn.watch_buffer(backlog)
         conn.parser.set_sink(sink)  # may raise: bytes that came with the head are parsed now
@@ -162,6 +177,44 @@ def _ignore(data: bytes) -> None:
     return None
 
 
+def check_stream_head(
+    status: int, content_type: bytes | None, content_encoding: bytes | None, url: str
+) -> None:
+    """Refuse a 2xx answer to a streaming request that cannot be an SSE stream.
+
+    A proxy's HTML page, a 204 or a compressed body would otherwise read as an empty stream
+    that ended normally.
+    """
+    media = (content_type or b"").split(b";", 1)[0].strip().lower()
+    encoded = (content_encoding or b"").strip().lower() not in (b"", b"identity")
+    if status == 200 and media == b"text/event-stream" and not encoded:
+        return
+    if status != 200:
+        problem = f"status {status} instead of 200"
+    elif media != b"text/event-stream":
+        shown = media.decode("latin-1")[:60] or "none"
+        problem = f"content type {shown!r} instead of 'text/event-stream'"
+    else:
+        problem = f"a body encoded with {(content_encoding or b'').decode('latin-1')[:30]!r}"
+    raise RemoteProtocolError(
+        f"{url} answered a streaming request with {problem}: is this URL a llama-server "
+        "(or a proxy that rewrites its answers)?",
+        url=url,
+    )
+
+
+async def _read_capped(response: httpx.Response, limit: int) -> bytes:
+    """An error body, at most ``limit`` bytes of it (a hostile one can be endless)."""
+    pieces: list[bytes] = []
+    size = 0
+    async for piece in response.aiter_bytes():
+        pieces.append(piece)
+        size += len(piece)
+        if size >= limit:
+            break
+    return b"".join(pieces)[:limit]
+
+
 class HttpxSource(Source):
     """The portable path through any ``httpx.AsyncClient`` (a user's own, or for TLS)."""
 
@@ -180,10 +233,23 @@ class HttpxSource(Source):
             raise map_httpx_error(exc, self.url) from exc
         if response.status_code >= 400:
             try:
-                body = await response.aread()
+                body = await _read_capped(response, _MAX_ERROR_BODY)
+            except httpx.HTTPError as exc:
+                raise map_httpx_error(exc, self.url) from exc
             finally:
                 await response.aclose()
             raise status_error(response.status_code, body, self.url)
+        headers = response.headers
+        try:
+            check_stream_head(
+                response.status_code,
+                headers.get("content-type", "").encode("latin-1"),
+                headers.get("content-encoding", "").encode("latin-1") or None,
+                self.url,
+            )
+        except RemoteProtocolError:
+            await response.aclose()
+            raise
         self._response = response
         self._chunks = response.aiter_raw()  # type: ignore[assignment]  # an async generator
         self._sink = sink
@@ -219,9 +285,15 @@ class HttpxSource(Source):
         response, self._response = self._response, None
         if response is not None:
             await response.aclose()
-        # httpx's iterators are async generators: close this one, unless a reader in
-        # another task is suspended inside it (it then ends when it next resumes).
+        # httpx reads through a chain of async generators, and closing the outer one leaves
+        # the inner ones suspended (trio warns as each is collected). With the response
+        # closed, one more read fails at once and ends the whole chain. Not while a reader
+        # in another task is suspended inside it: its own read ends it.
         if chunks is not None and not getattr(chunks, "ag_running", False):
+            with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
+                with contextlib.suppress(httpx.HTTPError, httpx.StreamError):
+                    async for _ in chunks:
+                        pass
             await chunks.aclose()
 
     def abort_nowait(self) -> None:
@@ -249,7 +321,11 @@ class TokenStream(Generic[ChunkT]):
     """
 
     __slots__ = (
+        "__weakref__",  # the engine's routed source points back here weakly: no cycle
         "_batch",
+        "_call_soon",
+        "_deadline",
+        "_deadline_at",
         "_decode",
         "_decoder",
         "_done_marker",
@@ -258,6 +334,7 @@ class TokenStream(Generic[ChunkT]):
         "_opening",
         "_parts",
         "_pos",
+        "_reading",
         "_reported_end",
         "_source",
         "_state",
@@ -272,7 +349,13 @@ class TokenStream(Generic[ChunkT]):
         source: Source,
         chunk_type: type[ChunkT],
         observer: RequestObserver | None = None,
+        *,
+        deadline: float | None = None,
     ) -> None:
+        if deadline is not None and (
+            isinstance(deadline, bool) or not isinstance(deadline, int | float) or not deadline > 0
+        ):
+            raise UsageError(f"deadline must be a positive number of seconds, got {deadline!r}")
         self._source = source
         self._observer = observer
         self._decode: Callable[[bytes], ChunkT] = _decoder_for(chunk_type)
@@ -285,6 +368,10 @@ class TokenStream(Generic[ChunkT]):
         self._final_seen = False
         self._reported_end = False
         self._opening: anyio.CancelScope | None = None
+        self._deadline = deadline
+        self._deadline_at = float("inf")
+        self._reading = False
+        self._call_soon: Callable[[Callable[[], None]], None] | None = None
         self.chunks = 0
         """Chunks yielded so far."""
         self.finish_reason: str | None = None
@@ -345,6 +432,18 @@ class TokenStream(Generic[ChunkT]):
         return await self._next_slow()
 
     async def _next_slow(self) -> ChunkT:
+        if self._reading:
+            raise UsageError(
+                "another task is already reading this stream; read it from one task "
+                "(hand chunks to others through a memory object stream)"
+            )
+        self._reading = True
+        try:
+            return await self._next_event()
+        finally:
+            self._reading = False
+
+    async def _next_event(self) -> ChunkT:
         if self._state == _NEW:
             await self._open()
         if self._state != _OPEN:
@@ -372,9 +471,20 @@ class TokenStream(Generic[ChunkT]):
                     self._pos = 0
                     self._source.taken()
                     continue
-                if not await self._source.fill():
+                if self._deadline is None:
+                    more = await self._source.fill()
+                else:
+                    with self._deadline_scope():
+                        more = await self._source.fill()
+                if not more:
                     if self._decoder.events:
                         continue
+                    if not self._final_seen:
+                        raise RemoteProtocolError(
+                            f"the stream from {self.url} ended before its final event "
+                            "(the server stopped or a proxy cut the response short)",
+                            url=self.url,
+                        )
                     await self._finish()
                     return self._end_of_iteration()
                 if self._state != _OPEN:
@@ -394,7 +504,7 @@ class TokenStream(Generic[ChunkT]):
             raise
 
     def _handle(self, payload: bytes) -> ChunkT | None:
-        if payload.startswith(b'{"error"'):
+        if payload.startswith(b'{"error"') or (b'"error"' in payload and _is_error(payload)):
             raise _stream_error(payload, self.url)
         if self._done_marker and payload == b"[DONE]":
             self._final_seen = True
@@ -402,8 +512,10 @@ class TokenStream(Generic[ChunkT]):
         try:
             chunk = self._decode(payload)
         except msgspec.DecodeError as exc:
+            # Not the payload itself: it may hold completion text, and errors reach spans.
             raise RemoteProtocolError(
-                f"the server sent an event that is not valid JSON: {payload[:200]!r}",
+                f"{self.url} sent an event of {len(payload)} bytes that is not a valid "
+                f"chunk ({exc})",
                 url=self.url,
             ) from exc
         if isinstance(chunk, CompletionChunk):
@@ -453,6 +565,10 @@ class TokenStream(Generic[ChunkT]):
         # the response head ends at once, and whatever was acquired is released below.
         scope = self._opening = anyio.CancelScope()
         observer = self._observer
+        self._call_soon = _loop_caller()
+        if self._deadline is not None:
+            self._deadline_at = anyio.current_time() + self._deadline
+            scope.deadline = self._deadline_at
         try:
             with scope:
                 if observer is None:
@@ -467,8 +583,26 @@ class TokenStream(Generic[ChunkT]):
             await self._fail(exc)
             raise
         self._opening = None
+        if scope.cancelled_caught and self._state != _CLOSED:
+            error = self._deadline_error()
+            await self._fail(error)
+            raise error
         if self._state == _CLOSED:
             await self._source.abort()
+
+    @contextlib.contextmanager
+    def _deadline_scope(self) -> Iterator[None]:
+        with anyio.CancelScope(deadline=self._deadline_at) as scope:
+            yield
+        if scope.cancelled_caught:
+            raise self._deadline_error()
+
+    def _deadline_error(self) -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"the stream from {self.url} did not finish within its deadline of "
+            f"{self._deadline} s; pass a larger deadline= or none",
+            url=self.url,
+        )
 
     async def _finish(self) -> None:
         self._state = _FINISHING
@@ -504,13 +638,59 @@ class TokenStream(Generic[ChunkT]):
         await self._source.abort()
 
     def __del__(self) -> None:
-        # A loop left with `break` and no `async with`: do not keep the server generating.
-        if self._state in (_OPEN, _FINISHING):
-            self._source.abort_nowait()
+        # A loop left with `break` and no `async with`: do not keep the server generating,
+        # and give the connection (and an engine's slot) back. The last reference may go on
+        # any thread (a GC pass in a worker), so the release runs on the loop's own thread.
+        if self._state in (_OPEN, _FINISHING) and self._call_soon is not None:
+            self._state = _CLOSED
+            self._call_soon(functools.partial(_drop, self._source, self._observer))
 
     def __repr__(self) -> str:
         states = ("new", "open", "finishing", "done", "closed")
         return f"<TokenStream {self.url} {states[self._state]} chunks={self.chunks}>"
+
+
+def _drop(source: Source, observer: RequestObserver | None) -> None:
+    # Runs as a bare loop callback: an escaping error would crash a trio run, so log it.
+    try:
+        if observer is not None:
+            observer.on_error(None)  # closed early by its caller
+        source.abort_nowait()
+    except Exception:
+        logger.exception("releasing a stream dropped without aclose() failed")
+
+
+def _loop_caller() -> Callable[[Callable[[], None]], None]:
+    """Schedule a callback on the running loop's thread, from any thread, at any time later.
+
+    For finalizers: once the loop has finished there is nothing left to release.
+    """
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        token = trio.lowlevel.current_trio_token()
+
+        def call_trio(fn: Callable[[], None]) -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(fn)
+
+        return call_trio
+    loop = asyncio.get_running_loop()
+
+    def call_asyncio(fn: Callable[[], None]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed
+            loop.call_soon_threadsafe(fn)
+
+    return call_asyncio
+
+
+def _is_error(payload: bytes) -> bool:
+    """An ``{"error": ...}`` event written with other spacing (rare: the slow check)."""
+    try:
+        decoded = msgspec.json.decode(payload)
+    except msgspec.DecodeError:
+        return False
+    return isinstance(decoded, dict) and "error" in decoded
 
 
 _DECODERS: dict[type[Any], Callable[[bytes], Any]] = {
@@ -528,7 +708,9 @@ def _stream_error(payload: bytes, url: str) -> StreamError:
     except (msgspec.DecodeError, AttributeError):
         error = None
     if not isinstance(error, dict):
-        return StreamError(f"the server sent an error event: {payload[:500]!r}", url=url)
+        # Not the payload: it may carry completion text into a span's exception event.
+        message = str(error)[:200] if isinstance(error, str) else f"{len(payload)} bytes"
+        return StreamError(f"the server sent an error event: {message}", url=url)
     message = str(error.get("message", "unknown error"))
     return StreamError(
         f"the server reported an error mid-stream: {message}",

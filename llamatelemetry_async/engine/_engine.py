@@ -16,7 +16,9 @@ import functools
 import logging
 import os
 import secrets
+import signal
 import time
+import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -35,7 +37,9 @@ from .._errors import (
     LlamaError,
     ModelNotFoundError,
     ReadError,
+    RemoteProtocolError,
     ServerCrashedError,
+    ServerUnavailableError,
     UsageError,
 )
 from .._groups import single_error
@@ -84,7 +88,9 @@ class ServerInfo:
     gpus: tuple[int, ...]
     """Physical GPU ids it runs on (NVML order); ``()`` on the CPU."""
     state: str
-    """A ``ServerState`` value: ``"starting"``, ``"ready"``, ``"crashed"``, ``"stopped"`` ..."""
+    """``"starting"``, ``"ready"``, ``"crashed"``, ``"stopped"`` (a ``ServerState`` value), or
+    ``"unresponsive"`` (running but not answering its health probe: it gets no new requests)
+    or ``"failed"`` (its last ``max_start_failures`` starts failed: it is still retried)."""
     slots: int
     """Requests it decodes at once (llama-server's ``total_slots``)."""
     outstanding: int
@@ -97,6 +103,8 @@ class ServerInfo:
     """The last exit code, when it has exited (negative: killed by that signal)."""
     recent_logs: tuple[str, ...]
     """Its last output lines, oldest first."""
+    last_error: str | None = None
+    """Why its last start failed or its last health probe did not pass (``None``: no problem)."""
 
 
 class _Server:
@@ -107,6 +115,8 @@ class _Server:
         self.member = member
         self.client: AsyncLlamaClient | None = None
         self.http: httpx.AsyncClient | None = None  # an instrumented one, owned here
+        self.start_failures = 0  # consecutive starts that did not reach ready
+        self.last_error: str | None = None
 
     async def close_clients(self) -> None:
         client, self.client = self.client, None
@@ -139,6 +149,19 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
     ``max_waiting`` of them (``EngineBusyError`` beyond). A server that dies is restarted
     (backoff capped at ``max_restart_delay`` seconds) while requests go to the others.
 
+    Failure bounds, so that nothing waits forever:
+
+    - A server whose last ``max_start_failures`` starts all failed is marked ``"failed"``.
+      When every server is failed (or exited for good), waiting and new requests fail with
+      ``ServerUnavailableError`` naming each server with its last log lines. The engine keeps
+      restarting them in the background; one that comes back takes requests again.
+    - Every ``health_interval`` seconds (four times as long while a server is idle) the
+      engine probes each ready server's ``/health`` with a one-second limit. One that does not
+      answer (a stopped or wedged process) is marked ``"unresponsive"`` and gets no new
+      requests until it answers again; unresponsive for ``hang_timeout`` seconds, it is
+      killed and restarted, which fails its requests in flight with ``ServerCrashedError``.
+      ``health_interval=None`` turns the probe off; ``hang_timeout=None`` never kills.
+
     ``gpu_sampler``: ``None`` runs a ``GPUSampler`` when servers run on GPUs, ``True``
     always, ``False`` never (or pass your own). With it, each request's span gets the GPU
     energy it used (split between concurrent requests by token share), joules per token,
@@ -170,7 +193,28 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
         metrics_interval: float = 10.0,
         gpu_sampler: GPUSampler | bool | None = None,
         auto_configure: bool = True,
+        max_start_failures: int = 3,
+        health_interval: float | None = 0.5,
+        hang_timeout: float | None = 60.0,
     ) -> None:
+        if server is not None and not isinstance(server, ServerConfig):
+            raise ConfigError(
+                f"server must be a ServerConfig, not {type(server).__name__}: "
+                "pass ServerConfig(**settings)",
+                field="server",
+            )
+        _check_count("max_waiting", max_waiting, minimum=0)
+        _check_count("max_start_failures", max_start_failures, minimum=1)
+        for name, value in (
+            ("ready_timeout", ready_timeout),
+            ("max_restart_delay", max_restart_delay),
+            ("metrics_interval", metrics_interval),
+        ):
+            _check_seconds(name, value)
+        _check_seconds("health_interval", health_interval, optional=True)
+        _check_seconds("hang_timeout", hang_timeout, optional=True)
+        if not isinstance(timeout, httpx.Timeout):
+            _check_seconds("timeout", timeout)
         self._spec = model
         self.model = Path(model)
         """The model file (a spec is resolved to its local path when the engine starts)."""
@@ -191,13 +235,14 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
         self._energy: EnergyBook | None = None
         self.placement = Placement.coerce(placement)
         self.config = server if server is not None else ServerConfig()
-        if max_waiting < 0:
-            raise ConfigError(f"max_waiting must be >= 0, got {max_waiting}")
         self._binary = binary
         self._timeout = timeout
         self._ready_timeout = ready_timeout
         self._restart = restart
         self._max_restart_delay = max_restart_delay
+        self._max_start_failures = max_start_failures
+        self._health_interval = health_interval
+        self._hang_timeout = hang_timeout
         self._log_dir = Path(log_dir) if log_dir is not None else None
         self._router = Router(max_waiting=max_waiting)
         self._servers: list[_Server] = []
@@ -241,11 +286,19 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
                     await self._start_all(tg, servers)
                     if self._scraper is not None:
                         tg.start_soon(self._scraper.run, self._ready_clients, self._interval)
+                    if self._health_interval is not None:
+                        for server in servers:
+                            tg.start_soon(self._watch, server, self._health_interval)
                     self._open = True
                     yield
                 finally:
                     self._open = False
                     self._router.close(EngineError("the engine is closed"))
+                    # Our own open connections first: llama-server does not exit on SIGTERM
+                    # while a stream's connection is open, and readers learn the real reason.
+                    with anyio.CancelScope(shield=True):
+                        for server in servers:
+                            await server.close_clients()
                     tg.cancel_scope.cancel()  # supervisors stop; run() reaps each process
 
     async def _prepare(self) -> list[_Server]:
@@ -375,6 +428,11 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
             member.slots = max(1, int(props.get("total_slots", 1)))
             await self._restore_lora(client)
             member.exited = process.exited
+            server.start_failures = 0
+            server.last_error = None
+            member.failed = False
+            member.healthy = True
+            self._router.set_unavailable(None)
             self._router.set_ready(member, True)
 
         while True:
@@ -386,11 +444,12 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
                     on_exit=lambda: self._router.set_ready(member, False),
                     task_status=task_status if first else anyio.TASK_STATUS_IGNORED,
                 )
-            except Exception:
+            except Exception as exc:
                 if first:
                     raise
                 # A failed restart must not take the engine down: back off and try again.
                 logger.exception("%s: restart failed", process.name)
+                self._start_failed(server, exc)
             finally:
                 self._router.set_ready(member, False)
                 with anyio.CancelScope(shield=True):
@@ -408,6 +467,69 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
             logger.warning("%s: restarting in %.1f s", process.name, delay)
             await anyio.sleep(delay)  # backoff between restarts, not synchronisation
             delay = min(delay * 2, self._max_restart_delay)
+
+    def _start_failed(self, server: _Server, exc: Exception) -> None:
+        """Count a failed restart; when no server can serve, fail the waiting requests."""
+        server.start_failures += 1
+        server.last_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if server.start_failures < self._max_start_failures:
+            return
+        server.member.failed = True
+        if all(s.member.failed or s.member.dead for s in self._servers):
+            self._router.set_unavailable(self._unavailable_error)
+
+    def _unavailable_error(self) -> ServerUnavailableError:
+        names = tuple(s.process.name for s in self._servers)
+        tails = "\n".join(
+            f"--- {s.process.name} (failed {s.start_failures} starts: {s.last_error}):\n"
+            + "\n".join(s.process.recent_logs(10))
+            for s in self._servers
+        )
+        return ServerUnavailableError(
+            f"no server can take requests: {', '.join(names)} failed to restart "
+            f"{self._max_start_failures} times in a row (the engine keeps trying; "
+            "their last log lines say why)",
+            servers=names,
+            log_tail=tails,
+        )
+
+    async def _watch(self, server: _Server, interval: float) -> None:
+        """Probe a ready server's /health; route around it while it does not answer."""
+        member, process = server.member, server.process
+        silent_since: float | None = None
+        while True:
+            # A polling period, not synchronisation: probes are cheap, a busy server often.
+            await anyio.sleep(interval if member.outstanding else interval * 4)
+            client = server.client
+            if client is None or not member.ready:
+                silent_since = None
+                continue
+            problem = await _probe(client)
+            if problem is None:
+                if not member.healthy:
+                    logger.warning("%s answers its health probe again", process.name)
+                    server.last_error = None
+                    self._router.set_healthy(member, True)
+                silent_since = None
+                continue
+            now = time.monotonic()
+            if member.healthy:
+                logger.warning("%s: %s; no new requests go to it", process.name, problem)
+                server.last_error = problem
+                silent_since = now
+                self._router.set_healthy(member, False)
+            elif (
+                self._hang_timeout is not None
+                and silent_since is not None
+                and now - silent_since >= self._hang_timeout
+            ):
+                logger.error(
+                    "%s has not answered for %.0f s: killing it to restart it",
+                    process.name,
+                    now - silent_since,
+                )
+                silent_since = None
+                process.send_signal(signal.SIGKILL)
 
     async def start(self) -> Self:
         """Start without ``async with`` (a notebook cell): ``await engine.aclose()`` later."""
@@ -451,16 +573,26 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
                 url=s.process.url,
                 pid=s.process.pid,
                 gpus=s.process.gpus,
-                state=s.process.state.value,
+                state=self._state(s),
                 slots=s.member.slots,
                 outstanding=s.member.outstanding,
                 served=s.member.served,
                 starts=s.process.starts,
                 exit_code=s.process.exit_code,
                 recent_logs=tuple(s.process.recent_logs(20)),
+                last_error=s.last_error,
             )
             for s in self._servers
         ]
+
+    @staticmethod
+    def _state(server: _Server) -> str:
+        member = server.member
+        if member.failed:
+            return "failed"
+        if member.ready and not member.healthy:
+            return "unresponsive"
+        return server.process.state.value
 
     def _process(self, name: str) -> LlamaServer:
         for s in self._servers:
@@ -641,9 +773,9 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
                 observer.on_server(str(client.base_url), member.name, gpus)
                 with observer.activate():
                     result = await fn(client)
-        except (ReadError, ConnectError, ClientClosedError) as exc:
+        except _BROKEN as exc:
             # A server that died mid-request (its client closes when it does).
-            error = await self._crash_error(member, exited, exc)
+            error = await self._failure(member, exited, exc)
             if observer is not None:
                 observer.on_error(error)
             raise error from exc
@@ -669,10 +801,12 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
     def _energy_end(self, key: int | None, tokens: int) -> dict[str, Any]:
         return self._energy.end(key, tokens) if self._energy is not None else {}
 
-    async def _crash_error(
+    async def _failure(
         self, member: Member, exited: anyio.Event | None, exc: LlamaError
     ) -> LlamaError:
-        """``ServerCrashedError`` if the server died (the usual cause of a broken read)."""
+        """What a broken request means: the engine closed, the server died, or ``exc``."""
+        if not self._open:
+            return EngineError("the engine is closed")
         if exited is None:
             return exc
         with anyio.move_on_after(1.0):  # the exit watcher may lag the broken socket a little
@@ -686,6 +820,34 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
             server=member.name,
             exit_code=process.exit_code,
         )
+
+
+async def _probe(client: AsyncLlamaClient) -> str | None:
+    """``None`` if the server answers ``/health`` within a second, else what went wrong."""
+    try:
+        with anyio.fail_after(_PROBE_TIMEOUT):
+            await client.health()
+    except TimeoutError:
+        return f"no answer to its health probe within {_PROBE_TIMEOUT:.0f} s"
+    except LlamaError as exc:
+        return f"its health probe failed ({exc})"
+    return None
+
+
+_PROBE_TIMEOUT = 1.0
+
+
+def _check_count(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}", field=name)
+
+
+def _check_seconds(name: str, value: object, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        allowed = "a positive number of seconds" + (" or None" if optional else "")
+        raise ConfigError(f"{name} must be {allowed}, got {value!r}", field=name)
 
 
 def _instrumentation(
@@ -768,7 +930,11 @@ def _lora_body(adapters: Iterable[Mapping[str, Any]] | Mapping[int, float]) -> l
 
 
 class _RoutedSource(Source):
-    """A stream source that first takes a slot from the router, then reads its server."""
+    """A stream source that first takes a slot from the router, then reads its server.
+
+    It knows its stream only weakly: a stream dropped without ``aclose()`` must be freed by
+    reference counting alone (its finalizer gives the slot back), not wait for a GC pass.
+    """
 
     def __init__(
         self,
@@ -779,7 +945,8 @@ class _RoutedSource(Source):
     ) -> None:
         self._engine = engine
         self._observer = observer
-        self._stream: TokenStream[Any] | None = None
+        self._stream: weakref.ref[TokenStream[Any]] | None = None
+        self._chunks = 0  # the stream's count, kept when the stream itself is gone
         self._energy: int | None = None
         self._path = path
         self._body = body
@@ -791,7 +958,8 @@ class _RoutedSource(Source):
         self.url = f"engine:{path}"
 
     async def open(self, sink: Callable[[bytes], None], backlog: Callable[[], int]) -> None:
-        router = self._engine._router
+        engine = self._engine
+        router = engine._router
         for attempt in range(2):
             member = await router.acquire()
             self._member = member
@@ -803,34 +971,42 @@ class _RoutedSource(Source):
                 inner = self._inner = client._stream_source(self._path, dict(self._body))
                 self.url = inner.url
                 self.server_name = member.name
-                self.gpus = self._engine._process(member.name).gpus
+                self.gpus = engine._process(member.name).gpus
                 await inner.open(sink, backlog)
             except (ConnectError, ClientClosedError) as exc:
+                # Refused or closed before the request was written: safe on another server.
                 self._release()
-                error = await self._engine._crash_error(member, self._exited, exc)
+                error = await engine._failure(member, self._exited, exc)
                 if attempt == 0 and isinstance(error, ServerCrashedError):
-                    continue  # it died before taking the request: another server can
+                    continue
                 raise error from exc
+            except _BROKEN as exc:
+                # The request reached the server (a crash during prefill): never sent twice.
+                self._release()
+                raise await engine._failure(member, self._exited, exc) from exc
             except BaseException:
                 self._release()
                 raise
-            self._energy = self._engine._energy_begin(member, self._tokens)
+            self._energy = engine._energy_begin(member, self._tokens)
             return
 
     def attach(self, stream: TokenStreamT) -> TokenStreamT:
         """Know the stream this source feeds (its token count, for energy shares)."""
-        self._stream = stream
+        self._stream = weakref.ref(stream)
         return stream
 
     def _tokens(self) -> int:
-        return self._stream.chunks if self._stream is not None else 0
+        stream = self._stream() if self._stream is not None else None
+        if stream is not None:
+            self._chunks = stream.chunks
+        return self._chunks
 
     def _account(self) -> None:
         """The request's GPU figures onto its span (once, at the end)."""
         key, self._energy = self._energy, None
         if key is None:
             return
-        stream = self._stream
+        stream = self._stream() if self._stream is not None else None
         usage = stream.usage if stream is not None else None
         figures = self._engine._energy_end(
             key, usage.completion_tokens if usage else self._tokens()
@@ -843,10 +1019,10 @@ class _RoutedSource(Source):
         assert self._member is not None
         try:
             return await self._inner.fill()
-        except (ReadError, ConnectError) as exc:
+        except _BROKEN as exc:
             if self._aborted:  # our own abort() broke the read
                 raise
-            raise await self._engine._crash_error(self._member, self._exited, exc) from exc
+            raise await self._engine._failure(self._member, self._exited, exc) from exc
 
     def taken(self) -> None:
         if self._inner is not None:
@@ -870,9 +1046,17 @@ class _RoutedSource(Source):
             self._release()
 
     def abort_nowait(self) -> None:
-        if self._inner is not None:
-            self._inner.abort_nowait()
-        self._release()
+        self._aborted = True
+        try:
+            if self._inner is not None:
+                self._inner.abort_nowait()
+        finally:
+            self._account()
+            self._release()
+
+
+# What a dying server (or the engine closing its connections) looks like to a reader.
+_BROKEN = (ReadError, ConnectError, ClientClosedError, RemoteProtocolError)
 
 
 def _nothing() -> None:

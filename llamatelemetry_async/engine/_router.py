@@ -5,6 +5,10 @@ with a free slot (``n_parallel`` from ``/props``). When every slot is busy it wa
 FIFO order, instead of piling into one server's queue; a released slot is handed straight
 to the oldest waiter. A cancelled waiter gives up its place at once (and passes on a slot it
 was handed but never used).
+
+When no server can take requests for a while (each failed to restart repeatedly), the engine
+says so with ``set_unavailable``: waiting requests fail with its error, and so do new ones,
+until a server is ready again.
 """
 
 from __future__ import annotations
@@ -22,7 +26,18 @@ __all__ = ["Member", "Router"]
 class Member:
     """One server as the router sees it: its slots, and requests in flight."""
 
-    __slots__ = ("client", "dead", "exited", "name", "outstanding", "ready", "served", "slots")
+    __slots__ = (
+        "client",
+        "dead",
+        "exited",
+        "failed",
+        "healthy",
+        "name",
+        "outstanding",
+        "ready",
+        "served",
+        "slots",
+    )
 
     def __init__(self, name: str, client: object, slots: int) -> None:
         self.name = name
@@ -32,15 +47,18 @@ class Member:
         self.served = 0
         self.ready = False
         self.dead = False  # exited for good (restart=False)
+        self.failed = False  # its restarts keep failing: not expected back soon
+        self.healthy = True  # answers its health probe (a stopped process does not)
         self.exited: anyio.Event | None = None  # set when the current process exits
 
 
 class _Waiter:
-    __slots__ = ("cancelled", "event", "member")
+    __slots__ = ("cancelled", "error", "event", "member")
 
     def __init__(self) -> None:
         self.event = anyio.Event()
         self.member: Member | None = None
+        self.error: Exception | None = None
         self.cancelled = False
 
 
@@ -53,6 +71,7 @@ class Router:
         self._waiters: collections.deque[_Waiter] = collections.deque()
         self._waiting = 0
         self._closed: Exception | None = None
+        self._unavailable: Callable[[], Exception] | None = None
 
     @property
     def waiting(self) -> int:
@@ -62,7 +81,7 @@ class Router:
     def _pick(self) -> Member | None:
         best: Member | None = None
         for member in self.members:  # a handful of servers: a scan is cheapest
-            free = member.ready and member.outstanding < member.slots
+            free = member.ready and member.healthy and member.outstanding < member.slots
             if free and (best is None or member.outstanding < best.outstanding):
                 best = member
         return best
@@ -70,6 +89,8 @@ class Router:
     async def acquire(self) -> Member:
         if self._closed is not None:
             raise self._closed
+        if self._unavailable is not None:
+            raise self._unavailable()
         member = self._pick()
         if member is not None and not self._waiting:
             member.outstanding += 1
@@ -101,9 +122,9 @@ class Router:
                 waiter.cancelled = True
                 self._waiting -= 1
             raise
-        if waiter.member is None:  # woken by close()
-            assert self._closed is not None
-            raise self._closed
+        if waiter.member is None:  # woken by close() or set_unavailable()
+            assert waiter.error is not None
+            raise waiter.error
         return waiter.member
 
     def release(self, member: Member) -> None:
@@ -131,15 +152,31 @@ class Router:
     def close(self, error: Exception) -> None:
         """Refuse new requests with ``error`` and wake every waiter to raise it."""
         self._closed = error
+        self._fail_waiters(lambda: error)
+
+    def set_unavailable(self, error: Callable[[], Exception] | None) -> None:
+        """Fail waiting and new requests with ``error()`` (``None``: take them again)."""
+        self._unavailable = error
+        if error is not None:
+            self._fail_waiters(error)
+
+    def _fail_waiters(self, error: Callable[[], Exception]) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.cancelled:
                 self._waiting -= 1
+                waiter.error = error()  # one instance per waiter: each gets its own traceback
                 waiter.event.set()
 
     def set_ready(self, member: Member, ready: bool) -> None:
         member.ready = ready
         if ready:
+            self._dispatch()
+
+    def set_healthy(self, member: Member, healthy: bool) -> None:
+        """A ready server stopped (or started again) answering its health probe."""
+        member.healthy = healthy
+        if healthy:
             self._dispatch()
 
     def releaser(self, member: Member) -> Callable[[], None]:
