@@ -8,7 +8,7 @@ import gc
 import logging
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -46,11 +46,11 @@ def no_gc() -> Iterator[None]:
         gc.enable()
 
 
-async def _wait_for(condition: object, what: str, timeout: float = 20.0) -> None:
-    # Polls engine state that changes in background tasks; bounded, and fails loudly.
-    with anyio.fail_after(timeout):
-        while not condition():  # type: ignore[operator]
-            await anyio.sleep(0.02)  # noqa: ASYNC110  # the engine exposes no event for these
+async def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    # Polls engine state that changes in background tasks (no event exposes it); bounded.
+    with anyio.fail_after(timeout, reason=f"still waiting for: {what}"):
+        while not condition():  # noqa: ASYNC110
+            await anyio.sleep(0.02)
 
 
 async def test_a_stream_left_by_break_frees_its_slot_without_gc(
