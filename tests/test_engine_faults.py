@@ -48,7 +48,7 @@ def no_gc() -> Iterator[None]:
 
 async def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
     # Polls engine state that changes in background tasks (no event exposes it); bounded.
-    with anyio.fail_after(timeout, reason=f"still waiting for: {what}"):
+    with anyio.fail_after(timeout):  # the traceback names the caller and its `what`
         while not condition():  # noqa: ASYNC110
             await anyio.sleep(0.02)
 
