@@ -22,6 +22,7 @@ import httpx
 import numpy as np
 import pytest
 import sniffio
+from _procs import with_default_sigint
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
@@ -479,7 +480,7 @@ def test_ctrl_c_closes_every_stream_and_raises_keyboard_interrupt(
 ) -> None:
     before = _stats(replay_url)
     child = subprocess.Popen(
-        [sys.executable, "-c", _SIGINT_CHILD, replay_url, backend],
+        with_default_sigint([sys.executable, "-c", _SIGINT_CHILD, replay_url, backend]),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -9,6 +9,7 @@ import shutil
 import sys
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,12 @@ from llamatelemetry_async.server import (
     find_llama_server,
     llama_server_version,
 )
-from llamatelemetry_async.server._build import BuildProgress, build_cache_key, cmake_args
+from llamatelemetry_async.server._build import (
+    BuildProgress,
+    build_cache_key,
+    cmake_args,
+    is_portable,
+)
 
 FAKE_SERVER = """#!/bin/sh
 echo 'load_backend: loaded CPU backend' >&2
@@ -178,9 +184,12 @@ def test_cmake_args() -> None:
     assert "-DLLAMA_BUILD_NUMBER=11434" in cpu
     assert "-DBUILD_SHARED_LIBS=OFF" in cpu
     assert not any("CUDA" in a for a in cpu)
+    # Every build is portable, CPU ones too: no -march=native (see test_build_json_...).
+    assert cpu.count("-DGGML_NATIVE=OFF") == 1
     cuda = cmake_args(cuda_arch="75")
-    for flag in ("-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=75", "-DGGML_NATIVE=OFF"):
+    for flag in ("-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=75"):
         assert flag in cuda
+    assert cuda.count("-DGGML_NATIVE=OFF") == 1
     assert "-DGGML_CUDA_NCCL=OFF" in cuda
     with_nccl = cmake_args(cuda_arch="90", extra_cmake_args=["-DGGML_CUDA_NCCL=ON"])
     assert "-DGGML_CUDA_NCCL=OFF" not in with_nccl
@@ -314,6 +323,62 @@ def test_bad_arguments_are_usage_errors(tmp_path: Path) -> None:
     with pytest.raises(UsageError):
         build_llama_server(cuda_arch="", cache_dir=tmp_path, progress=None)
     assert DEFAULT_LLAMA_CPP_VERSION == "11434.0.0"
+
+
+def test_portable_means_no_native_flag_last() -> None:
+    assert is_portable(cmake_args())
+    assert is_portable(cmake_args(cuda_arch="90"))
+    assert not is_portable(cmake_args(extra_cmake_args=["-DGGML_NATIVE=ON"]))
+    assert not is_portable([])  # llama.cpp's default is native
+    assert is_portable(["-DGGML_NATIVE:BOOL=off"])
+    assert not is_portable(["-DGGML_NATIVE=OFF", "-DGGML_NATIVE=1"])
+
+
+def test_the_portable_build_has_its_own_cache_key() -> None:
+    # The key of the -march=native builds before GGML_NATIVE=OFF: such a binary is not reused.
+    assert build_cache_key() != "b11434-cpu-ac4441e599"
+    assert build_cache_key(extra_cmake_args=["-DGGML_NATIVE=ON"]) != build_cache_key()
+
+
+_CONFIGURE_OUTPUT = [
+    "-- x86 detected",
+    "-- Adding CPU backend variant ggml-cpu: -msse4.2;-mf16c;-mfma;-mbmi2;-mavx;-mavx2 "
+    "GGML_SSE42;GGML_F16C;GGML_FMA;GGML_BMI2;GGML_AVX;GGML_AVX2",
+    "-- Configuring done",
+]
+
+
+@pytest.mark.parametrize(("extra", "portable"), [([], True), (["-DGGML_NATIVE=ON"], False)])
+def test_build_json_says_whether_the_build_is_portable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: list[str], portable: bool
+) -> None:
+    def fake_run(
+        cmd: list[str], *, on_line: Callable[[str], None] | None = None, **_: object
+    ) -> None:
+        if "-S" in cmd and on_line is not None:  # the configure step prints its CPU flags
+            for line in _CONFIGURE_OUTPUT:
+                on_line(line)
+        if "--build" in cmd:
+            for tool in ("llama-server", "llama-quantize"):
+                _fake_exe(Path(cmd[cmd.index("--build") + 1]) / "bin" / tool)
+
+    def fake_source(_version: str, _root: Path, tmp: Path, *_rest: object) -> Path:
+        (tmp / "src").mkdir()
+        return tmp / "src"
+
+    monkeypatch.setattr(_build, "_run_logged", fake_run)
+    monkeypatch.setattr(_build, "_prepare_source", fake_source)
+    monkeypatch.setattr(_build, "_check_toolchain", lambda *_: {})
+    messages: list[str] = []
+    server = build_llama_server(
+        cache_dir=tmp_path / "cache", extra_cmake_args=extra, progress=messages.append
+    )
+    info = json.loads((server.parent.parent / "build.json").read_text())
+    assert info["portable"] is portable
+    assert info["cpu_features"] == ["SSE42", "F16C", "FMA", "BMI2", "AVX", "AVX2"]
+    configuring = next(m for m in messages if m.startswith("configuring"))
+    assert ("portable" in configuring) is portable
+    assert ("this CPU only" in configuring) is not portable
 
 
 def test_install_is_atomic_and_writes_build_json(tmp_path: Path) -> None:

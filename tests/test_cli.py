@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from _procs import gone
+from _procs import gone, with_default_sigint
 
 from llamatelemetry_async._cli._common import parse_sizes
 from llamatelemetry_async._cli._gpus import _gpus, inventory
@@ -90,8 +90,9 @@ class Reader:
 
 
 def spawn(args: Sequence[str], *, stdin: bool = False) -> subprocess.Popen[bytes]:
+    # SIGINT at its default whatever pytest inherited: the tests send Ctrl-C.
     return subprocess.Popen(
-        [*CLI, *args],
+        with_default_sigint([*CLI, *args]),
         stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -325,8 +326,8 @@ def test_serve_with_a_key_from_the_environment_and_a_fixed_port(
         port = s.getsockname()[1]
     env = {**os.environ, "MY_KEY": "s3cret-key"}
     proc = subprocess.Popen(
-        [*CLI, "serve", str(tiny_model), "--placement", "cpu:1", "--port", str(port),
-         "--api-key-env", "MY_KEY"],
+        with_default_sigint([*CLI, "serve", str(tiny_model), "--placement", "cpu:1",
+                             "--port", str(port), "--api-key-env", "MY_KEY"]),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         cwd=ROOT,

@@ -101,3 +101,43 @@ async def test_endpoint_without_its_flag(
         with pytest.raises(HTTPStatusError, match="--embeddings") as info:
             await client.embeddings("x")
     assert info.value.status_code == 501
+
+
+async def test_per_request_options_against_a_real_server(
+    llama_server: RunningServer, client_backend: Backend
+) -> None:
+    # strict: every name below must be in the known-parameter table, or this raises.
+    async with AsyncLlamaClient(llama_server.url, backend=client_backend, strict=True) as client:
+        completion = await client.completion(
+            "Once upon a time",
+            n_predict=3,
+            samplers=["top_k", "temperature"],
+            timeout=60,
+            extra_headers={"X-Request-Id": "r1"},
+            extra_body={"n_probs": 1},
+        )
+        assert completion.usage.completion_tokens == 3
+        async with client.stream_completion(
+            "Once upon a time", n_predict=3, timeout=60, deadline=60
+        ) as stream:
+            async for _ in stream:
+                pass
+        assert stream.finish_reason == "length"
+        async with client.stream_chat(MESSAGES, max_tokens=3, timeout=60, deadline=60) as chat:
+            async for _ in chat:
+                pass
+        assert chat.usage is not None
+        assert chat.usage.completion_tokens == 3
+        assert (await client.health(timeout=5)).status == "ok"
+
+
+async def test_a_server_side_validation_error_still_reaches_the_caller(
+    llama_server: RunningServer, client_backend: Backend
+) -> None:
+    # The client refuses messages that are not a list itself; extra_body sends them anyway.
+    async with AsyncLlamaClient(llama_server.url, backend=client_backend) as client:
+        with pytest.raises(HTTPStatusError) as info:
+            async for _ in client.stream_chat([], max_tokens=2, extra_body={"messages": "x"}):
+                pass
+    assert info.value.status_code == 400
+    assert info.value.message == "Expected 'messages' to be an array"

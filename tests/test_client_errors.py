@@ -61,7 +61,8 @@ async def test_http_4xx_carries_the_servers_message(
 ) -> None:
     async with AsyncLlamaClient(llama_server.url, backend=client_backend) as client:
         with pytest.raises(HTTPStatusError) as info:
-            async for _ in client.stream_chat("not a list", max_tokens=2):  # type: ignore[arg-type]
+            bad = {"messages": "not a list"}  # past the client's own check, to the server's
+            async for _ in client.stream_chat([], max_tokens=2, extra_body=bad):
                 pass
     err = info.value
     assert err.status_code == 400

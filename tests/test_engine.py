@@ -8,6 +8,7 @@ import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -36,7 +37,7 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-GREEDY = {"temperature": 0, "seed": 3}
+GREEDY: dict[str, Any] = {"temperature": 0, "seed": 3}
 
 
 @pytest.fixture

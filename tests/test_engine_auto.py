@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
 import gguf
@@ -130,7 +131,7 @@ async def test_an_unknown_model_name_is_model_not_found(monkeypatch: pytest.Monk
 async def test_lora_adapters_on_every_server(tiny_model: Path, tmp_path: Path) -> None:
     lora = write_tiny_lora(tmp_path / "lora.gguf")
     config = ServerConfig(lora=(str(lora),))
-    greedy = {"n_predict": 12, "temperature": 0, "cache_prompt": False}
+    greedy: dict[str, Any] = {"n_predict": 12, "temperature": 0, "cache_prompt": False}
     async with AsyncEngine(tiny_model, placement=Placement.cpu(2), server=config) as engine:
         adapters = await engine.lora_adapters()
         assert sorted(adapters) == ["cpu0", "cpu1"]

@@ -17,11 +17,16 @@ import pytest
 from llamatelemetry_async import (
     AsyncEngine,
     AsyncLlamaClient,
+    ConfigError,
+    DeadlineExceeded,
     EngineError,
     Placement,
+    ReadTimeout,
     ServerConfig,
     ServerCrashedError,
     ServerUnavailableError,
+    UnknownParameterWarning,
+    UsageError,
     find_llama_server,
 )
 
@@ -280,3 +285,61 @@ async def test_a_crash_during_prefill_is_a_server_crash(tiny_model: Path) -> Non
         assert len(errors) == 1
         assert isinstance(errors[0], ServerCrashedError), repr(errors[0])
         assert errors[0].server == "cpu0"
+
+
+async def test_per_request_options_reach_the_server_through_the_engine(
+    tiny_model: Path, anyio_backend: str
+) -> None:
+    async with AsyncEngine(tiny_model, placement=Placement.cpu(1), health_interval=None) as engine:
+        process = engine._process("cpu0")
+        process.send_signal(signal.SIGSTOP)
+        try:
+            # The engine's timeout is 600 s between reads; this request's own is 0.3 s.
+            with anyio.fail_after(20), pytest.raises(ReadTimeout):
+                await engine.complete("x", n_predict=2, timeout=0.3)
+            with anyio.fail_after(20), pytest.raises(DeadlineExceeded):
+                async with engine.stream("x", n_predict=2, deadline=0.3) as stream:
+                    async for _ in stream:
+                        pass
+        finally:
+            process.send_signal(signal.SIGCONT)
+        await _wait_for(lambda: engine.servers[0].outstanding == 0, "released")
+        reply = await engine.complete("x", extra_body={"n_predict": 3}, timeout=30)
+        assert reply.usage.completion_tokens == 3
+        typo = f"n_predcit_{anyio_backend}"  # warned once per name and process
+        with pytest.warns(UnknownParameterWarning, match=typo):
+            await engine.complete("x", n_predict=2, **{typo: 2})
+        for bad in (None, "hello", [1, 2]):
+            with pytest.raises(UsageError, match="messages"):
+                await engine.chat(bad)  # type: ignore[arg-type]
+            with pytest.raises(UsageError, match="messages"):
+                engine.chat_stream(bad)  # type: ignore[arg-type]
+        with pytest.raises(UsageError):
+            await engine.complete("\ud800", n_predict=2)
+
+
+async def test_strict_engine_refuses_unknown_names(tiny_model: Path) -> None:
+    async with AsyncEngine(tiny_model, placement=Placement.cpu(1), strict=True) as engine:
+        with pytest.raises(UsageError, match="n_predcit"):
+            engine.stream("x", n_predcit=2)
+        assert (await engine.complete("x", n_predict=1)).usage.completion_tokens == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"server": {"n_parallel": 2}}, "server"),
+        ({"max_waiting": "5"}, "max_waiting"),
+        ({"max_start_failures": 0}, "max_start_failures"),
+        ({"health_interval": -1}, "health_interval"),
+        ({"hang_timeout": "soon"}, "hang_timeout"),
+        ({"timeout": "fast"}, "timeout"),
+        ({"ready_timeout": True}, "ready_timeout"),
+    ],
+)
+def test_bad_engine_arguments_are_config_errors(
+    tiny_model: Path, kwargs: dict[str, object], field: str
+) -> None:
+    with pytest.raises(ConfigError, match=field) as info:
+        AsyncEngine(tiny_model, **kwargs)  # type: ignore[arg-type]
+    assert info.value.field == field

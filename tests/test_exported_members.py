@@ -27,6 +27,7 @@ EXPECTED = [
     "ConnectError",
     "ConnectTimeout",
     "DEFAULT_TIMEOUT",
+    "DeadlineExceeded",
     "Embedding",
     "EmbeddingList",
     "EngineBusyError",
@@ -43,6 +44,7 @@ EXPECTED = [
     "LlamaServerError",
     "LlamaServerNotFoundError",
     "LlamaTransport",
+    "LlamaWarning",
     "Message",
     "ModelDoesNotFitError",
     "ModelError",
@@ -71,6 +73,7 @@ EXPECTED = [
     "ServerPlan",
     "ServerStartError",
     "ServerState",
+    "ServerUnavailableError",
     "StreamConsumedError",
     "StreamError",
     "Telemetry",
@@ -82,6 +85,7 @@ EXPECTED = [
     "TokenEvents",
     "TokenStream",
     "TransportError",
+    "UnknownParameterWarning",
     "Usage",
     "UsageError",
     "VRAMPlan",
@@ -122,5 +126,7 @@ def test_every_public_name_exists_and_is_documented() -> None:
 def test_errors_form_one_tree() -> None:
     for name in llamatelemetry_async.__all__:
         obj = getattr(llamatelemetry_async, name)
-        if isinstance(obj, type) and issubclass(obj, Exception):
+        if isinstance(obj, type) and issubclass(obj, Warning):
+            assert issubclass(obj, llamatelemetry_async.LlamaWarning), name
+        elif isinstance(obj, type) and issubclass(obj, Exception):
             assert issubclass(obj, llamatelemetry_async.LlamaError), name

@@ -1,8 +1,9 @@
 """quantize(): the real llama-quantize on the tiny model, its output read back, served, cancelled.
 
 llama-quantize comes from the same cached build as llama-server. The tiny model's rows are 64
-wide, too narrow for the 256-wide k-quant blocks (llama-quantize falls back to Q5_0/Q8_0 for
-those tensors), so Q8_0 and Q4_0 (32-wide blocks) are the types whose tensors are checked.
+and 128 wide, too narrow for the 256-wide k-quant blocks (llama-quantize falls back to
+Q5_0/Q8_0 for those tensors), so Q8_0, Q4_0 and Q4_1 (32-wide blocks) are the types whose
+tensors are checked and served.
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ def _mode(path: Path) -> int:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize(("qtype", "tensor_type"), [("Q8_0", "Q8_0"), ("q4_0", "Q4_0")])
+@pytest.mark.parametrize(
+    ("qtype", "tensor_type"), [("Q8_0", "Q8_0"), ("q4_0", "Q4_0"), ("Q4_1", "Q4_1")]
+)
 async def test_quantize_writes_a_gguf_of_the_type(
     tiny_model: Path, tmp_path: Path, qtype: str, tensor_type: str
 ) -> None:
@@ -99,8 +102,14 @@ async def test_quantize_writes_a_gguf_of_the_type(
     assert {p.tensor for p in seen} == set(types)
 
 
-def test_the_quantized_model_is_served(tiny_model: Path, tmp_path: Path) -> None:
-    out = anyio.run(quantize, tiny_model, tmp_path / "tiny-Q8_0.gguf", "Q8_0")
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_the_quantized_model_is_served(tiny_model: Path, tmp_path: Path, qtype: str) -> None:
+    # A -march=native build segfaulted loading Q8_0 and Q4_1 on an AVX-512/AMX host (llama.cpp's
+    # CPU weight-repack path); build-server's portable build must serve each of them anywhere.
+    out = anyio.run(quantize, tiny_model, tmp_path / f"tiny-{qtype}.gguf", qtype)
+    types = _tensor_types(out)
+    assert types["blk.0.attn_q.weight"] == qtype
+    assert types["blk.1.ffn_down.weight"] == qtype
     with run_llama_server(out, args=["-c", "512"]) as server:
         response = httpx.post(
             f"{server.url}/completion",
@@ -318,6 +327,19 @@ def test_the_real_build_has_llama_quantize_beside_llama_server() -> None:
         assert quantizer == server.parent / "llama-quantize"
     out = subprocess.run([quantizer, "--help"], capture_output=True, text=True, check=False)
     assert "model-quant.gguf" in out.stdout + out.stderr
+
+
+def test_the_real_build_is_portable() -> None:
+    # A -march=native binary runs only on CPUs like the one that built it (and b11434's native
+    # AVX-512/AMX repack path crashed): the tests must run the portable build.
+    server = find_llama_server()
+    if not cached_builds() or server != cached_builds()[0]:
+        pytest.skip(f"{server} is not from build-server's cache")
+    info = json.loads((server.parent.parent / "build.json").read_text())
+    assert _build.is_portable(info["cmake_args"]), (
+        "rebuild: python -m llamatelemetry_async build-server"
+    )
+    assert info.get("portable", True) is True
 
 
 def test_a_cache_without_llama_quantize_is_not_reused(

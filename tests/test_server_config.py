@@ -292,6 +292,31 @@ def test_lists_are_accepted_and_stored_as_tuples() -> None:
     hash(config)
 
 
+def test_extra_args_as_one_string_is_split_like_a_shell() -> None:
+    # A str used to be iterated: one argument per character ("-", "-", "n", ...).
+    config = ServerConfig(extra_args="--no-repack --seed 7 --alias 'my model'")  # type: ignore[arg-type]
+    assert config.extra_args == ("--no-repack", "--seed", "7", "--alias", "my model")
+    argv, _ = command(config)
+    assert argv[-5:] == ["--no-repack", "--seed", "7", "--alias", "my model"]
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("--no-repack -c 4096", "ServerConfig.ctx_size"),
+        ("--seed 2 --port 80", "ServerConfig.port"),
+        ("--seed 1 --api-key k", "api_key"),
+        ("--alias 'unclosed", "cannot split"),
+    ],
+)
+def test_owned_flags_inside_one_string_are_still_refused(text: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        ServerConfig(extra_args=text)  # type: ignore[arg-type]
+    assert info.value.field == "extra_args"
+    assert fragment in str(info.value)
+    assert "'k'" not in str(info.value)
+
+
 def test_frozen_and_replace_revalidates() -> None:
     config = ServerConfig(batch_size=512)
     with pytest.raises(dataclasses.FrozenInstanceError):

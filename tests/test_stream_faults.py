@@ -188,17 +188,11 @@ async def test_error_messages_carry_no_completion_text(
 async def test_a_deadline_bounds_a_dripping_stream(path: str, client_backend: Backend) -> None:
     with canned(_head("200 OK") + _chunk(EVENT), then="drip") as url:
         async with _client(url, path, client_backend) as client:
-            stream = client.stream_completion("x")
+            stream = client.stream_completion("x", deadline=0.5)
             # The read timeout (600 s) never fires: each gap is short.
             with anyio.fail_after(20), pytest.raises(DeadlineExceeded, match=r"deadline of 0\.5"):
-                await _read(stream_with_deadline(stream, 0.5))
+                await _read(stream)
             assert stream.chunks > 1
-
-
-def stream_with_deadline(stream: Any, seconds: float) -> Any:
-    # Until the client's methods take deadline=, the stream's own knob is set directly.
-    stream._deadline = seconds
-    return stream
 
 
 async def test_a_stalled_error_body_is_the_librarys_timeout(path: str) -> None:

@@ -1,6 +1,15 @@
-"""Translation of dependency errors into the library's tree, in one place."""
+"""Translation of dependency errors into the library's tree, in one place.
+
+Every exception httpx raises (``httpx.HTTPError`` and its subclasses, ``httpx.StreamError``
+and kin, ``httpx.InvalidURL``, ``httpx.CookieConflict``) has a library error here, so no
+httpx exception reaches a caller through this library (tests/test_faults_wire.py walks
+httpx's whole hierarchy to keep it so).
+"""
 
 from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import cast
 
 import httpx
 import msgspec
@@ -14,12 +23,26 @@ from .._errors import (
     ReadError,
     ReadTimeout,
     RemoteProtocolError,
+    TimeoutException,
     TransportError,
+    UsageError,
     WriteError,
     WriteTimeout,
 )
 
-__all__ = ["map_httpx_error", "status_error", "to_httpx_error"]
+__all__ = [
+    "HttpxException",
+    "map_httpx_error",
+    "read_status_error",
+    "status_error",
+    "to_httpx_error",
+]
+
+# Everything httpx raises: its HTTPError tree and the exceptions outside it.
+HttpxException = httpx.HTTPError | httpx.StreamError | httpx.InvalidURL | httpx.CookieConflict
+
+# The most an error body is read (a 4xx/5xx body only feeds the error message).
+MAX_ERROR_BODY = 1 << 20
 
 # One table, read both ways: httpx errors -> ours (client side) and ours -> httpx
 # (LlamaTransport, which must raise what httpx expects of a transport). Subclasses first.
@@ -33,9 +56,25 @@ _PAIRS: list[tuple[type[httpx.TransportError], type[TransportError]]] = [
     (httpx.WriteError, WriteError),
     (httpx.RemoteProtocolError, RemoteProtocolError),
 ]
-_FROM_HTTPX: list[tuple[type[httpx.HTTPError], type[TransportError]]] = [
+_FROM_HTTPX: list[tuple[type[Exception], type[LlamaError]]] = [
     *_PAIRS,
-    (httpx.DecodingError, RemoteProtocolError),
+    (httpx.TimeoutException, TimeoutException),
+    (httpx.ProxyError, ConnectError),  # no connection made through the proxy
+    (httpx.CloseError, ReadError),
+    (httpx.NetworkError, ReadError),
+    (httpx.DecodingError, RemoteProtocolError),  # a body its Content-Encoding cannot decode
+    (httpx.TooManyRedirects, RemoteProtocolError),
+    (httpx.ProtocolError, RemoteProtocolError),
+    # The request as given cannot be sent: a header with CR/LF (h11, or LlamaTransport
+    # whose own UsageError is the cause), a scheme httpx has no transport for, a bad URL.
+    (httpx.LocalProtocolError, UsageError),
+    (httpx.UnsupportedProtocol, UsageError),
+    (httpx.InvalidURL, UsageError),
+    (httpx.CookieConflict, UsageError),
+    # A response closed before it was read (another task's aclose()); the other stream
+    # errors are reads of a response in a way httpx does not allow.
+    (httpx.StreamClosed, ReadError),
+    (httpx.StreamError, UsageError),
 ]
 
 
@@ -47,15 +86,57 @@ def to_httpx_error(exc: TransportError, request: httpx.Request) -> httpx.Transpo
     return httpx.TransportError(str(exc), request=request)
 
 
-def map_httpx_error(exc: httpx.HTTPError, url: str | None = None) -> LlamaError:
-    """The library's error for an httpx one (raise it ``from exc``)."""
+def map_httpx_error(exc: HttpxException, url: str | None = None) -> LlamaError:
+    """The library's error for anything httpx raises (raise it ``from exc``).
+
+    Catch ``(httpx.HTTPError, httpx.StreamError)`` (add ``httpx.InvalidURL`` where a URL is
+    parsed) around every httpx call, response reads included.
+    """
     cause = exc.__cause__
     if isinstance(cause, LlamaError):
         return cause  # raised by our own transport and only wrapped by httpx
+    if isinstance(exc, httpx.HTTPStatusError):  # from a user's raise_for_status() hook
+        response = exc.response
+        try:
+            body = response.content
+        except httpx.ResponseNotRead:
+            body = b""
+        return status_error(response.status_code, body, url or str(exc.request.url))
+    text = str(exc) or type(exc).__name__
+    message = f"{text} ({url})" if url else text
     for theirs, ours in _FROM_HTTPX:
         if isinstance(exc, theirs):
-            return ours(f"{exc} ({url})" if url else str(exc), url=url)
-    return TransportError(f"{type(exc).__name__}: {exc}", url=url)
+            if issubclass(ours, TransportError):
+                return ours(message, url=url)
+            return ours(message)
+    return TransportError(f"{type(exc).__name__}: {message}", url=url)
+
+
+async def read_status_error(
+    response: httpx.Response, url: str, limit: int = MAX_ERROR_BODY
+) -> HTTPStatusError:
+    """The ``HTTPStatusError`` for a 4xx/5xx response, read from its body (at most ``limit``).
+
+    Always closes the response. An httpx error while reading (a body that stalls past
+    the read timeout, a connection reset) is raised as the library's own error.
+    """
+    pieces: list[bytes] = []
+    size = 0
+    # An async generator in fact: closed explicitly when left early, not by the GC.
+    chunks = cast("AsyncGenerator[bytes, None]", response.aiter_bytes())
+    try:
+        try:
+            async for piece in chunks:
+                pieces.append(piece)
+                size += len(piece)
+                if size >= limit:
+                    break  # enough for a message; the rest is never read
+        finally:
+            await chunks.aclose()
+            await response.aclose()
+    except (httpx.HTTPError, httpx.StreamError) as exc:
+        raise map_httpx_error(exc, url) from exc
+    return status_error(response.status_code, b"".join(pieces)[:limit], url)
 
 
 def status_error(status: int, body: bytes, url: str) -> HTTPStatusError:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import select
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Final, Literal
@@ -41,6 +43,7 @@ from .._errors import (
     WriteError,
     WriteTimeout,
 )
+from ._headers import check_request_head
 
 __all__ = ["Connection", "ConnectionPool", "PoolStats", "ResponseHead", "Timeouts"]
 
@@ -108,20 +111,29 @@ class _Parser:
     __slots__ = (
         "_buf",
         "_early",
+        "_hbuf",
         "_head_only",
         "_held",
         "_remaining",
         "eof_pending",
         "head",
+        "origin",
+        "request_head",
         "sink",
         "state",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, origin: tuple[str, int] = ("", 0)) -> None:
         self.state: int = _IDLE
         self.head: ResponseHead | None = None
+        # Where the request in flight went: errors name its URL.
+        self.origin = origin
+        self.request_head = b""
         self.sink: Callable[[bytes], object] = _discard
         self._buf = b""
+        # A head that spans reads collects here (amortized O(1) appends: a server that
+        # trickles its head byte by byte costs linear time, not quadratic).
+        self._hbuf = bytearray()
         self._remaining = 0
         self._head_only = False
         # Body bytes that arrive before the reader has chosen a sink are held here.
@@ -134,6 +146,7 @@ class _Parser:
         self.head = None
         self.sink = _discard
         self._buf = b""
+        self._hbuf.clear()
         self._head_only = head_only
         self._held = True
         self._early = b""
@@ -144,11 +157,20 @@ class _Parser:
         self.sink = sink
         self._held = False
         early, self._early = self._early, b""
-        if early:
-            self.feed(early)
-        if self.eof_pending:
-            self.eof_pending = False
-            self.feed_eof()
+        try:
+            if early:
+                self.feed(early)
+            if self.eof_pending:
+                self.eof_pending = False
+                self.feed_eof()
+        except TransportError as exc:
+            _locate(exc, self.url)  # raised while the reader takes the body, not on the loop
+            raise
+
+    @property
+    def url(self) -> str:
+        """The URL of the request in flight (or the last one)."""
+        return _url(*self.origin, self.request_head)
 
     @property
     def done(self) -> bool:
@@ -161,6 +183,8 @@ class _Parser:
             state = self.state
             if not data:
                 return
+            if state == _DONE:
+                self._extra_data()  # a body after a head that announced none
         if self._held:
             self._early += data
             return
@@ -192,20 +216,45 @@ class _Parser:
         raise RemoteProtocolError("the server sent data after the end of the response")
 
     def _feed_head(self, data: bytes) -> bytes:
-        buf = self._buf + data
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buf) > _MAX_HEAD:
+        while True:  # a loop, not recursion: a burst of interim 1xx heads stays flat
+            hbuf = self._hbuf
+            if hbuf:
+                start = len(hbuf) - 3 if len(hbuf) > 3 else 0  # a CRLFCRLF split by reads
+                hbuf += data
+                end = hbuf.find(b"\r\n\r\n", start)
+                if end < 0:
+                    if len(hbuf) > _MAX_HEAD:
+                        raise RemoteProtocolError("response headers exceed 64 KiB")
+                    return b""
+                buf = bytes(hbuf)
+                hbuf.clear()
+            else:  # the usual case: the whole head in one read, no copy
+                end = data.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(data) > _MAX_HEAD:
+                        raise RemoteProtocolError("response headers exceed 64 KiB")
+                    hbuf += data
+                    return b""
+                buf = data
+            if end + 4 > _MAX_HEAD:  # however it arrived, in one read or many
                 raise RemoteProtocolError("response headers exceed 64 KiB")
-            self._buf = buf
-            return b""
-        self._buf = b""
-        lines = buf[:end].split(b"\r\n")
+            rest_data = buf[end + 4 :]
+            if self._parse_head(buf[:end]):
+                return rest_data
+            if not rest_data:  # an interim response: the real one follows
+                return b""
+            data = rest_data
+
+    def _parse_head(self, block: bytes) -> bool:
+        """Take one head; ``False`` for an interim (1xx) response, whose successor follows."""
+        lines = block.split(b"\r\n")
         version, _, rest = lines[0].partition(b" ")
         status_text, _, reason = rest.partition(b" ")
-        if not version.startswith(b"HTTP/1.") or not status_text.isdigit():
+        if not version.startswith(b"HTTP/1.") or len(status_text) != 3 or not status_text.isdigit():
             raise RemoteProtocolError(f"malformed status line {lines[0][:100]!r}")
         status = int(status_text)
+        if 100 <= status < 200:
+            return False
         headers: list[tuple[bytes, bytes]] = []
         chunked = False
         length: int | None = None
@@ -218,17 +267,18 @@ class _Parser:
             value = value.strip()
             headers.append((name, value))
             if name == b"transfer-encoding":
-                chunked = value.lower().endswith(b"chunked")
+                # The last coding decides; anything but chunked is read until close.
+                chunked = value.rpartition(b",")[2].strip().lower() == b"chunked"
             elif name == b"content-length":
                 if not value.isdigit():
                     raise RemoteProtocolError(f"malformed Content-Length {value[:40]!r}")
+                if length is not None and int(value) != length:
+                    # Two lengths: which one frames the body is ambiguous (a smuggling
+                    # vector through proxies), so neither is trusted.
+                    raise RemoteProtocolError("conflicting Content-Length headers")
                 length = int(value)
             elif name == b"connection":
                 keep_alive = b"close" not in value.lower()
-        rest_data = buf[end + 4 :]
-        if 100 <= status < 200:  # an interim response: the real one follows
-            self.state = _HEAD
-            return self._feed_head(rest_data) if rest_data else b""
         self.head = ResponseHead(status, reason.decode("latin-1"), headers, keep_alive)
         if self._head_only or status in (204, 304):
             self.state = _DONE
@@ -242,9 +292,7 @@ class _Parser:
             self.head.keep_alive = False
         if self.state == _DONE:
             self._held = False
-            if rest_data:
-                self._extra_data()
-        return rest_data
+        return True
 
     def _feed_chunked(self, data: bytes) -> None:
         buf = self._buf + data if self._buf else data
@@ -292,6 +340,8 @@ class _Parser:
             elif state == _TRAILERS:
                 eol = buf.find(b"\r\n", pos)
                 if eol < 0:
+                    if end - pos > _MAX_HEAD:
+                        raise RemoteProtocolError("a trailer line exceeds 64 KiB")
                     break
                 blank = eol == pos  # the empty line that ends the trailers
                 pos = eol + 2
@@ -309,18 +359,19 @@ class _Parser:
             self._extra_data()
 
 
+_HEX: Final = b"0123456789abcdefABCDEF"
+
+
 def _chunk_size(line: bytes) -> int:
-    try:
-        size = int(line, 16)
-    except ValueError:
-        text = line.split(b";", 1)[0].strip()  # a chunk extension: rare, ignored
-        try:
-            size = int(text, 16)
-        except ValueError:
-            raise RemoteProtocolError(f"malformed chunk size {line[:40]!r}") from None
-    if size < 0:
-        raise RemoteProtocolError(f"malformed chunk size {line[:40]!r}")
-    return size
+    # Hex digits only: int(x, 16) alone would also take "0x1f", "1_0", "+5" and spaces,
+    # which other parsers on the path may read differently. At most 16 digits (16 EiB).
+    if 0 < len(line) <= 16 and not line.strip(_HEX):
+        return int(line, 16)
+    size, sep, _ = line.partition(b";")  # a chunk extension: rare, ignored
+    size = size.rstrip(b" \t")
+    if sep and 0 < len(size) <= 16 and not size.strip(_HEX):
+        return int(size, 16)
+    raise RemoteProtocolError(f"malformed chunk size {line[:40]!r}")
 
 
 def _discard(data: bytes) -> None:
@@ -330,18 +381,34 @@ def _discard(data: bytes) -> None:
 class Connection(metaclass=abc.ABCMeta):
     """One HTTP/1.1 connection: write a request, then ``wait()`` for the parser to advance."""
 
-    __slots__ = ("idle_since", "origin", "parser", "requests")
+    __slots__ = ("_thread", "idle_since", "origin", "parser", "requests")
 
     def __init__(self, origin: tuple[str, int]) -> None:
         self.origin = origin
-        self.parser = _Parser()
+        self.parser = _Parser(origin)
         self.requests = 0
         self.idle_since = 0.0
+        # The event loop's thread (connections are made on it): a finalizer running
+        # elsewhere must hand its work to the loop instead of touching the socket.
+        self._thread = threading.get_ident()
+
+    @property
+    def url(self) -> str:
+        """The URL of the current (or last) request on this connection."""
+        return self.parser.url
+
+    def _locate(self, exc: BaseException) -> BaseException:
+        """Name this connection's URL in a transport error raised without it."""
+        return _locate(exc, self.parser.url) if isinstance(exc, TransportError) else exc
 
     @property
     @abc.abstractmethod
     def is_closed(self) -> bool:
         """True once the connection can no longer carry a request."""
+
+    @abc.abstractmethod
+    def is_stale(self) -> bool:
+        """True if an idle connection must not carry a request (closed, or readable)."""
 
     @abc.abstractmethod
     def set_read_timeout(self, timeout: float | None) -> None:
@@ -365,11 +432,30 @@ class Connection(metaclass=abc.ABCMeta):
 
     @abc.abstractmethod
     def abort(self) -> None:
-        """Close at once, without waiting (safe from any task on the loop)."""
+        """Close at once, without waiting; safe from any thread (a finalizer's)."""
+
+    @abc.abstractmethod
+    def call_soon_threadsafe(self, callback: Callable[[], object]) -> None:
+        """Run ``callback`` on the event loop's thread (dropped if the loop has ended)."""
+
+    def on_loop_thread(self) -> bool:
+        return threading.get_ident() == self._thread
 
     async def aclose(self) -> None:
         """Close the connection."""
         self.abort()
+
+
+def _readable_now(fd: int) -> bool:
+    """Whether ``fd`` has something to read (EOF included), without waiting.
+
+    On an idle connection any of it means the server closed it, reset it or sent bytes
+    nobody asked for: a request written there could be lost after the server read it, or
+    mixed with a stale answer. (urllib3 checks reused connections the same way.)
+    """
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class _AsyncioConnection(asyncio.Protocol, Connection):
@@ -377,6 +463,7 @@ class _AsyncioConnection(asyncio.Protocol, Connection):
         "_buffered",
         "_drain",
         "_exc",
+        "_fd",
         "_last_rx",
         "_loop",
         "_paused",
@@ -390,6 +477,7 @@ class _AsyncioConnection(asyncio.Protocol, Connection):
         Connection.__init__(self, origin)
         self._loop = loop
         self._transport: asyncio.Transport | None = None
+        self._fd = -1
         self._waiter: asyncio.Future[None] | None = None
         self._drain: asyncio.Future[None] | None = None
         self._exc: BaseException | None = None
@@ -407,6 +495,7 @@ class _AsyncioConnection(asyncio.Protocol, Connection):
         if sock is not None:
             # One small write per request and per token: Nagle would only add latency.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._fd = sock.fileno()
 
     def data_received(self, data: bytes) -> None:
         self._last_rx = self._loop.time()
@@ -438,8 +527,9 @@ class _AsyncioConnection(asyncio.Protocol, Connection):
         parser = self.parser
         if self._exc is None and parser.state not in (_DONE, _IDLE) and not parser.eof_pending:
             self._exc = ReadError(
-                "the connection was lost before the response was complete"
-                + (f": {exc}" if exc else "")
+                f"the connection to {self.url} was lost before the response was complete"
+                + (f": {exc}" if exc else ""),
+                url=self.url,
             )
         self._transport = None
         self._cancel_timer()
@@ -461,6 +551,11 @@ class _AsyncioConnection(asyncio.Protocol, Connection):
     def is_closed(self) -> bool:
         return self._transport is None or self._transport.is_closing()
 
+    def is_stale(self) -> bool:
+        # The transport reads continuously, but an EOF may sit in the kernel, not yet
+        # seen by the loop: ask the socket too. (An open transport keeps the fd valid.)
+        return self.is_closed or (self._fd >= 0 and _readable_now(self._fd))
+
     def set_read_timeout(self, timeout: float | None) -> None:
         self._cancel_timer()  # a timer of the previous request would fire on its old deadline
         self._read_timeout = timeout
@@ -471,7 +566,7 @@ class _AsyncioConnection(asyncio.Protocol, Connection):
 
     async def write(self, data: bytes, timeout: float | None) -> None:
         if self._transport is None:
-            raise WriteError("the connection is closed")
+            raise WriteError(f"the connection to {self.url} is closed", url=self.url)
         self._transport.write(data)
         drain = self._drain
         if drain is not None:
@@ -480,13 +575,15 @@ class _AsyncioConnection(asyncio.Protocol, Connection):
                     await drain
             except TimeoutError:
                 self.abort()
-                raise WriteTimeout("sending the request timed out") from None
+                raise WriteTimeout(
+                    f"sending the request to {self.url} timed out", url=self.url
+                ) from None
 
     async def wait(self) -> None:
         if self._exc is not None:
             raise self._exc
         if self._transport is None:
-            raise ReadError("the connection is closed")
+            raise ReadError(f"the connection to {self.url} is closed", url=self.url)
         waiter = self._waiter = self._loop.create_future()
         if self._read_timeout is not None and self._timer is None:
             self._timer = self._loop.call_at(self._last_rx + self._read_timeout, self._on_timer)
@@ -500,8 +597,18 @@ class _AsyncioConnection(asyncio.Protocol, Connection):
             self._transport.resume_reading()
 
     def abort(self) -> None:
+        if threading.get_ident() != self._thread:
+            # A finalizer on another thread: asyncio transports are not thread-safe.
+            self.call_soon_threadsafe(self.abort)
+            return
         if self._transport is not None:
             self._transport.abort()
+
+    def call_soon_threadsafe(self, callback: Callable[[], object]) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback)
+        except RuntimeError:
+            pass  # the loop is closed: its sockets were closed with it
 
     # internals
     def _wake(self) -> None:
@@ -513,7 +620,7 @@ class _AsyncioConnection(asyncio.Protocol, Connection):
 
     def _fail(self, exc: BaseException) -> None:
         if self._exc is None:
-            self._exc = exc
+            self._exc = self._locate(exc)
         self.abort()
         self._wake()
 
@@ -530,23 +637,39 @@ class _AsyncioConnection(asyncio.Protocol, Connection):
             return
         deadline = self._last_rx + self._read_timeout
         if self._loop.time() >= deadline:
-            self._fail(ReadTimeout(f"no data from the server for {self._read_timeout:g} s"))
+            self._fail(
+                ReadTimeout(f"no data from {self.url} for {self._read_timeout:g} s", url=self.url)
+            )
         else:
             self._timer = self._loop.call_at(deadline, self._on_timer)
 
 
 class _AnyioConnection(Connection):
-    __slots__ = ("_closed", "_read_timeout", "_stream")
+    __slots__ = ("_closed", "_read_timeout", "_schedule", "_sock", "_stream")
 
     def __init__(self, origin: tuple[str, int], stream: anyio.abc.SocketStream) -> None:
         super().__init__(origin)
         self._stream = stream
+        self._sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
         self._closed = False
         self._read_timeout: float | None = None
+        # How another thread reaches this loop: a finalizer may run on any thread.
+        self._schedule: Callable[[Callable[[], object]], object]
+        if sniffio.current_async_library() == "trio":
+            import trio  # only ever imported when trio is running
+
+            self._schedule = trio.lowlevel.current_trio_token().run_sync_soon
+        else:
+            self._schedule = asyncio.get_running_loop().call_soon_threadsafe
 
     @property
     def is_closed(self) -> bool:
         return self._closed
+
+    def is_stale(self) -> bool:
+        # Nothing is read while the connection idles, so an EOF from the server is seen
+        # only by asking the socket.
+        return self._closed or _readable_now(self._sock.fileno())
 
     def set_read_timeout(self, timeout: float | None) -> None:
         self._read_timeout = timeout
@@ -564,37 +687,69 @@ class _AnyioConnection(Connection):
                 await self._stream.send(data)
         except TimeoutError:
             await self.aclose()
-            raise WriteTimeout("sending the request timed out") from None
+            raise WriteTimeout(
+                f"sending the request to {self.url} timed out", url=self.url
+            ) from None
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             self._closed = True
-            raise WriteError(f"the connection broke while sending the request: {exc}") from exc
+            raise WriteError(
+                f"the connection to {self.url} broke while sending the request: {exc}",
+                url=self.url,
+            ) from exc
 
     async def wait(self) -> None:
         if self._closed:
-            raise ReadError("the connection is closed")
+            raise ReadError(f"the connection to {self.url} is closed", url=self.url)
         try:
             with anyio.fail_after(self._read_timeout):
                 data = await self._stream.receive()
         except TimeoutError:
             await self.aclose()
-            raise ReadTimeout(f"no data from the server for {self._read_timeout:g} s") from None
+            raise ReadTimeout(
+                f"no data from {self.url} for {self._read_timeout:g} s", url=self.url
+            ) from None
         except anyio.EndOfStream:
             self._closed = True
-            self.parser.feed_eof()
+            try:
+                self.parser.feed_eof()
+            except TransportError as exc:
+                self._locate(exc)
+                raise
             return
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             self._closed = True
-            raise ReadError(f"the connection broke while reading: {exc}") from exc
+            raise ReadError(
+                f"the connection to {self.url} broke while reading: {exc}", url=self.url
+            ) from exc
         try:
             self.parser.feed(data)
-        except TransportError:
+        except TransportError as exc:
             await self.aclose()
+            self._locate(exc)
             raise
 
     def abort(self) -> None:
-        # An anyio stream closes asynchronously; the synchronous path only marks it so
-        # it is never reused, and the owner's aclose() (or the GC) releases the socket.
+        # An anyio stream closes asynchronously, so the synchronous path shuts the socket
+        # down: the server sees the end of the connection at once (llama-server stops
+        # generating), and the fd, still open, cannot be reused under anyone's feet. The
+        # pool closes the stream itself later (``discard_nowait``), on the loop.
         self._closed = True
+        if threading.get_ident() != self._thread:
+            self.call_soon_threadsafe(self._shutdown)
+        else:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # closed already, or the peer reset it
+
+    def call_soon_threadsafe(self, callback: Callable[[], object]) -> None:
+        try:
+            self._schedule(callback)
+        except RuntimeError:
+            pass  # the run has ended (trio.RunFinishedError, a closed asyncio loop)
 
     async def aclose(self) -> None:
         self._closed = True
@@ -627,6 +782,12 @@ class ConnectionPool:
     one semaphore; ``max_idle`` bounds the idle stack of each origin; idle connections older
     than ``keepalive_expiry`` are closed rather than reused (llama-server drops idle
     connections after 5 s).
+
+    A request is sent once. It is never sent again on a fresh connection, even when a
+    reused one fails before the response head: the server may have read it already (a
+    prompt that crashes llama-server would crash it twice). Instead, an idle connection
+    is checked before reuse (closed, or readable: the server closed it while it idled) and
+    dropped if it cannot carry the request.
     """
 
     def __init__(
@@ -641,6 +802,8 @@ class ConnectionPool:
             raise UsageError("max_connections must be at least 1 (or None for no limit)")
         self._idle: dict[tuple[str, int], list[Connection]] = {}
         self._all: set[Connection] = set()
+        # Aborted by a finalizer, still to be closed on the loop (next request or aclose).
+        self._doomed: list[Connection] = []
         self._max_idle = max_idle
         self._expiry = keepalive_expiry
         self._backend = backend
@@ -652,7 +815,8 @@ class ConnectionPool:
     @property
     def stats(self) -> PoolStats:
         idle = sum(len(stack) for stack in self._idle.values())
-        return PoolStats(self._opened, len(self._all) - idle, idle, self._requests)
+        active = len(self._all) - idle - len(self._doomed)
+        return PoolStats(self._opened, active, idle, self._requests)
 
     async def request(
         self,
@@ -668,53 +832,61 @@ class ConnectionPool:
 
         The caller reads the body through ``conn.parser`` (``sink``) and ``conn.wait()``, then
         hands the connection back with ``release`` (or ``discard`` when abandoning it).
+        ``head`` must be one well-formed request head (``UsageError`` otherwise: a header
+        value with CR or LF would inject headers or a second request).
         """
         if self._closed:
             raise ClientClosedError("the client was closed")
+        check_request_head(head)
+        if self._doomed:
+            await self._close_doomed()
         if self._sem is not None:
             try:
                 with anyio.fail_after(timeouts.pool):
                     await self._sem.acquire()
             except TimeoutError:
-                raise PoolTimeout("no connection became free within the pool timeout") from None
+                url = _url(host, port, head)
+                raise PoolTimeout(
+                    f"no connection to {url} became free within the pool timeout", url=url
+                ) from None
             if self._closed:  # closed while this request queued for a connection
                 self._sem.release()
                 raise ClientClosedError("the client was closed")
         try:
-            return await self._send(host, port, head + body, timeouts, head_only)
+            return await self._send(host, port, head, head + body, timeouts, head_only)
         except BaseException:
             if self._sem is not None:
                 self._sem.release()
             raise
 
     async def _send(
-        self, host: str, port: int, data: bytes, timeouts: Timeouts, head_only: bool
+        self,
+        host: str,
+        port: int,
+        head: bytes,
+        data: bytes,
+        timeouts: Timeouts,
+        head_only: bool,
     ) -> Connection:
         origin = (host, port)
-        while True:
-            conn = await self._pop_idle(origin)
-            reused = conn is not None
-            if conn is None:
-                conn = await self._connect(origin, timeouts.connect)
-            conn.parser.start(head_only=head_only)
-            conn.requests += 1
-            self._requests += 1
-            conn.set_read_timeout(timeouts.read)
-            try:
-                await conn.write(data, timeouts.write)
-                while conn.parser.head is None:
-                    await conn.wait()
-            except (ReadError, WriteError):
-                await self._drop(conn)
-                # A reused connection the server closed while it sat idle: nothing was
-                # processed, so sending again on a fresh connection is safe.
-                if reused and conn.parser.head is None:
-                    continue
-                raise
-            except BaseException:
-                await self._drop(conn)
-                raise
-            return conn
+        conn = await self._pop_idle(origin)
+        if conn is None:
+            conn = await self._connect(origin, timeouts.connect, head)
+        conn.parser.request_head = head
+        conn.parser.start(head_only=head_only)
+        conn.requests += 1
+        self._requests += 1
+        conn.set_read_timeout(timeouts.read)
+        try:
+            # Once written, the request is the server's: whatever fails from here on is
+            # the caller's error to see, never a reason to send it again.
+            await conn.write(data, timeouts.write)
+            while conn.parser.head is None:
+                await conn.wait()
+        except BaseException:
+            await self._drop(conn)
+            raise
+        return conn
 
     async def _pop_idle(self, origin: tuple[str, int]) -> Connection | None:
         stack = self._idle.get(origin)
@@ -723,13 +895,15 @@ class ConnectionPool:
         now = time.monotonic()
         while stack:
             conn = stack.pop()
-            if conn.is_closed or now - conn.idle_since > self._expiry:
+            if now - conn.idle_since > self._expiry or conn.is_stale():
                 await self._drop(conn)
                 continue
             return conn
         return None
 
-    async def _connect(self, origin: tuple[str, int], timeout: float | None) -> Connection:
+    async def _connect(
+        self, origin: tuple[str, int], timeout: float | None, head: bytes
+    ) -> Connection:
         host, port = origin
         backend = self._backend
         if backend == "auto":
@@ -749,11 +923,14 @@ class ConnectionPool:
                     )
                     conn = _AnyioConnection(origin, stream)
         except TimeoutError:
-            raise ConnectTimeout(f"connecting to {host}:{port} timed out") from None
+            url = _url(host, port, head)
+            raise ConnectTimeout(f"connecting to {url} timed out", url=url) from None
         except OSError as exc:
+            url = _url(host, port, head)
             raise ConnectError(
-                f"could not connect to {host}:{port} ({exc.strerror or exc}); "
-                "is the server running there?"
+                f"could not connect to {host}:{port} ({exc.strerror or exc}) for {url}; "
+                "is the server running there?",
+                url=url,
             ) from exc
         self._opened += 1
         self._all.add(conn)
@@ -784,12 +961,31 @@ class ConnectionPool:
             await self._drop(conn)
 
     def discard_nowait(self, conn: Connection) -> None:
-        """``discard`` for a finalizer: close at once, without awaiting."""
-        if conn in self._all:
-            self._all.discard(conn)
-            if self._sem is not None:
-                self._sem.release()
+        """``discard`` for a finalizer, which may run on any thread: never awaits.
+
+        On the loop's thread the connection is aborted at once (the server sees it
+        closed); from another thread the whole discard is handed to the loop, since
+        neither the pool nor the semaphore is thread-safe.
+        """
+        if conn.on_loop_thread():
+            self._discard_now(conn)
+        else:
+            conn.call_soon_threadsafe(lambda: self._discard_now(conn))
+
+    def _discard_now(self, conn: Connection) -> None:
+        if conn not in self._all or conn in self._doomed:
+            return  # closed by aclose(), or discarded already
+        if self._sem is not None:
+            self._sem.release()
         conn.abort()
+        # An anyio stream can only be closed by awaiting; until then the pool keeps it,
+        # so the next request (or aclose) closes it instead of the garbage collector.
+        self._doomed.append(conn)
+
+    async def _close_doomed(self) -> None:
+        doomed, self._doomed = self._doomed, []
+        for conn in doomed:
+            await self._drop(conn)
 
     async def discard(self, conn: Connection) -> None:
         """Close a connection mid-response (the caller gave up on it)."""
@@ -806,6 +1002,21 @@ class ConnectionPool:
         self._closed = True
         conns, self._all = self._all, set()
         self._idle.clear()
+        self._doomed = []
         with anyio.CancelScope(shield=True):
             for conn in conns:
                 await conn.aclose()
+
+
+def _locate(exc: TransportError, url: str) -> TransportError:
+    """Name ``url`` in a transport error raised where the URL was not known (the parser)."""
+    if exc.url is None:
+        exc.url = url
+        exc.args = (f"{exc.args[0] if exc.args else type(exc).__name__} ({url})",)
+    return exc
+
+
+def _url(host: str, port: int, head: bytes) -> str:
+    parts = head.split(b" ", 2)
+    target = parts[1].decode("latin-1") if len(parts) == 3 else ""
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}{target}"

@@ -290,10 +290,13 @@ class HttpxSource(Source):
         # closed, one more read fails at once and ends the whole chain. Not while a reader
         # in another task is suspended inside it: its own read ends it.
         if chunks is not None and not getattr(chunks, "ag_running", False):
-            with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
-                with contextlib.suppress(httpx.HTTPError, httpx.StreamError):
-                    async for _ in chunks:
-                        pass
+            with (
+                anyio.CancelScope(shield=True),
+                anyio.move_on_after(1.0),
+                contextlib.suppress(httpx.HTTPError, httpx.StreamError),
+            ):
+                async for _ in chunks:
+                    pass
             await chunks.aclose()
 
     def abort_nowait(self) -> None:

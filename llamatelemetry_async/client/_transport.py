@@ -7,8 +7,9 @@ from typing import Any
 
 import httpx
 
-from .._errors import TransportError
+from .._errors import ClientClosedError, TransportError, UsageError
 from ._errors_map import to_httpx_error
+from ._headers import check_header
 from ._http import Backend, Connection, ConnectionPool, PoolStats, Timeouts
 
 __all__ = ["LlamaTransport", "httpx_timeouts"]
@@ -101,11 +102,20 @@ class LlamaTransport(httpx.AsyncBaseTransport):
                 request=request,
             )
         body = await request.aread()
-        lines = [request.method.encode("ascii"), b" ", url.raw_path, b" HTTP/1.1\r\n"]
-        for name, value in request.headers.raw:
-            # The body was read whole: it goes out with a Content-Length, never chunked.
-            if name.lower() not in (b"transfer-encoding", b"content-length"):
-                lines += (name, b": ", value, b"\r\n")
+        # (A non-ASCII method becomes "?", which the pool's head check refuses.)
+        lines = [request.method.encode("ascii", "replace"), b" ", url.raw_path, b" HTTP/1.1\r\n"]
+        try:
+            for name, value in request.headers.raw:
+                # httpx lets CR and LF through; written raw they would inject headers or a
+                # second request (h11, httpx's own transport, refuses them too).
+                check_header(name, value)
+                # The body was read whole: it goes out with a Content-Length, never chunked.
+                if name.lower() not in (b"transfer-encoding", b"content-length"):
+                    lines += (name, b": ", value, b"\r\n")
+        except UsageError as exc:
+            # What httpx's own transport raises; AsyncLlamaClient maps it back to the
+            # UsageError (its cause) through map_httpx_error.
+            raise httpx.LocalProtocolError(str(exc), request=request) from exc
         if body or request.method not in ("GET", "HEAD"):
             lines.append(b"Content-Length: %d\r\n" % len(body))
         lines.append(b"\r\n")
@@ -121,6 +131,10 @@ class LlamaTransport(httpx.AsyncBaseTransport):
             )
         except TransportError as exc:
             raise to_httpx_error(exc, request) from exc
+        except ClientClosedError:
+            raise
+        except UsageError as exc:  # a request line the pool refused (a bad method or path)
+            raise httpx.LocalProtocolError(str(exc), request=request) from exc
         head = conn.parser.head
         assert head is not None
         try:

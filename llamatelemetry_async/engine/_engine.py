@@ -55,6 +55,13 @@ from ..client import (
 )
 from ..client._client import chat_stream_request, completion_stream_request
 from ..client._observe import RequestObserver
+from ..client._params import (
+    NO_OPTIONS,
+    RequestOptions,
+    TimeoutTypes,
+    chat_messages,
+    parse_options,
+)
 from ..client._stream import Source
 from ..gpu import GPUSampler, visible_gpus
 from ..models._gguf import inspect_model, with_adapters
@@ -72,6 +79,7 @@ __all__ = ["AsyncEngine", "ServerInfo"]
 logger = logging.getLogger("llamatelemetry_async.engine")
 
 T = TypeVar("T")
+ChunkT = TypeVar("ChunkT", CompletionChunk, ChatChunk)
 TokenStreamT = TypeVar("TokenStreamT", bound=TokenStream[Any])
 
 
@@ -162,6 +170,10 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
       killed and restarted, which fails its requests in flight with ``ServerCrashedError``.
       ``health_interval=None`` turns the probe off; ``hang_timeout=None`` never kills.
 
+    ``strict=True`` raises ``UsageError`` for a request keyword that is neither a known
+    llama.cpp/OpenAI parameter nor passed through ``extra_body=`` (by default it is sent
+    with one ``UnknownParameterWarning`` per name).
+
     ``gpu_sampler``: ``None`` runs a ``GPUSampler`` when servers run on GPUs, ``True``
     always, ``False`` never (or pass your own). With it, each request's span gets the GPU
     energy it used (split between concurrent requests by token share), joules per token,
@@ -196,6 +208,7 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
         max_start_failures: int = 3,
         health_interval: float | None = 0.5,
         hang_timeout: float | None = 60.0,
+        strict: bool = False,
     ) -> None:
         if server is not None and not isinstance(server, ServerConfig):
             raise ConfigError(
@@ -243,6 +256,7 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
         self._max_start_failures = max_start_failures
         self._health_interval = health_interval
         self._hang_timeout = hang_timeout
+        self._strict = strict
         self._log_dir = Path(log_dir) if log_dir is not None else None
         self._router = Router(max_waiting=max_waiting)
         self._servers: list[_Server] = []
@@ -420,7 +434,11 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
             telemetry = self._telemetry
             http = telemetry.httpx_client() if telemetry and telemetry.instrument_httpx else None
             client = AsyncLlamaClient(
-                process.url, api_key=self._api_key, timeout=self._timeout, http_client=http
+                process.url,
+                api_key=self._api_key,
+                timeout=self._timeout,
+                http_client=http,
+                strict=self._strict,
             )
             server.http = http
             member.client = server.client = client  # closed in the finally below
@@ -706,37 +724,128 @@ class AsyncEngine(anyio.AsyncContextManagerMixin):
             await client.set_lora_adapters(applied)
 
     # ----------------------------------------------------------------- requests
-    def stream(self, prompt: str | Sequence[Any], **params: Any) -> TokenStream[CompletionChunk]:
-        """Stream ``/completion`` from the least busy server (llama.cpp parameter names)."""
-        self._check_open()
+    def stream(
+        self,
+        prompt: str | Sequence[Any],
+        *,
+        timeout: TimeoutTypes | None = None,
+        deadline: float | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_body: Mapping[str, Any] | None = None,
+        **params: Any,
+    ) -> TokenStream[CompletionChunk]:
+        """Stream ``/completion`` from the least busy server (llama.cpp parameter names).
+
+        ``timeout``, ``deadline``, ``extra_headers`` and ``extra_body`` are the client's
+        per-request options (see ``AsyncLlamaClient.stream_completion``).
+        """
+        options = self._options(params, timeout, deadline, extra_headers, extra_body)
         path, body = completion_stream_request(prompt, params)
-        observer = self._observe("text_completion", body, stream=True)
-        source = _RoutedSource(self, path, body, observer)
-        return source.attach(TokenStream(source, CompletionChunk, observer))
+        return self._routed(path, body, options, CompletionChunk, "text_completion")
 
-    def chat_stream(self, messages: Iterable[Message], **params: Any) -> TokenStream[ChatChunk]:
+    def chat_stream(
+        self,
+        messages: Iterable[Message],
+        *,
+        timeout: TimeoutTypes | None = None,
+        deadline: float | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_body: Mapping[str, Any] | None = None,
+        **params: Any,
+    ) -> TokenStream[ChatChunk]:
         """Stream ``/v1/chat/completions`` from the least busy server (OpenAI names)."""
-        self._check_open()
+        options = self._options(params, timeout, deadline, extra_headers, extra_body)
         path, body = chat_stream_request(messages, params)
-        observer = self._observe("chat", body, stream=True)
-        source = _RoutedSource(self, path, body, observer)
-        return source.attach(TokenStream(source, ChatChunk, observer))
+        return self._routed(path, body, options, ChatChunk, "chat")
 
-    async def complete(self, prompt: str | Sequence[Any], **params: Any) -> Completion:
+    def _routed(
+        self,
+        path: str,
+        body: dict[str, Any],
+        options: RequestOptions,
+        chunk_type: type[ChunkT],
+        operation: str,
+    ) -> TokenStream[ChunkT]:
+        observer = self._observe(operation, body, stream=True)
+        source = _RoutedSource(self, path, body, options, observer)
+        return source.attach(TokenStream(source, chunk_type, observer, deadline=options.deadline))
+
+    async def complete(
+        self,
+        prompt: str | Sequence[Any],
+        *,
+        timeout: TimeoutTypes | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_body: Mapping[str, Any] | None = None,
+        **params: Any,
+    ) -> Completion:
         """``/completion`` without streaming."""
+        self._options(params, timeout, None, extra_headers, extra_body)
         body = {"prompt": prompt, **params}
-        return await self._call(lambda c: c.completion(prompt, **params), "text_completion", body)
+        return await self._call(
+            lambda c: c.completion(
+                prompt,
+                timeout=timeout,
+                extra_headers=extra_headers,
+                extra_body=extra_body,
+                **params,
+            ),
+            "text_completion",
+            body,
+        )
 
-    async def chat(self, messages: Iterable[Message], **params: Any) -> ChatCompletion:
+    async def chat(
+        self,
+        messages: Iterable[Message],
+        *,
+        timeout: TimeoutTypes | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_body: Mapping[str, Any] | None = None,
+        **params: Any,
+    ) -> ChatCompletion:
         """``/v1/chat/completions`` without streaming."""
-        messages = list(messages)
-        body = {"messages": messages, **params}
-        return await self._call(lambda c: c.chat(messages, **params), "chat", body)
+        self._options(params, timeout, None, extra_headers, extra_body)
+        checked = chat_messages(messages)
+        body = {"messages": checked, **params}
+        return await self._call(
+            lambda c: c.chat(
+                checked,
+                timeout=timeout,
+                extra_headers=extra_headers,
+                extra_body=extra_body,
+                **params,
+            ),
+            "chat",
+            body,
+        )
 
-    async def embed(self, texts: str | Sequence[str]) -> list[list[float]]:
+    async def embed(
+        self,
+        texts: str | Sequence[str],
+        *,
+        timeout: TimeoutTypes | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> list[list[float]]:
         """Embedding vectors (servers need ``ServerConfig(embeddings=True, pooling=...)``)."""
-        result = await self._call(lambda c: c.embeddings(texts), None, {})
+        result = await self._call(
+            lambda c: c.embeddings(texts, timeout=timeout, extra_headers=extra_headers),
+            None,
+            {},
+        )
         return result.vectors
+
+    def _options(
+        self,
+        params: Mapping[str, Any],
+        timeout: TimeoutTypes | None,
+        deadline: float | None,
+        extra_headers: Mapping[str, str] | None,
+        extra_body: Mapping[str, Any] | None,
+    ) -> RequestOptions:
+        self._check_open()
+        return parse_options(
+            params, timeout, deadline, extra_headers, extra_body, strict=self._strict
+        )
 
     def _observe(
         self, operation: str, body: dict[str, Any], *, stream: bool
@@ -941,9 +1050,11 @@ class _RoutedSource(Source):
         engine: AsyncEngine,
         path: str,
         body: dict[str, Any],
+        options: RequestOptions = NO_OPTIONS,
         observer: RequestObserver | None = None,
     ) -> None:
         self._engine = engine
+        self._options = options
         self._observer = observer
         self._stream: weakref.ref[TokenStream[Any]] | None = None
         self._chunks = 0  # the stream's count, kept when the stream itself is gone
@@ -968,7 +1079,9 @@ class _RoutedSource(Source):
             try:
                 client = member.client
                 assert isinstance(client, AsyncLlamaClient)
-                inner = self._inner = client._stream_source(self._path, dict(self._body))
+                inner = self._inner = client._stream_source(
+                    self._path, dict(self._body), self._options
+                )
                 self.url = inner.url
                 self.server_name = member.name
                 self.gpus = engine._process(member.name).gpus

@@ -8,7 +8,8 @@ Layout under the cache root (``$LLAMATELEMETRY_CACHE``, else
     llama-server/b<build>-<cpu|cuda<arch>>-<hash>/
         bin/llama-server                          the installed binaries: the server and
         bin/llama-quantize                        the quantizer, from the same build
-        build.json                                version, flags, date, duration
+        build.json                                version, flags, date, duration, and
+                                                  whether it is portable (GGML_NATIVE=OFF)
         build.log                                 the full output of the last build
     tmp/                                          source and build trees while building
 """
@@ -47,6 +48,7 @@ __all__ = [
     "cached_builds",
     "cached_tools",
     "cmake_args",
+    "is_portable",
 ]
 
 DEFAULT_LLAMA_CPP_VERSION = "11434.0.0"
@@ -68,7 +70,14 @@ _BASE_CMAKE_ARGS = (
     "-DBUILD_SHARED_LIBS=OFF",
     "-DLLAMA_USE_PREBUILT_UI=OFF",
     "-DLLAMA_BUILD_UI=OFF",
+    # Not -march=native: a binary built on one x86-64 host must run on another of the same
+    # kind, and llama.cpp b11434's native AVX-512/AMX weight-repack path segfaults loading
+    # Q8_0/Q4_1 models. OFF keeps ggml's portable defaults (AVX2, FMA, F16C; no AVX-512).
+    "-DGGML_NATIVE=OFF",
 )
+_NATIVE_ARG = re.compile(r"^-DGGML_NATIVE(?::[A-Za-z]+)?=(.*)$")
+# ggml's configure step names the instruction sets its CPU backend is compiled for.
+_CPU_VARIANT = re.compile(r"^-- Adding CPU backend variant (\S+): (\S*)\s*(\S*)\s*$")
 _ARCH_ITEM = re.compile(r"^(?:[0-9]+[a-z]?(?:-real|-virtual)?|native|all|all-major)$")
 _NINJA_STEP = re.compile(r"^\[\s*(\d+)/(\d+)\]")
 _MAKE_PERCENT = re.compile(r"^\[\s*(\d+)%\]")
@@ -120,7 +129,7 @@ def cmake_args(
     args = [*_BASE_CMAKE_ARGS, f"-DLLAMA_BUILD_NUMBER={_build_number(version)}"]
     arch = _normalize_cuda_arch(cuda_arch)
     if arch is not None:
-        args += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={arch}", "-DGGML_NATIVE=OFF"]
+        args += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={arch}"]
         # NCCL is rarely installed where people build; the user can turn it back on.
         if not any(a.startswith("-DGGML_CUDA_NCCL") for a in extra_cmake_args):
             args.append("-DGGML_CUDA_NCCL=OFF")
@@ -143,6 +152,16 @@ def build_cache_key(
     digest = hashlib.sha256(payload.encode()).hexdigest()[:10]
     flavour = "cpu" if arch is None else "cuda" + arch.replace(";", "+")
     return f"b{_build_number(version)}-{flavour}-{digest}"
+
+
+def is_portable(args: Sequence[str]) -> bool:
+    """Whether cmake ``args`` build without ``-march=native`` (the last ``GGML_NATIVE`` wins;
+    llama.cpp's own default is ON)."""
+    native = "ON"
+    for arg in args:
+        if match := _NATIVE_ARG.match(arg):
+            native = match.group(1)
+    return native.strip().upper() in ("OFF", "0", "FALSE", "NO", "N")
 
 
 def _is_executable(path: Path) -> bool:
@@ -465,12 +484,22 @@ def build_llama_server(
                 source = _prepare_source(version, root, tmp, say, log, log_path)
                 build_dir = tmp / "build"
                 generator = ["-G", "Ninja"] if shutil.which("ninja") else []
-                say(f"configuring llama.cpp b{build} ({flavour}) with cmake")
+                portable = is_portable(args)
+                kind = "portable" if portable else "native (-march=native: this CPU only)"
+                say(f"configuring llama.cpp b{build} ({flavour}, {kind}) with cmake")
+                cpu_features: list[str] = []
+
+                def configure_line(line: str) -> None:
+                    if (match := _CPU_VARIANT.match(line)) and not cpu_features:
+                        flags = match.group(3).split(";") if match.group(3) else []
+                        cpu_features.extend(f.removeprefix("GGML_") for f in flags if f)
+
                 _run_logged(
                     ["cmake", "-S", str(source), "-B", str(build_dir), *generator, *args],
                     what="cmake configure",
                     log=log,
                     log_path=log_path,
+                    on_line=configure_line,
                     env={**os.environ, **env},
                 )
                 n_jobs = jobs or os.cpu_count() or 1
@@ -497,6 +526,10 @@ def build_llama_server(
                 "cuda_arch": arch,
                 "tools": list(BUILT_TOOLS),
                 "cmake_args": args,
+                # Portable: runs on any x86-64 CPU with cpu_features (AVX2 and its kin by
+                # default), not only on the one it was built on.
+                "portable": portable,
+                "cpu_features": cpu_features,
                 "generator": "Ninja" if generator else "default",
                 "jobs": n_jobs,
                 "built_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),

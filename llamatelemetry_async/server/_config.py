@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeAlias
@@ -215,7 +216,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     """Address to bind (``--host``)."""
     extra_args: tuple[str, ...] = ()
-    """More llama-server arguments, appended after the typed ones."""
+    """More llama-server arguments, appended after the typed ones.
+
+    One string (``"--no-repack --seed 7"``) is split like a shell would."""
     extra_env: tuple[tuple[str, str], ...] = ()
     """More environment variables for the child, as ``(name, value)`` pairs."""
 
@@ -224,7 +227,16 @@ class ServerConfig:
         # the frozen instance stays hashable.
         if isinstance(self.tensor_split, list):
             object.__setattr__(self, "tensor_split", tuple(self.tensor_split))
-        if isinstance(self.extra_args, list):
+        if isinstance(self.extra_args, str):
+            # One string is split like a shell would: iterating it would pass one character
+            # per argument and slip owned flags past the check below.
+            try:
+                split = shlex.split(self.extra_args)
+            except ValueError as exc:  # an unclosed quote
+                # Not echoed: the string may hold a secret.
+                raise _fail("extra_args", f"cannot split it like a shell: {exc}") from None
+            object.__setattr__(self, "extra_args", tuple(split))
+        elif isinstance(self.extra_args, list):
             object.__setattr__(self, "extra_args", tuple(self.extra_args))
         object.__setattr__(self, "lora", _lora_entries(self.lora))
         if isinstance(self.extra_env, list | dict):

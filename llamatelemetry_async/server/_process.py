@@ -1,10 +1,14 @@
 """``LlamaServer``: one llama-server process, started, watched and always reaped.
 
 * Own process group (``start_new_session``), so stopping reaches every child it forks.
-* Parent-death signal: on Linux under asyncio the child is started through a tiny exec shim
-  that sets ``PR_SET_PDEATHSIG`` to SIGKILL, so a llama-server never outlives a Python
-  process that was SIGKILLed (no ``finally`` runs then). Not under trio: the signal follows
-  the spawning *thread*, and trio spawns from worker threads that it retires.
+* Parent-death signal: on Linux the child is started through a tiny exec shim that sets
+  ``PR_SET_PDEATHSIG`` to SIGKILL, so a llama-server never outlives a Python process that was
+  SIGKILLed or SIGTERMed (no ``finally`` runs then). The signal follows the spawning
+  *thread*: asyncio spawns from the event loop's thread; under trio (whose worker threads
+  retire when idle) the library forks from one daemon thread of its own that lives as long
+  as the process, and waits for the child through a pidfd.
+* A start that dies of SIGSEGV or SIGILL names the likely causes (a binary built for another
+  CPU; llama.cpp's CPU weight-repack path) and the way out (``--no-repack``, a rebuild).
 * Output is drained from the first byte into a bounded ring of recent lines, Python
   ``logging``, and optionally a file (aiofiles): a pipe nobody reads stalls the server.
 * Readiness: llama-server logs ``listening on http://HOST:PORT`` once the model is loaded
@@ -17,14 +21,18 @@
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import enum
+import functools
 import logging
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -32,6 +40,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import sniffio
 
 from .._errors import HTTPStatusError, LlamaError, ServerStartError, TransportError
@@ -130,14 +139,7 @@ class LlamaServer:
         self._listening = anyio.Event()
         self.exited = anyio.Event()
         self.starts += 1
-        process = await anyio.open_process(
-            _with_parent_death(self.argv),
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: stop() reaches its children
-        )
+        process = await _open_process(self.argv, self.env)
         self.pid = process.pid
         logger.info("%s: started pid %d: %s", self.name, process.pid, " ".join(self.argv))
         try:
@@ -188,12 +190,13 @@ class LlamaServer:
         with anyio.move_on_after(self.stop_grace):
             await process.wait()
         code = process.returncode
-        raise self._start_error(
-            f"exited with code {code} while starting"
-            if code is not None
-            else f"did not become ready within {timeout:g} s",
-            code,
-        )
+        if code is None:
+            why = f"did not become ready within {timeout:g} s"
+        elif (crash := _crash_signal(code)) is not None:
+            why = f"was killed by {crash.name} (exit code {code}) while loading. {_CRASH_HINT}"
+        else:
+            why = f"exited with code {code} while starting"
+        raise self._start_error(why, code)
 
     def _start_error(self, why: str, exit_code: int | None = None) -> ServerStartError:
         return ServerStartError(
@@ -275,11 +278,219 @@ class _LogFile:
         return cls(file, file.aclose)
 
 
+_CRASH_HINT = (
+    "Likely causes: a llama-server built for another CPU (-march=native elsewhere; SIGILL), "
+    "or llama.cpp's CPU weight-repack path, which crashes loading some quantized models "
+    '(Q8_0, Q4_1, Q4_K) on AVX-512/AMX hosts. Try ServerConfig(extra_args=["--no-repack"]), '
+    "or rebuild a portable binary with `python -m llamatelemetry_async build-server --force`."
+)
+
+
+def _crash_signal(code: int) -> signal.Signals | None:
+    """SIGSEGV or SIGILL if ``code`` says the process died of one (-N, or 128+N from a shell)."""
+    for sig in (signal.SIGSEGV, signal.SIGILL):
+        if code in (-sig, 128 + sig):
+            return sig
+    return None
+
+
 def _with_parent_death(argv: list[str]) -> list[str]:
-    # PR_SET_PDEATHSIG fires when the *thread* that spawned the child exits. asyncio spawns
-    # from the event loop's thread, which outlives every server; trio spawns from a worker
-    # thread that it retires when idle, which would kill a healthy server. So: asyncio only.
-    if not sys.platform.startswith("linux") or sniffio.current_async_library() != "asyncio":
-        return argv
     # -I -S: no site, no user paths: the shim starts in a few milliseconds.
     return [sys.executable, "-I", "-S", "-c", _PDEATH_SHIM, str(os.getpid()), *argv]
+
+
+async def _open_process(argv: list[str], env: Mapping[str, str]) -> anyio.abc.Process:
+    """Start ``argv`` in its own process group (so stopping reaches every child it forks),
+    output merged into one pipe, tied to this process by the parent-death signal on Linux."""
+    if sys.platform.startswith("linux"):
+        if sniffio.current_async_library() == "asyncio":
+            # asyncio (and uvloop) fork from the event loop's thread, which outlives every server.
+            argv = _with_parent_death(argv)
+        elif _pidfd_works():
+            return await _SpawnedProcess.start(_with_parent_death(argv), env)
+        # Else (a kernel before 5.3, or a sandbox that forbids pidfd_open): trio spawns as
+        # usual, and no parent-death signal is set; a clean exit still reaps every server.
+    return await anyio.open_process(
+        argv,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+@functools.cache
+def _pidfd_works() -> bool:
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
+class _SpawnThread:
+    """One daemon thread that forks every server started outside asyncio.
+
+    ``PR_SET_PDEATHSIG`` fires when the thread that forked the child exits, not the process.
+    trio forks from worker threads that it retires after a few idle seconds, which would kill
+    healthy servers; this thread lives until the process ends, so the signal means what it says.
+    """
+
+    _guard = threading.Lock()
+    _current: _SpawnThread | None = None
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = (
+            queue.SimpleQueue()
+        )
+        threading.Thread(target=self._serve, name="llamatelemetry-spawn", daemon=True).start()
+
+    @classmethod
+    def get(cls) -> _SpawnThread:
+        with cls._guard:
+            # A forked child has no copy of the thread: start its own.
+            if cls._current is None or cls._current.pid != os.getpid():
+                cls._current = cls()
+            return cls._current
+
+    def _serve(self) -> None:
+        while True:
+            job, future = self._jobs.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(job())
+                except BaseException as exc:  # handed to the caller, who raises it
+                    future.set_exception(exc)
+
+    def call(self, job: Callable[[], Any]) -> Any:
+        """Run ``job`` on the spawn thread; blocks (call it from a worker thread)."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._jobs.put((job, future))
+        return future.result()
+
+
+class _PipeStream(anyio.abc.ByteReceiveStream):
+    """The read end of a child's output pipe (non-blocking), read on any anyio backend."""
+
+    def __init__(self, fd: int) -> None:
+        os.set_blocking(fd, False)
+        self._fd = fd
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            if self._fd < 0:
+                raise anyio.ClosedResourceError
+            try:
+                data = os.read(self._fd, max_bytes)
+            except BlockingIOError:
+                await anyio.wait_readable(self._fd)
+                continue
+            if not data:
+                raise anyio.EndOfStream
+            # Yield to other tasks, but never drop data that was read.
+            await anyio.lowlevel.cancel_shielded_checkpoint()
+            return data
+
+    async def aclose(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            anyio.notify_closing(fd)
+            os.close(fd)
+        await anyio.lowlevel.checkpoint()
+
+
+class _SpawnedProcess(anyio.abc.Process):
+    """A child forked by ``_SpawnThread``: waited for through a pidfd, read through a pipe."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], stdout_fd: int, pidfd: int) -> None:
+        self._popen = popen
+        self._stdout = _PipeStream(stdout_fd)
+        self._pidfd = pidfd
+        self._wait_lock = anyio.Lock()
+
+    @classmethod
+    async def start(cls, argv: list[str], env: Mapping[str, str]) -> _SpawnedProcess:
+        def spawn() -> tuple[subprocess.Popen[bytes], int, int]:
+            read_fd, write_fd = os.pipe()
+            try:
+                popen = subprocess.Popen(
+                    argv,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=write_fd,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            except BaseException:
+                os.close(read_fd)
+                raise
+            finally:
+                os.close(write_fd)  # the child has its copy; EOF comes when it exits
+            try:
+                # Opened before anyone reaps the child, so the pid cannot be reused meanwhile.
+                pidfd = os.pidfd_open(popen.pid)
+            except OSError:
+                os.close(read_fd)
+                popen.kill()
+                popen.wait()
+                raise
+            return popen, read_fd, pidfd
+
+        spawner = _SpawnThread.get()
+        # Shielded: a cancellation here must not lose a process that was already started.
+        with anyio.CancelScope(shield=True):
+            popen, read_fd, pidfd = await anyio.to_thread.run_sync(spawner.call, spawn)
+        return cls(popen, read_fd, pidfd)
+
+    async def wait(self) -> int:
+        async with self._wait_lock:  # one waiter per fd at a time (trio insists)
+            if self._popen.poll() is None:
+                await anyio.wait_readable(self._pidfd)
+            code = self._popen.wait()  # it has exited: this only reaps it
+            if self._pidfd >= 0:
+                os.close(self._pidfd)
+                self._pidfd = -1
+            return code
+
+    async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._stdout.aclose()
+        try:
+            await self.wait()
+        except BaseException:
+            self.kill()
+            with anyio.CancelScope(shield=True):
+                await self.wait()
+            raise
+
+    def terminate(self) -> None:
+        self._popen.terminate()
+
+    def kill(self) -> None:
+        self._popen.kill()
+
+    def send_signal(self, signal: signal.Signals) -> None:
+        self._popen.send_signal(signal)
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.poll()  # reaps an exited child, as trio's own Process does
+
+    @property
+    def stdin(self) -> anyio.abc.ByteSendStream | None:
+        return None
+
+    @property
+    def stdout(self) -> anyio.abc.ByteReceiveStream | None:
+        return self._stdout
+
+    @property
+    def stderr(self) -> anyio.abc.ByteReceiveStream | None:
+        return None

@@ -1,0 +1,131 @@
+"""Request header validation: nothing a caller passes may change the shape of a request.
+
+A header value holding CR or LF ends its line early, so a key such as
+``"k\\r\\nContent-Length: 0\\r\\n\\r\\nGET /slots ..."`` would add headers or smuggle a whole
+second request onto the connection. httpx's h11 transport refuses such input; the built-in
+pool writes raw bytes, so the same rules (RFC 9110 field names and values) are checked here:
+once when a client is built (``check_headers``) and again on every request the pool sends
+(``check_request_head``). Messages name the header and the kind of character, never the
+value, which is often a secret.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+from .._errors import UsageError
+
+__all__ = ["check_header", "check_headers", "check_request_head"]
+
+# RFC 9110 5.1 token characters, and field values: visible ASCII, SP, HTAB and (in bytes
+# only) obs-text 0x80-0xFF. No other control character, and never CR, LF or NUL.
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_VALUE = rb"[\t\x20-\x7e\x80-\xff]*"
+_NAME_RE = re.compile(_TOKEN)
+_VALUE_RE = re.compile(_VALUE)
+# A whole request head as the pool writes it: one request line, header lines, a blank line.
+_HEAD_RE = re.compile(
+    rb"[A-Z]+ [\x21-\x7e\x80-\xff]+ HTTP/1\.1\r\n(?:" + _TOKEN + rb":" + _VALUE + rb"\r\n)*\r\n"
+)
+
+_FIX = "; pass header names and values as printable ASCII text"
+
+
+def check_header(name: str | bytes, value: str | bytes) -> tuple[bytes, bytes]:
+    """``(name, value)`` as wire bytes, or ``UsageError`` if either could break the request.
+
+    ``str`` values must be ASCII (encode anything else yourself, for example as base64);
+    ``bytes`` values may also hold obs-text (0x80-0xFF), as HTTP allows.
+    """
+    raw_name = _encode(name, None, "name")
+    if _NAME_RE.fullmatch(raw_name) is None:
+        # Only the valid start of the name is shown: the rest may be a value pasted into it.
+        start = _NAME_RE.match(raw_name)
+        shown = start.group().decode("ascii") if start is not None else ""
+        raise UsageError(
+            f"the header name starting {shown!r} is not a valid HTTP token: it contains "
+            f"{_problem(raw_name)}{_FIX}"
+        )
+    shown = raw_name.decode("ascii")
+    raw_value = _encode(value, shown, "value")
+    if _VALUE_RE.fullmatch(raw_value) is None:
+        raise UsageError(
+            f"the value of the header {shown!r} contains {_problem(raw_value)}, which "
+            f"could end the header line and inject headers or a second request{_FIX}"
+        )
+    return raw_name, raw_value
+
+
+def check_headers(
+    headers: Mapping[str, str] | Iterable[tuple[str | bytes, str | bytes]],
+) -> list[tuple[bytes, bytes]]:
+    """``check_header`` on every pair of a mapping or of a list of pairs; the wire bytes."""
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    return [check_header(name, value) for name, value in pairs]
+
+
+def check_request_head(head: bytes) -> None:
+    """Raise ``UsageError`` unless ``head`` is exactly one well-formed request head.
+
+    The pool calls this for every request it writes, whoever built the head: it is the last
+    point before the bytes reach the socket. One regular-expression match, a microsecond or
+    two for a typical head.
+    """
+    if _HEAD_RE.fullmatch(head) is not None:
+        return
+    # Slow path, for the message: find the line at fault.
+    lines = head.split(b"\r\n")
+    request_line = lines[0]
+    if re.fullmatch(rb"[A-Z]+ [\x21-\x7e\x80-\xff]+ HTTP/1\.1", request_line) is None:
+        raise UsageError(
+            f"the request line contains {_problem(request_line)} or is malformed; "
+            "check the base URL and the path"
+        )
+    for line in lines[1:]:
+        if not line:
+            break
+        name, sep, value = line.partition(b":")
+        if not sep:
+            raise UsageError(
+                "a request header line has no ':' (a header value holds a line break?)" + _FIX
+            )
+        check_header(name, value)
+    raise UsageError(
+        "the request head holds a bare CR or LF, or more than one blank line "
+        "(a header value holds a line break?)" + _FIX
+    )
+
+
+def _encode(text: str | bytes, header: str | None, part: str) -> bytes:
+    if isinstance(text, bytes):
+        return text
+    if not isinstance(text, str):
+        where = f"the header {header!r}" if header is not None else "a header name"
+        raise UsageError(f"{where}: the {part} must be a str, not {type(text).__name__}")
+    try:
+        return text.encode("ascii")
+    except UnicodeEncodeError:
+        where = f"the value of the header {header!r}" if header is not None else "a header name"
+        raise UsageError(
+            f"{where} contains a non-ASCII character; HTTP header text must be ASCII "
+            "(percent-encode or base64-encode it)"
+        ) from None
+
+
+def _problem(raw: bytes) -> str:
+    """The kind of the first bad character, in words (the value itself stays unsaid)."""
+    for byte in raw:
+        if byte == 0x0D:
+            return "a carriage return (CR)"
+        if byte == 0x0A:
+            return "a line feed (LF)"
+        if byte == 0x00:
+            return "a NUL character"
+        if (byte < 0x20 and byte != 0x09) or byte == 0x7F:
+            return f"the control character 0x{byte:02x}"
+    if not raw:
+        return "nothing (it is empty)"
+    if any(byte >= 0x80 for byte in raw):
+        return "a non-ASCII byte"
+    return "a space or a separator such as ':' or '('"
