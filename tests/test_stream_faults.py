@@ -51,8 +51,13 @@ def _sse(*events: bytes, end: bool = True) -> bytes:
 
 
 @contextlib.contextmanager
-def canned(response: bytes, *, then: str = "close") -> Iterator[str]:
-    """Serve ``response`` to every connection, then ``close``, ``stall`` or ``drip`` events."""
+def canned(
+    response: bytes, *, then: str = "close", gone: threading.Event | None = None
+) -> Iterator[str]:
+    """Serve ``response`` to every connection, then ``close``, ``stall`` or ``drip`` events.
+
+    ``gone`` is set when a dripping connection finds its client gone.
+    """
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(16)
@@ -73,8 +78,9 @@ def canned(response: bytes, *, then: str = "close") -> Iterator[str]:
                 elif then == "drip":
                     while not stop.wait(0.05):  # a slow server's pace, not synchronisation
                         conn.sendall(_chunk(EVENT))
-            except OSError:
-                return  # the client went away
+            except OSError:  # the client went away
+                if gone is not None:
+                    gone.set()
 
     def serve() -> None:
         while True:
@@ -225,3 +231,23 @@ async def test_two_tasks_reading_one_stream_is_a_usage_error(client_backend: Bac
                 tg.start_soon(read)
             assert errors
             assert "another task" in str(errors[0])
+
+
+async def test_a_dropped_stream_closes_its_connection_on_every_path(
+    path: str, client_backend: Backend
+) -> None:
+    import gc
+
+    gone = threading.Event()
+    with canned(_head("200 OK") + _chunk(EVENT), then="drip", gone=gone) as url:
+        async with _client(url, path, client_backend) as client:
+            gc.disable()  # reference counting alone must free it
+            try:
+                stream = client.stream_completion("x")
+                await stream.__anext__()
+                del stream  # no aclose(): the server must still see the connection end
+                with anyio.fail_after(10):
+                    while not gone.is_set():  # noqa: ASYNC110  # set by the server's thread
+                        await anyio.sleep(0.01)
+            finally:
+                gc.enable()

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
@@ -51,6 +51,7 @@ ChunkT = TypeVar("ChunkT", CompletionChunk, ChatChunk, TextCompletionChunk)
 logger = logging.getLogger("llamatelemetry_async.client")
 
 _NEW, _OPEN, _FINISHING, _DONE, _CLOSED = range(5)
+_AsyncFn = Callable[[], Coroutine[Any, Any, None]]
 _MAX_ERROR_BODY = 1 << 20
 
 
@@ -80,10 +81,6 @@ class Source(abc.ABC):
     @abc.abstractmethod
     async def abort(self) -> None:
         """Abandon the response: close its connection (the server stops generating)."""
-
-    @abc.abstractmethod
-    def abort_nowait(self) -> None:
-        """``abort`` for the garbage collector: no awaiting."""
 
 
 class PoolSource(Source):
@@ -166,11 +163,6 @@ class PoolSource(Source):
         conn, self._conn = self._conn, None
         if conn is not None:
             await self._pool.discard(conn)
-
-    def abort_nowait(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            self._pool.discard_nowait(conn)
 
 
 def _ignore(data: bytes) -> None:
@@ -299,10 +291,6 @@ class HttpxSource(Source):
                     pass
             await chunks.aclose()
 
-    def abort_nowait(self) -> None:
-        # httpx responses close asynchronously; the pool reclaims the connection.
-        self._response = None
-
 
 class TokenStream(Generic[ChunkT]):
     """A streaming response: ``async for chunk in stream`` yields typed chunks.
@@ -326,7 +314,6 @@ class TokenStream(Generic[ChunkT]):
     __slots__ = (
         "__weakref__",  # the engine's routed source points back here weakly: no cycle
         "_batch",
-        "_call_soon",
         "_deadline",
         "_deadline_at",
         "_decode",
@@ -340,6 +327,7 @@ class TokenStream(Generic[ChunkT]):
         "_reading",
         "_reported_end",
         "_source",
+        "_spawn",
         "_state",
         "chunks",
         "finish_reason",
@@ -374,7 +362,7 @@ class TokenStream(Generic[ChunkT]):
         self._deadline = deadline
         self._deadline_at = float("inf")
         self._reading = False
-        self._call_soon: Callable[[Callable[[], None]], None] | None = None
+        self._spawn: Callable[[_AsyncFn], None] | None = None
         self.chunks = 0
         """Chunks yielded so far."""
         self.finish_reason: str | None = None
@@ -568,7 +556,7 @@ class TokenStream(Generic[ChunkT]):
         # the response head ends at once, and whatever was acquired is released below.
         scope = self._opening = anyio.CancelScope()
         observer = self._observer
-        self._call_soon = _loop_caller()
+        self._spawn = _loop_spawner()
         if self._deadline is not None:
             self._deadline_at = anyio.current_time() + self._deadline
             scope.deadline = self._deadline_at
@@ -644,47 +632,56 @@ class TokenStream(Generic[ChunkT]):
         # A loop left with `break` and no `async with`: do not keep the server generating,
         # and give the connection (and an engine's slot) back. The last reference may go on
         # any thread (a GC pass in a worker), so the release runs on the loop's own thread.
-        if self._state in (_OPEN, _FINISHING) and self._call_soon is not None:
+        if self._state in (_OPEN, _FINISHING) and self._spawn is not None:
             self._state = _CLOSED
-            self._call_soon(functools.partial(_drop, self._source, self._observer))
+            self._spawn(functools.partial(_drop, self._source, self._observer))
 
     def __repr__(self) -> str:
         states = ("new", "open", "finishing", "done", "closed")
         return f"<TokenStream {self.url} {states[self._state]} chunks={self.chunks}>"
 
 
-def _drop(source: Source, observer: RequestObserver | None) -> None:
-    # Runs as a bare loop callback: an escaping error would crash a trio run, so log it.
+async def _drop(source: Source, observer: RequestObserver | None) -> None:
+    # A task of its own, started from a finalizer: nobody awaits it, so log what fails.
     try:
         if observer is not None:
             observer.on_error(None)  # closed early by its caller
-        source.abort_nowait()
+        await source.abort()
     except Exception:
-        logger.exception("releasing a stream dropped without aclose() failed")
+        logger.exception("closing a stream dropped without aclose() failed")
 
 
-def _loop_caller() -> Callable[[Callable[[], None]], None]:
-    """Schedule a callback on the running loop's thread, from any thread, at any time later.
+_dropping: set[asyncio.Task[None]] = set()  # asyncio keeps only weak references to tasks
 
-    For finalizers: once the loop has finished there is nothing left to release.
+
+def _loop_spawner() -> Callable[[_AsyncFn], None]:
+    """Start ``fn()`` as a task of the running loop, from any thread, at any time later.
+
+    For finalizers, which may run on another thread and must not touch the loop directly.
+    Once the loop has finished there is nothing left to close.
     """
     if sniffio.current_async_library() == "trio":
         import trio
 
         token = trio.lowlevel.current_trio_token()
 
-        def call_trio(fn: Callable[[], None]) -> None:
+        def spawn_trio(fn: _AsyncFn) -> None:
             with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(fn)
+                token.run_sync_soon(trio.lowlevel.spawn_system_task, fn)
 
-        return call_trio
+        return spawn_trio
     loop = asyncio.get_running_loop()
 
-    def call_asyncio(fn: Callable[[], None]) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is closed
-            loop.call_soon_threadsafe(fn)
+    def start(fn: _AsyncFn) -> None:
+        task = loop.create_task(fn())
+        _dropping.add(task)
+        task.add_done_callback(_dropping.discard)
 
-    return call_asyncio
+    def spawn_asyncio(fn: _AsyncFn) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed
+            loop.call_soon_threadsafe(start, fn)
+
+    return spawn_asyncio
 
 
 def _is_error(payload: bytes) -> bool:

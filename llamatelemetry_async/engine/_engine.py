@@ -1158,15 +1158,6 @@ class _RoutedSource(Source):
             self._account()
             self._release()
 
-    def abort_nowait(self) -> None:
-        self._aborted = True
-        try:
-            if self._inner is not None:
-                self._inner.abort_nowait()
-        finally:
-            self._account()
-            self._release()
-
 
 # What a dying server (or the engine closing its connections) looks like to a reader.
 _BROKEN = (ReadError, ConnectError, ClientClosedError, RemoteProtocolError)
