@@ -210,7 +210,7 @@ async def test_error_spans(
     inst = recorder.telemetry.instrumentation
     async with AsyncLlamaClient(llama_server.url, instrumentation=inst) as client:
         with pytest.raises(HTTPStatusError):
-            await client.chat("not a list")  # type: ignore[arg-type]
+            await client.chat([], extra_body={"messages": "not a list"})  # the server's 400
         async with client.stream_completion(PROMPT, n_predict=1000) as early:
             await early.__anext__()  # closed early by the caller: not an error
     timeout = httpx.Timeout(5.0, read=0.3)
