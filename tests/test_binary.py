@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.machinery
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -340,6 +341,38 @@ def test_the_portable_build_has_its_own_cache_key() -> None:
     assert build_cache_key(extra_cmake_args=["-DGGML_NATIVE=ON"]) != build_cache_key()
 
 
+def test_a_native_build_is_keyed_by_the_cpu_that_builds_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert re.fullmatch(r"[0-9a-f]{10}", _build.host_cpu_signature())
+    native = ["-DGGML_NATIVE=ON"]
+    monkeypatch.setattr(_build, "host_cpu_signature", lambda: "avx512-host")
+    here, portable = build_cache_key(extra_cmake_args=native), build_cache_key()
+    monkeypatch.setattr(_build, "host_cpu_signature", lambda: "avx2-host")
+    assert build_cache_key(extra_cmake_args=native) != here
+    assert build_cache_key() == portable  # a portable build runs on both
+
+
+def test_a_native_build_from_another_cpu_is_never_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_build, "host_cpu_signature", lambda: "this-cpu")
+    cache = tmp_path / "cache"
+    records = {
+        "b11434-cpu-portable": {"portable": True, "host_cpu": "other-cpu"},
+        "b11434-cpu-nativeher": {"portable": False, "host_cpu": "this-cpu"},
+        "b11434-cpu-nativeoth": {"portable": False, "host_cpu": "other-cpu"},
+        "b11434-cpu-oldrecord": {},  # from before the record said: kept
+    }
+    for n, (key, record) in enumerate(records.items()):
+        binary = _cached_fake(cache, key)
+        (binary.parent.parent / "build.json").write_text(json.dumps(record))
+        os.utime(binary, (1000 + n, 1000 + n))
+    assert [p.parent.parent.name for p in cached_builds(cache)] == [
+        "b11434-cpu-oldrecord",
+        "b11434-cpu-nativeher",
+        "b11434-cpu-portable",
+    ]
+
+
 _CONFIGURE_OUTPUT = [
     "-- x86 detected",
     "-- Adding CPU backend variant ggml-cpu: -msse4.2;-mf16c;-mfma;-mbmi2;-mavx;-mavx2 "
@@ -376,6 +409,7 @@ def test_build_json_says_whether_the_build_is_portable(
     info = json.loads((server.parent.parent / "build.json").read_text())
     assert info["portable"] is portable
     assert info["cpu_features"] == ["SSE42", "F16C", "FMA", "BMI2", "AVX", "AVX2"]
+    assert info["host_cpu"] == _build.host_cpu_signature()
     configuring = next(m for m in messages if m.startswith("configuring"))
     assert ("portable" in configuring) is portable
     assert ("this CPU only" in configuring) is not portable

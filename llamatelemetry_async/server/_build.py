@@ -19,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
+import functools
 import hashlib
 import json
 import os
+import platform
 import re
 import shlex
 import shutil
@@ -48,6 +50,7 @@ __all__ = [
     "cached_builds",
     "cached_tools",
     "cmake_args",
+    "host_cpu_signature",
     "is_portable",
 ]
 
@@ -148,7 +151,12 @@ def build_cache_key(
     # The package version is hashed too: a post-release of the same build may patch the source.
     # So are the built tools: a cache folder from before llama-quantize was built gets a new key,
     # and the next build-server builds both instead of trusting a folder that lacks one.
-    payload = json.dumps([version, *args, {"targets": list(BUILT_TOOLS)}])
+    extra: dict[str, object] = {"targets": list(BUILT_TOOLS)}
+    if not is_portable(args):
+        # A -march=native binary depends on the CPU that built it: a cache shared between
+        # hosts (a network home, a persisted notebook dataset) must not hand it to another.
+        extra["host_cpu"] = host_cpu_signature()
+    payload = json.dumps([version, *args, extra])
     digest = hashlib.sha256(payload.encode()).hexdigest()[:10]
     flavour = "cpu" if arch is None else "cuda" + arch.replace(";", "+")
     return f"b{_build_number(version)}-{flavour}-{digest}"
@@ -164,6 +172,35 @@ def is_portable(args: Sequence[str]) -> bool:
     return native.strip().upper() in ("OFF", "0", "FALSE", "NO", "N")
 
 
+@functools.cache
+def host_cpu_signature() -> str:
+    """10 hex digits naming this CPU's instruction sets (``/proc/cpuinfo`` flags), which is
+    what a ``-march=native`` build depends on."""
+    flags = ""
+    with (
+        contextlib.suppress(OSError),
+        open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh,
+    ):
+        for line in fh:
+            key, _, value = line.partition(":")
+            if key.strip() in ("flags", "Features"):  # x86, Arm
+                flags = " ".join(sorted(value.split()))
+                break
+    text = f"{platform.machine()} {flags or platform.processor()}"
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _usable_here(key_dir: Path) -> bool:
+    # A native build made on another CPU may die of SIGILL here; portable or unknown: usable.
+    try:
+        info = json.loads((key_dir / "build.json").read_text())
+    except (OSError, ValueError):
+        return True
+    if not isinstance(info, dict) or info.get("portable", True) is not False:
+        return True
+    return info.get("host_cpu") in (None, host_cpu_signature())
+
+
 def _is_executable(path: Path) -> bool:
     return path.is_file() and os.access(path, os.X_OK)
 
@@ -174,13 +211,15 @@ def cached_builds(cache_dir: Path | None = None) -> list[Path]:
 
 
 def cached_tools(name: str, cache_dir: Path | None = None) -> list[Path]:
-    """Cached binaries called ``name`` (one of ``BUILT_TOOLS``), newest build first."""
+    """Cached binaries called ``name`` (one of ``BUILT_TOOLS``), newest build first.
+
+    A native (non-portable) build made on another kind of CPU is left out."""
     base = cache_root(cache_dir) / "llama-server"
     if not base.is_dir():
         return []
     found: list[tuple[int, float, Path]] = []
     for binary in base.glob(f"*/bin/{name}"):
-        if not _is_executable(binary):
+        if not _is_executable(binary) or not _usable_here(binary.parent.parent):
             continue
         match = re.match(r"b(\d+)-", binary.parent.parent.name)
         build = int(match.group(1)) if match else -1
@@ -530,6 +569,7 @@ def build_llama_server(
                 # default), not only on the one it was built on.
                 "portable": portable,
                 "cpu_features": cpu_features,
+                "host_cpu": host_cpu_signature(),
                 "generator": "Ninja" if generator else "default",
                 "jobs": n_jobs,
                 "built_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),

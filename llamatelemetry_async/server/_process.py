@@ -294,20 +294,30 @@ def _crash_signal(code: int) -> signal.Signals | None:
     return None
 
 
-def _with_parent_death(argv: list[str]) -> list[str]:
+def _pdeath_argv(argv: list[str]) -> list[str]:
+    """``argv`` behind the shim that sets the parent-death signal (Linux), then execs it."""
     # -I -S: no site, no user paths: the shim starts in a few milliseconds.
     return [sys.executable, "-I", "-S", "-c", _PDEATH_SHIM, str(os.getpid()), *argv]
 
 
-async def _open_process(argv: list[str], env: Mapping[str, str]) -> anyio.abc.Process:
+def _with_parent_death(argv: list[str]) -> list[str]:
+    """``argv`` behind the shim when the caller spawns from asyncio's loop thread on Linux;
+    unchanged elsewhere (a trio worker thread would fire the signal when it retires)."""
+    if not sys.platform.startswith("linux") or sniffio.current_async_library() != "asyncio":
+        return argv
+    return _pdeath_argv(argv)
+
+
+async def _open_process(argv: list[str], env: Mapping[str, str] | None = None) -> anyio.abc.Process:
     """Start ``argv`` in its own process group (so stopping reaches every child it forks),
-    output merged into one pipe, tied to this process by the parent-death signal on Linux."""
+    output merged into one pipe, tied to this process by the parent-death signal on Linux.
+    ``env`` None: this process's environment."""
     if sys.platform.startswith("linux"):
         if sniffio.current_async_library() == "asyncio":
             # asyncio (and uvloop) fork from the event loop's thread, which outlives every server.
-            argv = _with_parent_death(argv)
+            argv = _pdeath_argv(argv)
         elif _pidfd_works():
-            return await _SpawnedProcess.start(_with_parent_death(argv), env)
+            return await _SpawnedProcess.start(_pdeath_argv(argv), env)
         # Else (a kernel before 5.3, or a sandbox that forbids pidfd_open): trio spawns as
         # usual, and no parent-death signal is set; a clean exit still reaps every server.
     return await anyio.open_process(
@@ -412,7 +422,7 @@ class _SpawnedProcess(anyio.abc.Process):
         self._wait_lock = anyio.Lock()
 
     @classmethod
-    async def start(cls, argv: list[str], env: Mapping[str, str]) -> _SpawnedProcess:
+    async def start(cls, argv: list[str], env: Mapping[str, str] | None) -> _SpawnedProcess:
         def spawn() -> tuple[subprocess.Popen[bytes], int, int]:
             read_fd, write_fd = os.pipe()
             try:
