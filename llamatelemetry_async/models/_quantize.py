@@ -16,7 +16,6 @@ import logging
 import os
 import re
 import signal
-import subprocess
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import anyio.to_thread
 
 from .._errors import ConfigError, QuantizeError
 from ..server._binary import find_llama_quantize
-from ..server._process import _with_parent_death
+from ..server._process import open_process
 
 __all__ = ["QUANT_TYPES", "QuantizeProgress", "quantize"]
 
@@ -146,13 +145,8 @@ async def _run(
             done, total, tensor = match.groups()
             on_progress(QuantizeProgress(int(done), int(total), tensor))
 
-    process = await anyio.open_process(
-        _with_parent_death(list(argv)),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: a kill reaches all of it
-    )
+    # Its own process group (a kill reaches all of it), tied to this process on asyncio and trio.
+    process = await open_process(list(argv))
     try:
         assert process.stdout is not None
         pending = b""

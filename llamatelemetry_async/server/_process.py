@@ -47,7 +47,7 @@ from .._errors import HTTPStatusError, LlamaError, ServerStartError, TransportEr
 from .._groups import single_error
 from ..client import AsyncLlamaClient
 
-__all__ = ["LlamaServer", "ServerState"]
+__all__ = ["LlamaServer", "ServerState", "open_process"]
 
 logger = logging.getLogger("llamatelemetry_async.server")
 
@@ -139,7 +139,7 @@ class LlamaServer:
         self._listening = anyio.Event()
         self.exited = anyio.Event()
         self.starts += 1
-        process = await _open_process(self.argv, self.env)
+        process = await open_process(self.argv, self.env)
         self.pid = process.pid
         logger.info("%s: started pid %d: %s", self.name, process.pid, " ".join(self.argv))
         try:
@@ -308,7 +308,7 @@ def _with_parent_death(argv: list[str]) -> list[str]:
     return _pdeath_argv(argv)
 
 
-async def _open_process(argv: list[str], env: Mapping[str, str] | None = None) -> anyio.abc.Process:
+async def open_process(argv: list[str], env: Mapping[str, str] | None = None) -> anyio.abc.Process:
     """Start ``argv`` in its own process group (so stopping reaches every child it forks),
     output merged into one pipe, tied to this process by the parent-death signal on Linux.
     ``env`` None: this process's environment."""
