@@ -8,9 +8,11 @@ httpx's whole hierarchy to keep it so).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator
 from typing import cast
 
+import anyio
 import httpx
 import msgspec
 
@@ -132,11 +134,33 @@ async def read_status_error(
                 if size >= limit:
                     break  # enough for a message; the rest is never read
         finally:
-            await chunks.aclose()
-            await response.aclose()
+            await close_response(response, chunks)
     except (httpx.HTTPError, httpx.StreamError) as exc:
         raise map_httpx_error(exc, url) from exc
     return status_error(response.status_code, b"".join(pieces)[:limit], url)
+
+
+async def close_response(
+    response: httpx.Response, chunks: AsyncGenerator[bytes, None] | None
+) -> None:
+    """Close a streamed httpx response and the iterator reading it, left at any point.
+
+    httpx reads through a chain of async generators, and closing the outer one leaves the
+    inner ones suspended (trio warns as each is collected). With the response closed, one
+    more read fails at once and ends the whole chain. Not while a reader in another task is
+    suspended inside it: its own read ends it.
+    """
+    await response.aclose()
+    if chunks is None or getattr(chunks, "ag_running", False):
+        return
+    with (
+        anyio.CancelScope(shield=True),
+        anyio.move_on_after(1.0),
+        contextlib.suppress(httpx.HTTPError, httpx.StreamError),
+    ):
+        async for _ in chunks:
+            pass
+    await chunks.aclose()
 
 
 def status_error(status: int, body: bytes, url: str) -> HTTPStatusError:

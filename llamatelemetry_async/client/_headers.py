@@ -24,10 +24,10 @@ _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _VALUE = rb"[\t\x20-\x7e\x80-\xff]*"
 _NAME_RE = re.compile(_TOKEN)
 _VALUE_RE = re.compile(_VALUE)
+_REQUEST_LINE = rb"[A-Z]+ [\x21-\x7e\x80-\xff]+ HTTP/1\.1"
+_REQUEST_LINE_RE = re.compile(_REQUEST_LINE)
 # A whole request head as the pool writes it: one request line, header lines, a blank line.
-_HEAD_RE = re.compile(
-    rb"[A-Z]+ [\x21-\x7e\x80-\xff]+ HTTP/1\.1\r\n(?:" + _TOKEN + rb":" + _VALUE + rb"\r\n)*\r\n"
-)
+_HEAD_RE = re.compile(_REQUEST_LINE + rb"\r\n(?:" + _TOKEN + rb":" + _VALUE + rb"\r\n)*\r\n")
 
 _FIX = "; pass header names and values as printable ASCII text"
 
@@ -51,8 +51,9 @@ def check_header(name: str | bytes, value: str | bytes) -> tuple[bytes, bytes]:
     raw_value = _encode(value, shown, "value")
     if _VALUE_RE.fullmatch(raw_value) is None:
         raise UsageError(
-            f"the value of the header {shown!r} contains {_problem(raw_value)}, which "
-            f"could end the header line and inject headers or a second request{_FIX}"
+            f"the value of the header {shown!r} contains {_problem(raw_value)}; a header "
+            "value may hold only printable ASCII, spaces and tabs (a CR or LF would end "
+            "the line and let the value inject headers or a second request)"
         )
     return raw_name, raw_value
 
@@ -76,25 +77,27 @@ def check_request_head(head: bytes) -> None:
         return
     # Slow path, for the message: find the line at fault.
     lines = head.split(b"\r\n")
-    request_line = lines[0]
-    if re.fullmatch(rb"[A-Z]+ [\x21-\x7e\x80-\xff]+ HTTP/1\.1", request_line) is None:
+    if _REQUEST_LINE_RE.fullmatch(lines[0]) is None:
         raise UsageError(
-            f"the request line contains {_problem(request_line)} or is malformed; "
-            "check the base URL and the path"
+            f"the request line is not 'METHOD /path HTTP/1.1' ({_problem(lines[0])} in "
+            "the wrong place); check the base URL and the path"
         )
-    for line in lines[1:]:
+    ends_well = len(lines) > 2 and head.endswith(b"\r\n\r\n")
+    # The header lines: between the request line and the final blank line (or the end).
+    end = -2 if ends_well else -1 if not lines[-1] else len(lines)
+    for line in lines[1:end]:
         if not line:
-            break
+            raise UsageError(
+                "the request head has a blank line before its end: a header value holds "
+                "CR LF, which would smuggle a second request" + _FIX
+            )
         name, sep, value = line.partition(b":")
         if not sep:
             raise UsageError(
-                "a request header line has no ':' (a header value holds a line break?)" + _FIX
+                "a request header line has no ':': a header value holds a line break" + _FIX
             )
-        check_header(name, value)
-    raise UsageError(
-        "the request head holds a bare CR or LF, or more than one blank line "
-        "(a header value holds a line break?)" + _FIX
-    )
+        check_header(name, value)  # raises, naming the header
+    raise UsageError("the request head does not end with one blank line" + _FIX)
 
 
 def _encode(text: str | bytes, header: str | None, part: str) -> bytes:

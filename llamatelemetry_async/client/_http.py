@@ -200,7 +200,7 @@ class _Parser:
                     self._extra_data()
         elif state == _UNTIL_CLOSE:
             self.sink(data)
-        elif state in (_DONE, _IDLE):
+        elif state in (_DONE, _IDLE) and data:
             self._extra_data()
 
     def feed_eof(self) -> None:
@@ -216,34 +216,33 @@ class _Parser:
         raise RemoteProtocolError("the server sent data after the end of the response")
 
     def _feed_head(self, data: bytes) -> bytes:
-        while True:  # a loop, not recursion: a burst of interim 1xx heads stays flat
-            hbuf = self._hbuf
-            if hbuf:
-                start = len(hbuf) - 3 if len(hbuf) > 3 else 0  # a CRLFCRLF split by reads
-                hbuf += data
-                end = hbuf.find(b"\r\n\r\n", start)
-                if end < 0:
-                    if len(hbuf) > _MAX_HEAD:
-                        raise RemoteProtocolError("response headers exceed 64 KiB")
-                    return b""
-                buf = bytes(hbuf)
-                hbuf.clear()
-            else:  # the usual case: the whole head in one read, no copy
-                end = data.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(data) > _MAX_HEAD:
-                        raise RemoteProtocolError("response headers exceed 64 KiB")
-                    hbuf += data
-                    return b""
-                buf = data
-            if end + 4 > _MAX_HEAD:  # however it arrived, in one read or many
-                raise RemoteProtocolError("response headers exceed 64 KiB")
-            rest_data = buf[end + 4 :]
-            if self._parse_head(buf[:end]):
-                return rest_data
-            if not rest_data:  # an interim response: the real one follows
+        hbuf = self._hbuf
+        if hbuf:
+            start = len(hbuf) - 3 if len(hbuf) > 3 else 0  # a CRLFCRLF split by reads
+            hbuf += data
+            if hbuf.find(b"\r\n\r\n", start) < 0:
+                if len(hbuf) > _MAX_HEAD:
+                    raise RemoteProtocolError("response headers exceed 64 KiB")
                 return b""
-            data = rest_data
+            data = bytes(hbuf)
+            hbuf.clear()
+        # The usual case is the whole head in one read: one find, no copy. A loop (not
+        # recursion, nor a copy of the rest per head) walks a burst of interim 1xx heads.
+        pos = 0
+        while True:
+            end = data.find(b"\r\n\r\n", pos)
+            if end < 0:
+                if len(data) - pos > _MAX_HEAD:
+                    raise RemoteProtocolError("response headers exceed 64 KiB")
+                hbuf += data[pos:] if pos else data
+                return b""
+            if end + 4 - pos > _MAX_HEAD:  # however it arrived, in one read or many
+                raise RemoteProtocolError("response headers exceed 64 KiB")
+            if self._parse_head(data[pos:end]):
+                return data[end + 4 :]
+            pos = end + 4  # an interim response: the real one follows
+            if pos == len(data):
+                return b""
 
     def _parse_head(self, block: bytes) -> bool:
         """Take one head; ``False`` for an interim (1xx) response, whose successor follows."""
@@ -364,12 +363,12 @@ _HEX: Final = b"0123456789abcdefABCDEF"
 
 def _chunk_size(line: bytes) -> int:
     # Hex digits only: int(x, 16) alone would also take "0x1f", "1_0", "+5" and spaces,
-    # which other parsers on the path may read differently. At most 16 digits (16 EiB).
-    if 0 < len(line) <= 16 and not line.strip(_HEX):
+    # which another parser on the path (a proxy) may read differently.
+    if line and not line.strip(_HEX):
         return int(line, 16)
     size, sep, _ = line.partition(b";")  # a chunk extension: rare, ignored
     size = size.rstrip(b" \t")
-    if sep and 0 < len(size) <= 16 and not size.strip(_HEX):
+    if sep and size and not size.strip(_HEX):
         return int(size, 16)
     raise RemoteProtocolError(f"malformed chunk size {line[:40]!r}")
 
@@ -453,9 +452,14 @@ def _readable_now(fd: int) -> bool:
     nobody asked for: a request written there could be lost after the server read it, or
     mixed with a stale answer. (urllib3 checks reused connections the same way.)
     """
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(0))
+    if _HAS_POLL:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(select.select([fd], [], [], 0)[0])  # Windows: no poll(), no FD_SETSIZE cap
+
+
+_HAS_POLL: Final = hasattr(select, "poll")
 
 
 class _AsyncioConnection(asyncio.Protocol, Connection):

@@ -56,7 +56,7 @@ class SSEDecoder:
                 if data:
                     pending.append(data)
                     self._size += len(data)
-                    if self._size > self._max:
+                    if self._size > self._max + 1:  # + an LF that may start the blank line
                         self._too_big()
                 return
         blocks = data.split(b"\n\n")
@@ -97,7 +97,7 @@ class SSEDecoder:
         return data
 
     def _check_sizes(self, blocks: list[bytes], tail: bytes) -> None:
-        if len(tail) > self._max or any(len(block) > self._max for block in blocks):
+        if len(tail) > self._max + 1 or any(len(block) > self._max for block in blocks):
             self._too_big()
 
     def _too_big(self) -> None:

@@ -31,7 +31,13 @@ from .._errors import (
     StreamError,
     UsageError,
 )
-from ._errors_map import map_httpx_error, status_error
+from ._errors_map import (
+    MAX_ERROR_BODY,
+    close_response,
+    map_httpx_error,
+    read_status_error,
+    status_error,
+)
 from ._http import Connection, ConnectionPool, Timeouts
 from ._observe import RequestObserver
 from ._sse import SSEDecoder
@@ -52,7 +58,6 @@ logger = logging.getLogger("llamatelemetry_async.client")
 
 _NEW, _OPEN, _FINISHING, _DONE, _CLOSED = range(5)
 _AsyncFn = Callable[[], Coroutine[Any, Any, None]]
-_MAX_ERROR_BODY = 1 << 20
 
 
 class Source(abc.ABC):
@@ -115,7 +120,7 @@ class PoolSource(Source):
             pieces: list[bytes] = []
             try:
                 conn.parser.set_sink(pieces.append)
-                while not conn.parser.done and sum(map(len, pieces)) < _MAX_ERROR_BODY:
+                while not conn.parser.done and sum(map(len, pieces)) < MAX_ERROR_BODY:
                     await conn.wait()
             finally:
                 await (self._pool.release if conn.parser.done else self._pool.discard)(conn)
@@ -195,18 +200,6 @@ def check_stream_head(
     )
 
 
-async def _read_capped(response: httpx.Response, limit: int) -> bytes:
-    """An error body, at most ``limit`` bytes of it (a hostile one can be endless)."""
-    pieces: list[bytes] = []
-    size = 0
-    async for piece in response.aiter_bytes():
-        pieces.append(piece)
-        size += len(piece)
-        if size >= limit:
-            break
-    return b"".join(pieces)[:limit]
-
-
 class HttpxSource(Source):
     """The portable path through any ``httpx.AsyncClient`` (a user's own, or for TLS)."""
 
@@ -224,13 +217,7 @@ class HttpxSource(Source):
         except httpx.HTTPError as exc:
             raise map_httpx_error(exc, self.url) from exc
         if response.status_code >= 400:
-            try:
-                body = await _read_capped(response, _MAX_ERROR_BODY)
-            except httpx.HTTPError as exc:
-                raise map_httpx_error(exc, self.url) from exc
-            finally:
-                await response.aclose()
-            raise status_error(response.status_code, body, self.url)
+            raise await read_status_error(response, self.url)
         headers = response.headers
         try:
             check_stream_head(
@@ -276,20 +263,7 @@ class HttpxSource(Source):
         chunks, self._chunks = self._chunks, None
         response, self._response = self._response, None
         if response is not None:
-            await response.aclose()
-        # httpx reads through a chain of async generators, and closing the outer one leaves
-        # the inner ones suspended (trio warns as each is collected). With the response
-        # closed, one more read fails at once and ends the whole chain. Not while a reader
-        # in another task is suspended inside it: its own read ends it.
-        if chunks is not None and not getattr(chunks, "ag_running", False):
-            with (
-                anyio.CancelScope(shield=True),
-                anyio.move_on_after(1.0),
-                contextlib.suppress(httpx.HTTPError, httpx.StreamError),
-            ):
-                async for _ in chunks:
-                    pass
-            await chunks.aclose()
+            await close_response(response, chunks)
 
 
 class TokenStream(Generic[ChunkT]):
