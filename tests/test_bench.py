@@ -14,8 +14,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -394,20 +395,53 @@ async def test_failed_requests_are_recorded_with_their_error(
     assert "errors:" in result.summary_text()
 
 
+class _Finished:
+    """An instrumentation that only counts the streams that ended well."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.two = anyio.Event()
+
+    def start(self, operation: str, body: Mapping[str, Any], *, stream: bool) -> _Finished:
+        return self
+
+    def activate(self) -> contextlib.AbstractContextManager[object]:
+        return contextlib.nullcontext()
+
+    def on_server(self, url: str, name: str | None, gpus: tuple[int, ...]) -> None:
+        pass
+
+    def annotate(self, attributes: Mapping[str, Any]) -> None:
+        pass
+
+    def on_chunk(self, chunk: Any) -> None:
+        pass
+
+    def on_end(self, outcome: Any) -> None:
+        self.count += 1
+        if self.count == 2:
+            self.two.set()
+
+    def on_error(self, exc: BaseException | None) -> None:
+        pass
+
+
 @pytest.mark.anyio
 async def test_a_server_that_dies_mid_run_fails_the_rest_and_the_run_goes_on(
     client_backend: Backend,
 ) -> None:
     config = BenchConfig(concurrency=2, requests=30, output_tokens=10)
+    finished = _Finished()
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(replay_server(tokens=10, rate=200.0))  # ~50 ms a request
 
         async def kill_after_some_requests() -> None:
-            await _wait_for_stat(url, "requests", lambda n: n >= 5)
+            # Two streams ended on the client's side: a kill can no longer lose their bytes.
+            await finished.two.wait()
             await anyio.to_thread.run_sync(stack.close)  # SIGTERM, reaped
 
         async with (
-            AsyncLlamaClient(url, backend=client_backend) as client,
+            AsyncLlamaClient(url, backend=client_backend, instrumentation=finished) as client,
             anyio.create_task_group() as tg,
         ):
             tg.start_soon(kill_after_some_requests)
