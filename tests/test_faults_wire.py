@@ -8,7 +8,6 @@ exceptions that escape the library's tree (D6).
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import socket
 import threading
@@ -397,34 +396,6 @@ async def test_dropped_stream_closes_its_socket_at_once(
         gc.collect()
     leaks = [w for w in caught if issubclass(w.category, ResourceWarning)]
     assert not leaks, [str(w.message) for w in leaks]
-
-
-async def test_discard_from_a_foreign_thread_goes_through_the_loop(
-    serve: Callable[[Handler], Server], client_backend: Backend, anyio_backend: str
-) -> None:
-    """A finalizer may run on any thread (a GC pass in a worker): the loop does the work."""
-    if anyio_backend == "asyncio":
-        asyncio.get_running_loop().set_debug(True)  # raises on a non-thread-safe call
-    server = serve(_stream_forever)
-    pool = ConnectionPool(backend=client_backend, max_connections=1)
-    timeouts = Timeouts(connect=5, read=5, write=5, pool=5)
-    host, port = "127.0.0.1", int(server.url.rsplit(":", 1)[1])
-    head = b"POST /completion HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            conn = await pool.request(host, port, head, b"{}", timeouts)
-            await anyio.to_thread.run_sync(pool.discard_nowait, conn)
-            assert await _wait(server.eof)
-            # The slot came back: with max_connections=1 a second request gets through.
-            with anyio.fail_after(_TIMEOUT):
-                again = await pool.request(host, port, head, b"{}", timeouts)
-            await pool.discard(again)
-        finally:
-            await pool.aclose()
-        del conn, again
-        gc.collect()
-    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
 
 
 # ---------------------------------------------------------------- D16: errors name the URL

@@ -21,7 +21,6 @@ import abc
 import asyncio
 import select
 import socket
-import threading
 import time
 from collections.abc import Callable
 from typing import Final, Literal
@@ -380,16 +379,13 @@ def _discard(data: bytes) -> None:
 class Connection(metaclass=abc.ABCMeta):
     """One HTTP/1.1 connection: write a request, then ``wait()`` for the parser to advance."""
 
-    __slots__ = ("_thread", "idle_since", "origin", "parser", "requests")
+    __slots__ = ("idle_since", "origin", "parser", "requests")
 
     def __init__(self, origin: tuple[str, int]) -> None:
         self.origin = origin
         self.parser = _Parser(origin)
         self.requests = 0
         self.idle_since = 0.0
-        # The event loop's thread (connections are made on it): a finalizer running
-        # elsewhere must hand its work to the loop instead of touching the socket.
-        self._thread = threading.get_ident()
 
     @property
     def url(self) -> str:
@@ -431,14 +427,7 @@ class Connection(metaclass=abc.ABCMeta):
 
     @abc.abstractmethod
     def abort(self) -> None:
-        """Close at once, without waiting; safe from any thread (a finalizer's)."""
-
-    @abc.abstractmethod
-    def call_soon_threadsafe(self, callback: Callable[[], object]) -> None:
-        """Run ``callback`` on the event loop's thread (dropped if the loop has ended)."""
-
-    def on_loop_thread(self) -> bool:
-        return threading.get_ident() == self._thread
+        """Close at once, without waiting (on the loop's thread, like every method here)."""
 
     async def aclose(self) -> None:
         """Close the connection."""
@@ -601,18 +590,8 @@ class _AsyncioConnection(asyncio.Protocol, Connection):
             self._transport.resume_reading()
 
     def abort(self) -> None:
-        if threading.get_ident() != self._thread:
-            # A finalizer on another thread: asyncio transports are not thread-safe.
-            self.call_soon_threadsafe(self.abort)
-            return
         if self._transport is not None:
             self._transport.abort()
-
-    def call_soon_threadsafe(self, callback: Callable[[], object]) -> None:
-        try:
-            self._loop.call_soon_threadsafe(callback)
-        except RuntimeError:
-            pass  # the loop is closed: its sockets were closed with it
 
     # internals
     def _wake(self) -> None:
@@ -649,7 +628,7 @@ class _AsyncioConnection(asyncio.Protocol, Connection):
 
 
 class _AnyioConnection(Connection):
-    __slots__ = ("_closed", "_read_timeout", "_schedule", "_sock", "_stream")
+    __slots__ = ("_closed", "_read_timeout", "_sock", "_stream")
 
     def __init__(self, origin: tuple[str, int], stream: anyio.abc.SocketStream) -> None:
         super().__init__(origin)
@@ -657,14 +636,6 @@ class _AnyioConnection(Connection):
         self._sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
         self._closed = False
         self._read_timeout: float | None = None
-        # How another thread reaches this loop: a finalizer may run on any thread.
-        self._schedule: Callable[[Callable[[], object]], object]
-        if sniffio.current_async_library() == "trio":
-            import trio  # only ever imported when trio is running
-
-            self._schedule = trio.lowlevel.current_trio_token().run_sync_soon
-        else:
-            self._schedule = asyncio.get_running_loop().call_soon_threadsafe
 
     @property
     def is_closed(self) -> bool:
@@ -736,24 +707,12 @@ class _AnyioConnection(Connection):
         # An anyio stream closes asynchronously, so the synchronous path shuts the socket
         # down: the server sees the end of the connection at once (llama-server stops
         # generating), and the fd, still open, cannot be reused under anyone's feet. The
-        # pool closes the stream itself later (``discard_nowait``), on the loop.
+        # stream itself is closed when the pool drops the connection.
         self._closed = True
-        if threading.get_ident() != self._thread:
-            self.call_soon_threadsafe(self._shutdown)
-        else:
-            self._shutdown()
-
-    def _shutdown(self) -> None:
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass  # closed already, or the peer reset it
-
-    def call_soon_threadsafe(self, callback: Callable[[], object]) -> None:
-        try:
-            self._schedule(callback)
-        except RuntimeError:
-            pass  # the run has ended (trio.RunFinishedError, a closed asyncio loop)
 
     async def aclose(self) -> None:
         self._closed = True
@@ -806,8 +765,6 @@ class ConnectionPool:
             raise UsageError("max_connections must be at least 1 (or None for no limit)")
         self._idle: dict[tuple[str, int], list[Connection]] = {}
         self._all: set[Connection] = set()
-        # Aborted by a finalizer, still to be closed on the loop (next request or aclose).
-        self._doomed: list[Connection] = []
         self._max_idle = max_idle
         self._expiry = keepalive_expiry
         self._backend = backend
@@ -819,7 +776,7 @@ class ConnectionPool:
     @property
     def stats(self) -> PoolStats:
         idle = sum(len(stack) for stack in self._idle.values())
-        active = len(self._all) - idle - len(self._doomed)
+        active = len(self._all) - idle
         return PoolStats(self._opened, active, idle, self._requests)
 
     async def request(
@@ -842,8 +799,6 @@ class ConnectionPool:
         if self._closed:
             raise ClientClosedError("the client was closed")
         check_request_head(head)
-        if self._doomed:
-            await self._close_doomed()
         if self._sem is not None:
             try:
                 with anyio.fail_after(timeouts.pool):
@@ -964,33 +919,6 @@ class ConnectionPool:
         else:
             await self._drop(conn)
 
-    def discard_nowait(self, conn: Connection) -> None:
-        """``discard`` for a finalizer, which may run on any thread: never awaits.
-
-        On the loop's thread the connection is aborted at once (the server sees it
-        closed); from another thread the whole discard is handed to the loop, since
-        neither the pool nor the semaphore is thread-safe.
-        """
-        if conn.on_loop_thread():
-            self._discard_now(conn)
-        else:
-            conn.call_soon_threadsafe(lambda: self._discard_now(conn))
-
-    def _discard_now(self, conn: Connection) -> None:
-        if conn not in self._all or conn in self._doomed:
-            return  # closed by aclose(), or discarded already
-        if self._sem is not None:
-            self._sem.release()
-        conn.abort()
-        # An anyio stream can only be closed by awaiting; until then the pool keeps it,
-        # so the next request (or aclose) closes it instead of the garbage collector.
-        self._doomed.append(conn)
-
-    async def _close_doomed(self) -> None:
-        doomed, self._doomed = self._doomed, []
-        for conn in doomed:
-            await self._drop(conn)
-
     async def discard(self, conn: Connection) -> None:
         """Close a connection mid-response (the caller gave up on it)."""
         if self._sem is not None:
@@ -1006,7 +934,6 @@ class ConnectionPool:
         self._closed = True
         conns, self._all = self._all, set()
         self._idle.clear()
-        self._doomed = []
         with anyio.CancelScope(shield=True):
             for conn in conns:
                 await conn.aclose()
