@@ -10,6 +10,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -307,8 +308,9 @@ async def test_per_request_options_reach_the_server_through_the_engine(
         reply = await engine.complete("x", extra_body={"n_predict": 3}, timeout=30)
         assert reply.usage.completion_tokens == 3
         typo = f"n_predcit_{anyio_backend}"  # warned once per name and process
+        params: dict[str, Any] = {typo: 2}
         with pytest.warns(UnknownParameterWarning, match=typo):
-            await engine.complete("x", n_predict=2, **{typo: 2})
+            await engine.complete("x", n_predict=2, **params)
         for bad in (None, "hello", [1, 2]):
             with pytest.raises(UsageError, match="messages"):
                 await engine.chat(bad)  # type: ignore[arg-type]
