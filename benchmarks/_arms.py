@@ -7,7 +7,7 @@ streams one request asking for ``tokens`` tokens and returns how many it receive
 ``raw``    one ``httpx.AsyncClient`` (pool sized for the run), ``aiter_lines`` +
            ``json.loads``, ``/completion``
 ``openai`` openai-python ``AsyncOpenAI`` chat stream, ``/v1/chat/completions``
-``lib``    this library's ``stream_completion``, no instrumentation
+``lib``    this library's ``stream``, no instrumentation
 ``chat``   this library's ``stream_chat`` (like for like with ``openai``)
 ``traced`` ``lib`` with tracing on: a span per request, token events off
 ``events`` ``lib`` with tracing on and a span event per token (``TokenEvents.all``)
@@ -261,7 +261,7 @@ async def library(
 
         async def once(tokens: int) -> int:
             n = 0
-            async with client.stream_completion(PROMPT, n_predict=tokens, ignore_eos=True) as s:
+            async with client.stream(PROMPT, n_predict=tokens, ignore_eos=True) as s:
                 async for chunk in s:
                     if chunk.text:
                         n += 1

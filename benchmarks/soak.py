@@ -219,7 +219,7 @@ async def soak(args: argparse.Namespace, model: Path) -> Report:
             report.pids = [s.pid for s in engine.servers if s.pid is not None]
             references: dict[str, str] = {}
             for prompt in prompts:
-                reference = await engine.complete(prompt, n_predict=args.n_predict, **GREEDY)
+                reference = await engine.completion(prompt, n_predict=args.n_predict, **GREEDY)
                 references[prompt] = reference.text
                 if reference.usage.completion_tokens < args.n_predict:
                     report.short_references += 1

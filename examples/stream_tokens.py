@@ -14,7 +14,7 @@ from llamatelemetry_async import AsyncLlamaClient
 
 async def main(url: str, prompt: str) -> None:
     async with AsyncLlamaClient(url) as client:
-        async with client.stream_completion(prompt, n_predict=32, seed=1) as stream:
+        async with client.stream(prompt, n_predict=32, seed=1) as stream:
             async for chunk in stream:
                 print(chunk.text, end="", flush=True)
         print(f"\nfinish_reason={stream.finish_reason} usage={stream.usage}")

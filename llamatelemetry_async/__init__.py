@@ -4,7 +4,7 @@
 from llamatelemetry_async import AsyncLlamaClient
 
 async with AsyncLlamaClient("http://127.0.0.1:8080") as client:
-    async for chunk in client.stream_completion("Once upon a time", n_predict=32):
+    async for chunk in client.stream("Once upon a time", n_predict=32):
         print(chunk.text, end="")
 ```
 
@@ -66,10 +66,22 @@ from ._version import (
 # type checkers treat any name TYPE_CHECKING as true.
 TYPE_CHECKING = False
 
-# What type checkers and IDEs see; at run time __getattr__ below imports each name on first use.
+# THE TABLE OF PUBLIC NAMES. Every name this module imports as itself (`from .x import N as N`)
+# is public, and only those: the eager imports above (the exception tree and the version:
+# cheap, and `except LlamaError` must not import the client) and the imports below, which
+# type checkers and IDEs see with their types while at run time nothing is imported here:
+# __getattr__ imports a name's subpackage the first time the name is used. To export a name,
+# add it to one of these imports; that is the only edit.
+#
+# __all__ and the map name -> subpackage are derived from these imports (this file's source,
+# parsed with ast) the first time either is needed, not at import time: parsing costs ~3 ms
+# and the import must stay ~5 ms and do nothing (tests/test_import.py). Why not a run-time
+# table (a dict of names): type checkers cannot see through one (every name would be Any, or
+# unknown), so it would need this import block beside it, two lists kept in step by a test.
 if TYPE_CHECKING:
     from typing import Any
 
+    from ._placement import Placement as Placement
     from .bench import (
         BenchConfig as BenchConfig,
         BenchMetrics as BenchMetrics,
@@ -107,7 +119,6 @@ if TYPE_CHECKING:
     )
     from .engine import (
         AsyncEngine as AsyncEngine,
-        Placement as Placement,
         ServerInfo as ServerInfo,
         ServerPlan as ServerPlan,
     )
@@ -148,208 +159,56 @@ if TYPE_CHECKING:
         setup_telemetry as setup_telemetry,
     )
 
-# Subpackage -> the public names it provides, each imported on first access. To export a
-# name: add it here, to the TYPE_CHECKING block above and to __all__ (tests/test_import.py
-# checks that the three agree).
-_LAZY: dict[str, tuple[str, ...]] = {
-    "models": (
-        "GPUSpec",
-        "ModelInfo",
-        "RegistryModel",
-        "VRAMPlan",
-        "inspect_model",
-        "list_models",
-        "quantize",
-        "resolve_model",
-    ),
-    "environment": (
-        "Environment",
-        "detect_environment",
-        "load_secrets",
-    ),
-    "bench": (
-        "BenchConfig",
-        "BenchMetrics",
-        "BenchPrompt",
-        "BenchResult",
-        "RequestRecord",
-        "load_prompts_jsonl",
-        "run_bench",
-    ),
-    "client": (
-        "DEFAULT_TIMEOUT",
-        "AsyncLlamaClient",
-        "ChatChoice",
-        "ChatChunk",
-        "ChatChunkChoice",
-        "ChatCompletion",
-        "ChatDelta",
-        "ChatMessage",
-        "Completion",
-        "CompletionChunk",
-        "Embedding",
-        "EmbeddingList",
-        "Health",
-        "LlamaTransport",
-        "Message",
-        "PoolStats",
-        "RerankResult",
-        "ServedModel",
-        "TextChoice",
-        "TextCompletion",
-        "TextCompletionChunk",
-        "Timings",
-        "TokenStream",
-        "Usage",
-    ),
-    "engine": (
-        "AsyncEngine",
-        "Placement",
-        "ServerInfo",
-        "ServerPlan",
-    ),
-    "gpu": (
-        "GPUSample",
-        "GPUSampler",
-        "attribute_energy",
-        "visible_gpus",
-    ),
-    "nccl": (
-        "Communicator",
-        "find_nccl",
-    ),
-    "server": (
-        "LlamaServer",
-        "ServerConfig",
-        "ServerState",
-        "build_llama_server",
-        "find_llama_server",
-        "server_command",
-    ),
-    "telemetry": (
-        "GenAIInstrumentation",
-        "Telemetry",
-        "TokenEvents",
-        "setup_telemetry",
-    ),
-}
-_SOURCE = {name: module for module, names in _LAZY.items() for name in names}
+_PUBLIC: dict[str, str] | None = None  # name -> the module it comes from; see _public()
 
-__all__ = [
-    "DEFAULT_TIMEOUT",
-    "APIError",
-    "AsyncEngine",
-    "AsyncLlamaClient",
-    "BenchConfig",
-    "BenchMetrics",
-    "BenchPrompt",
-    "BenchResult",
-    "BuildError",
-    "ChatChoice",
-    "ChatChunk",
-    "ChatChunkChoice",
-    "ChatCompletion",
-    "ChatDelta",
-    "ChatMessage",
-    "ClientClosedError",
-    "Communicator",
-    "Completion",
-    "CompletionChunk",
-    "ConfigError",
-    "ConnectError",
-    "ConnectTimeout",
-    "DeadlineExceeded",
-    "Embedding",
-    "EmbeddingList",
-    "EngineBusyError",
-    "EngineError",
-    "Environment",
-    "GPUSample",
-    "GPUSampler",
-    "GPUSpec",
-    "GenAIInstrumentation",
-    "HTTPStatusError",
-    "Health",
-    "LlamaError",
-    "LlamaServer",
-    "LlamaServerError",
-    "LlamaServerNotFoundError",
-    "LlamaTransport",
-    "LlamaWarning",
-    "Message",
-    "ModelDoesNotFitError",
-    "ModelError",
-    "ModelFormatError",
-    "ModelInfo",
-    "ModelNotFoundError",
-    "NCCLError",
-    "NCCLNotFoundError",
-    "NCCLSymbolError",
-    "NCCLUsageError",
-    "Placement",
-    "PoolStats",
-    "PoolTimeout",
-    "PromptFileError",
-    "QuantizeError",
-    "ReadError",
-    "ReadTimeout",
-    "RegistryModel",
-    "RemoteProtocolError",
-    "RequestRecord",
-    "RerankResult",
-    "ServedModel",
-    "ServerConfig",
-    "ServerCrashedError",
-    "ServerInfo",
-    "ServerPlan",
-    "ServerStartError",
-    "ServerState",
-    "ServerUnavailableError",
-    "StreamConsumedError",
-    "StreamError",
-    "Telemetry",
-    "TextChoice",
-    "TextCompletion",
-    "TextCompletionChunk",
-    "TimeoutException",
-    "Timings",
-    "TokenEvents",
-    "TokenStream",
-    "TransportError",
-    "UnknownParameterWarning",
-    "Usage",
-    "UsageError",
-    "VRAMPlan",
-    "WriteError",
-    "WriteTimeout",
-    "__version__",
-    "attribute_energy",
-    "build_llama_server",
-    "detect_environment",
-    "find_llama_server",
-    "find_nccl",
-    "inspect_model",
-    "list_models",
-    "load_prompts_jsonl",
-    "load_secrets",
-    "quantize",
-    "resolve_model",
-    "run_bench",
-    "server_command",
-    "setup_telemetry",
-    "visible_gpus",
-]
+
+def _public() -> dict[str, str]:
+    """Every public name -> the module (``"client"``, ``"_errors"``...) it is imported from.
+
+    Read from this file's imports of a name as itself, at module level and under
+    ``if TYPE_CHECKING:``; once.
+    """
+    global _PUBLIC
+    if _PUBLIC is None:
+        import ast
+
+        loader = __spec__.loader if __spec__ is not None else None
+        get_source = getattr(loader, "get_source", None)
+        source = get_source(__name__) if get_source is not None else None
+        if source is None:  # an installation without .py files (bytecode only)
+            raise ImportError(f"{__name__}: its public names are read from its __init__.py")
+        public: dict[str, str] = {}
+        for node in ast.parse(source).body:
+            if isinstance(node, ast.If):
+                if not (isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"):
+                    continue
+                block = node.body
+            else:
+                block = [node]
+            for stmt in block:
+                if isinstance(stmt, ast.ImportFrom) and stmt.level == 1 and stmt.module:
+                    for alias in stmt.names:
+                        if alias.asname == alias.name:
+                            public[alias.name] = stmt.module
+        _PUBLIC = public
+    return _PUBLIC
+
 
 if not TYPE_CHECKING:  # hidden from type checkers, so a misspelt name stays an error for them
 
     def __getattr__(name: str) -> Any:
-        module = _SOURCE.get(name)
-        if module is None:
+        if name == "__all__":  # `from llamatelemetry_async import *` asks for it too
+            value = sorted(_public())
+        elif name.startswith("__"):  # hasattr(module, "__wrapped__") and the like: not ours
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(f".{module}", __name__), name)
+        else:
+            module = _public().get(name)
+            if module is None:
+                raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+            value = getattr(importlib.import_module(f".{module}", __name__), name)
         globals()[name] = value  # later look-ups are plain attribute reads
         return value
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_SOURCE})
+    return sorted({*globals(), *_public()})

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from llamatelemetry_async.client._http import Backend
+from llamatelemetry_async.client._connection import Backend
 from llamatelemetry_async.testing import write_tiny_model
 from llamatelemetry_async.testing._replay import replay_server
 from llamatelemetry_async.testing._server import RunningServer, run_llama_server

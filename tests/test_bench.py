@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from llamatelemetry_async import AsyncEngine, AsyncLlamaClient, ConfigError
+from llamatelemetry_async._cli._bench import add_arguments, run_from_args
 from llamatelemetry_async.bench import (
     FORMULAS,
     SCHEMA,
@@ -44,10 +45,9 @@ from llamatelemetry_async.bench import (
     run_bench,
     throughput_timeline,
 )
-from llamatelemetry_async.bench._cli import add_arguments, run_from_args
 from llamatelemetry_async.bench._metrics import Stats
 from llamatelemetry_async.bench._plots import _histogram
-from llamatelemetry_async.client._http import Backend
+from llamatelemetry_async.client._connection import Backend
 from llamatelemetry_async.engine import Placement
 from llamatelemetry_async.gpu import GPUSample, GPUSampler
 from llamatelemetry_async.server import ServerConfig, ServerState
@@ -881,7 +881,7 @@ async def test_cli_run_prints_the_summary_and_writes_the_out_dir(
 
 
 def test_cli_options_make_the_config() -> None:
-    from llamatelemetry_async.bench._cli import config_from_args
+    from llamatelemetry_async._cli._bench import config_from_args
 
     config = config_from_args(_cli_args(["--url", "http://x", "--duration", "5", "--rate", "2"]))
     assert (config.requests, config.duration, config.rate, config.mode) == (None, 5.0, 2.0, "rate")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llamatelemetry_async import AsyncLlamaClient, HTTPStatusError
-from llamatelemetry_async.client._http import Backend
+from llamatelemetry_async.client._connection import Backend
 from llamatelemetry_async.testing import TINY_MODEL_NAME
 from llamatelemetry_async.testing._server import RunningServer
 
@@ -117,7 +117,7 @@ async def test_per_request_options_against_a_real_server(
             extra_body={"n_probs": 1},
         )
         assert completion.usage.completion_tokens == 3
-        async with client.stream_completion(
+        async with client.stream(
             "Once upon a time", n_predict=3, timeout=60, deadline=60
         ) as stream:
             async for _ in stream:

@@ -23,7 +23,7 @@ from llamatelemetry_async import (
     TimeoutException,
     UsageError,
 )
-from llamatelemetry_async.client._http import Backend
+from llamatelemetry_async.client._connection import Backend
 from llamatelemetry_async.testing._server import RunningServer, run_llama_server
 
 pytestmark = pytest.mark.anyio
@@ -42,7 +42,7 @@ async def test_connect_error_names_the_server(dead_url: str, client_backend: Bac
         with pytest.raises(ConnectError, match="is the server running"):
             await client.health()
         with pytest.raises(ConnectError):
-            async for _ in client.stream_completion("x"):
+            async for _ in client.stream("x"):
                 pass
 
 
@@ -89,7 +89,7 @@ async def test_http_401_without_the_api_key(tiny_model: Any, client_backend: Bac
             assert info.value.status_code == 401
         async with AsyncLlamaClient(server.url, api_key="sekret", backend=client_backend) as ok:
             assert (await ok.completion("x", n_predict=2)).usage.completion_tokens == 2
-            async for _ in ok.stream_completion("x", n_predict=2):
+            async for _ in ok.stream("x", n_predict=2):
                 pass
 
 
@@ -99,7 +99,7 @@ async def test_http_status_from_replay(
 ) -> None:
     async with AsyncLlamaClient(replay_url, backend=client_backend) as client:
         with pytest.raises(HTTPStatusError) as info:
-            async for _ in client.stream_completion("x", _replay_fault=fault):
+            async for _ in client.stream("x", _replay_fault=fault):
                 pass
         with pytest.raises(HTTPStatusError):
             await client.completion("x", _replay_fault=fault)
@@ -113,7 +113,7 @@ async def test_malformed_sse_is_a_protocol_error(
     replay_url: str, client_backend: Backend, fault: str
 ) -> None:
     async with AsyncLlamaClient(replay_url, backend=client_backend) as client:
-        stream = client.stream_completion("x", _replay_fault=fault)
+        stream = client.stream("x", _replay_fault=fault)
         with pytest.raises(RemoteProtocolError):
             async for _ in stream:
                 pass
@@ -137,14 +137,14 @@ async def test_error_event_mid_stream(replay_url: str, client_backend: Backend) 
 async def test_connection_closed_mid_stream(replay_url: str, client_backend: Backend) -> None:
     async with AsyncLlamaClient(replay_url, backend=client_backend) as client:
         with pytest.raises(ReadError):
-            async for _ in client.stream_completion("x", _replay_fault="close_mid_stream"):
+            async for _ in client.stream("x", _replay_fault="close_mid_stream"):
                 pass
 
 
 async def test_read_timeout(replay_url: str, client_backend: Backend) -> None:
     timeout = httpx.Timeout(5.0, read=0.3)
     async with AsyncLlamaClient(replay_url, timeout=timeout, backend=client_backend) as client:
-        stream = client.stream_completion("x", _replay_fault="stall")
+        stream = client.stream("x", _replay_fault="stall")
         with pytest.raises(ReadTimeout, match="no data") as info:
             async for _ in stream:
                 pass
@@ -163,7 +163,7 @@ async def test_closed_client_and_misuse(replay_url: str, client_backend: Backend
     with pytest.raises(ClientClosedError):
         await client.health()
     with pytest.raises(ClientClosedError):
-        client.stream_completion("x")
+        client.stream("x")
     with pytest.raises(UsageError, match="base_url"):
         AsyncLlamaClient("ftp://example")
 
@@ -177,15 +177,15 @@ async def test_own_httpx_client_path(replay_url: str, client_backend: Backend) -
     # does not close it.
     async with httpx.AsyncClient() as http:
         async with AsyncLlamaClient(replay_url, http_client=http) as client:
-            stream = client.stream_completion("x", n_predict=7)
+            stream = client.stream("x", n_predict=7)
             async with stream:
                 n = len([c async for c in stream])
             assert client.pool_stats is None
             with pytest.raises(StreamError):
-                async for _ in client.stream_completion("x", _replay_fault="error_event"):
+                async for _ in client.stream("x", _replay_fault="error_event"):
                     pass
             with pytest.raises(RemoteProtocolError):
-                async for _ in client.stream_completion("x", _replay_fault="malformed_json"):
+                async for _ in client.stream("x", _replay_fault="malformed_json"):
                     pass
         assert not http.is_closed
     assert n == 7
@@ -198,7 +198,7 @@ async def test_own_httpx_client_aclose_from_another_task(replay_url: str) -> Non
         httpx.AsyncClient() as http,
         AsyncLlamaClient(replay_url, http_client=http) as client,
     ):
-        stream = client.stream_completion("x", _replay_fault="stall")
+        stream = client.stream("x", _replay_fault="stall")
         first = anyio.Event()
 
         async def read() -> None:

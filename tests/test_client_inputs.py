@@ -29,12 +29,11 @@ from llamatelemetry_async import (
     UsageError,
 )
 from llamatelemetry_async.client import _params
-from llamatelemetry_async.client._http import Backend
+from llamatelemetry_async.client._connection import Backend
 from llamatelemetry_async.client._params import (
     KNOWN_PARAMETERS,
     NO_OPTIONS,
     RESERVED,
-    split_options,
 )
 
 pytestmark = pytest.mark.anyio
@@ -215,7 +214,7 @@ def _every_request(client: AsyncLlamaClient, **o: Any) -> list[Awaitable[Any]]:
         client.chat(messages, **o),
         client.openai_completion("hi", **o),
         client.infill("a", "b", **o),
-        _drain(client.stream_completion("hi", **o)),
+        _drain(client.stream("hi", **o)),
         _drain(client.stream_chat(messages, **o)),
         _drain(client.stream_openai_completion("hi", **o)),
         _drain(client.stream_infill("a", "b", **o)),
@@ -248,7 +247,7 @@ async def test_timeout_as_httpx_timeout(recorder: _Recorder, client_backend: Bac
             )
         with pytest.raises(TimeoutException, match=r"0\.05"):
             await _drain(
-                client.stream_completion(
+                client.stream(
                     "hi", timeout=httpx.Timeout(5.0, read=0.05), extra_headers=_HANG
                 )
             )
@@ -261,7 +260,7 @@ async def test_timeout_is_for_that_request_only(
         with pytest.raises(TimeoutException):
             await client.completion("hi", timeout=0.05, extra_headers=_HANG)
         assert await client.completion("hi")  # the next request has the client's timeout
-        await _drain(client.stream_completion("hi"))
+        await _drain(client.stream("hi"))
 
 
 async def test_deadline_ends_a_stream_that_never_stops(
@@ -269,7 +268,7 @@ async def test_deadline_ends_a_stream_that_never_stops(
 ) -> None:
     # Events keep coming, so no read timeout fires: only the deadline ends the stream.
     async with make_client(recorder.url) as client:
-        stream = client.stream_completion("hi", deadline=0.3, extra_headers={"X-Drip": "1"})
+        stream = client.stream("hi", deadline=0.3, extra_headers={"X-Drip": "1"})
         with pytest.raises(DeadlineExceeded):
             await _drain(stream)
         chat = client.stream_chat(
@@ -301,7 +300,7 @@ async def test_deadline_ends_a_stream_that_never_stops(
 def test_bad_option_is_refused_when_the_request_is_made(option: str, value: Any) -> None:
     client = AsyncLlamaClient("http://127.0.0.1:9")
     with pytest.raises(UsageError, match=option):
-        client.stream_completion("hi", **{option: value})
+        client.stream("hi", **{option: value})
     if option != "deadline":
         with pytest.raises(UsageError, match=option):
             client.completion("hi", **{option: value}).send(None)
@@ -321,9 +320,9 @@ async def test_extra_headers_add_and_replace_for_one_request(
     extra = {"X-Trace": "t1", "authorization": "Bearer per-request"}
     async with make_client(recorder.url, api_key="client-key") as client:
         await client.completion("hi", extra_headers=extra)
-        await _drain(client.stream_completion("hi", extra_headers=extra))
+        await _drain(client.stream("hi", extra_headers=extra))
         await client.completion("hi")
-        await _drain(client.stream_completion("hi"))
+        await _drain(client.stream("hi"))
     with_extra, plain = recorder.requests[:2], recorder.requests[2:]
     for request in with_extra:
         assert request.header("X-Trace") == ["t1"]
@@ -341,7 +340,7 @@ async def test_extra_body_is_merged_and_never_checked(
         warnings.simplefilter("error")
         async with make_client(recorder.url, strict=True) as client:
             await client.completion("hi", n_predict=2, extra_body=extra)
-            await _drain(client.stream_completion("hi", n_predict=2, extra_body=extra))
+            await _drain(client.stream("hi", n_predict=2, extra_body=extra))
             await client.chat([{"role": "user", "content": "hi"}], extra_body=extra)
     for request in recorder.requests:
         body = request.json()
@@ -355,7 +354,7 @@ async def test_reserved_names_never_reach_the_body(
 ) -> None:
     async with make_client(recorder.url) as client:
         await client.completion("hi", n_predict=1, timeout=30, extra_headers={"X-A": "b"})
-        await _drain(client.stream_completion("hi", timeout=30, deadline=30, extra_body={}))
+        await _drain(client.stream("hi", timeout=30, deadline=30, extra_body={}))
     for request in recorder.requests:
         assert RESERVED.isdisjoint(request.json())
 
@@ -365,12 +364,12 @@ async def test_reserved_names_never_reach_the_body(
 def test_unknown_parameter_warns_once_with_a_suggestion() -> None:
     client = AsyncLlamaClient("http://127.0.0.1:9")
     with pytest.warns(UnknownParameterWarning, match="did you mean 'n_predict'") as record:
-        client.stream_completion("hi", n_predcit=4)
+        client.stream("hi", n_predcit=4)
     assert len(record) == 1
     assert record[0].filename == __file__  # points at the caller's line
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        client.stream_completion("hi", n_predcit=4)  # once per name
+        client.stream("hi", n_predcit=4)  # once per name
 
 
 @pytest.mark.usefixtures("fresh_warnings")
@@ -396,7 +395,7 @@ async def test_strict_client_refuses_unknown_names(recorder: _Recorder) -> None:
 def test_llama_cpp_and_openai_names_pass_silently() -> None:
     client = AsyncLlamaClient("http://127.0.0.1:9", strict=True)
     dotted: dict[str, Any] = {"speculative.n_max": 4}
-    client.stream_completion(
+    client.stream(
         "hi",
         n_predict=1,
         mirostat=2,
@@ -431,33 +430,6 @@ def test_llama_cpp_and_openai_names_pass_silently() -> None:
 
 
 @pytest.mark.usefixtures("fresh_warnings")
-def test_split_options_for_code_that_forwards_params() -> None:
-    params = {"n_predict": 3, "temperature": 0.0}
-    options, rest = split_options(params)
-    assert options is NO_OPTIONS
-    assert rest == params
-
-    with pytest.warns(UnknownParameterWarning, match="n_predcit"):
-        options, rest = split_options(
-            {
-                "n_predcit": 3,
-                "timeout": 2,
-                "deadline": 9,
-                "extra_headers": {"X-A": "b"},
-                "extra_body": {"x": 1},
-            }
-        )
-    assert rest == {"n_predcit": 3}
-    assert options.timeout == httpx.Timeout(2.0)
-    assert options.deadline == 9.0
-    assert options.headers == {"X-A": "b"}
-    assert options.extra_body == {"x": 1}
-    with pytest.raises(UsageError, match="did you mean"):
-        split_options({"n_predcit": 3}, strict=True)
-    with pytest.raises(UsageError, match="timeout"):
-        split_options({"timeout": "fast"})
-
-
 def test_every_known_name_is_a_plain_field_name() -> None:
     assert RESERVED.isdisjoint(KNOWN_PARAMETERS)
     assert all(name.replace(".", "_").isidentifier() for name in KNOWN_PARAMETERS)
@@ -477,7 +449,7 @@ async def test_a_prompt_that_cannot_be_json_is_a_usage_error(
             await client.completion(prompt)
         assert "text with a lone" not in str(info.value)  # the prompt is never echoed
         with pytest.raises(UsageError):
-            client.stream_completion(prompt)
+            client.stream(prompt)
         with pytest.raises(UsageError):
             await client.chat([{"role": "user", "content": prompt}])
     assert recorder.requests == []

@@ -9,7 +9,7 @@ import anyio.lowlevel
 import pytest
 
 from llamatelemetry_async import AsyncLlamaClient, StreamConsumedError, TokenStream
-from llamatelemetry_async.client._http import Backend
+from llamatelemetry_async.client._connection import Backend
 from llamatelemetry_async.testing._server import RunningServer
 
 pytestmark = pytest.mark.anyio
@@ -27,7 +27,7 @@ async def test_completion_stream_matches_non_streamed(
     llama_server: RunningServer, client_backend: Backend
 ) -> None:
     async with AsyncLlamaClient(llama_server.url, backend=client_backend) as client:
-        stream = client.stream_completion("Once upon a time", n_predict=24, **GREEDY)
+        stream = client.stream("Once upon a time", n_predict=24, **GREEDY)
         chunks = await _drain(stream)
         whole = await client.completion("Once upon a time", n_predict=24, **GREEDY)
 
@@ -82,7 +82,7 @@ async def test_aclose_from_another_task_stops_generation(
     llama_server: RunningServer, client_backend: Backend
 ) -> None:
     async with AsyncLlamaClient(llama_server.url, backend=client_backend) as client:
-        stream = client.stream_completion("Once upon a time", n_predict=100_000, ignore_eos=True)
+        stream = client.stream("Once upon a time", n_predict=100_000, ignore_eos=True)
         received: list[str] = []
         three = anyio.Event()
 
@@ -113,7 +113,7 @@ async def test_break_then_aclose_releases_connection(
     llama_server: RunningServer, client_backend: Backend
 ) -> None:
     async with AsyncLlamaClient(llama_server.url, backend=client_backend) as client:
-        async with client.stream_completion("a", n_predict=1000, ignore_eos=True) as stream:
+        async with client.stream("a", n_predict=1000, ignore_eos=True) as stream:
             async for _ in stream:
                 break
         assert stream.closed
@@ -129,11 +129,11 @@ async def test_consumed_stream_refuses_iteration(
     llama_server: RunningServer, client_backend: Backend
 ) -> None:
     async with AsyncLlamaClient(llama_server.url, backend=client_backend) as client:
-        stream = client.stream_completion("a", n_predict=3)
+        stream = client.stream("a", n_predict=3)
         await _drain(stream)
         with pytest.raises(StreamConsumedError, match="already ended"):
             await stream.__anext__()
-        closed = client.stream_completion("a", n_predict=3)
+        closed = client.stream("a", n_predict=3)
         await closed.aclose()
         assert closed.closed
         with pytest.raises(StopAsyncIteration):
@@ -148,7 +148,7 @@ async def test_sequential_streams_reuse_one_connection(
     async with AsyncLlamaClient(replay_url, backend=client_backend) as client:
         before = (await client.request("GET", "/stats"))["connections_opened"]
         for _ in range(200):
-            stream = client.stream_completion("x", n_predict=5)
+            stream = client.stream("x", n_predict=5)
             assert len(await _drain(stream)) == 5
         after = await client.request("GET", "/stats")
         stats = client.pool_stats
@@ -167,7 +167,7 @@ async def test_sequential_streams_against_llama_server_leak_nothing(
     # hold is that no connection is left behind and no request is retried.
     async with AsyncLlamaClient(llama_server.url, backend=client_backend) as client:
         for _ in range(50):
-            await _drain(client.stream_completion("x", n_predict=2))
+            await _drain(client.stream("x", n_predict=2))
         stats = client.pool_stats
         assert stats is not None
         assert stats.requests == 50 == stats.opened
@@ -189,7 +189,7 @@ async def test_concurrent_streams_share_one_client(
 
         async def one(i: int) -> None:
             results[i] = (await client.completion(f"story {i}", n_predict=4)).text
-            stream = client.stream_completion(f"story {i}", n_predict=6, **GREEDY)
+            stream = client.stream(f"story {i}", n_predict=6, **GREEDY)
             await _drain(stream)
             assert stream.usage is not None
             assert stream.usage.completion_tokens == 6
@@ -204,11 +204,11 @@ async def test_concurrent_streams_share_one_client(
 
 
 async def test_slow_consumer_pauses_reading(replay_url: str, client_backend: Backend) -> None:
-    from llamatelemetry_async.client._http import _AsyncioConnection
+    from llamatelemetry_async.client._connection import _AsyncioConnection
     from llamatelemetry_async.client._stream import PoolSource
 
     client = AsyncLlamaClient(replay_url, backend=client_backend)
-    async with client, client.stream_completion("x", n_predict=20_000) as stream:
+    async with client, client.stream("x", n_predict=20_000) as stream:
         first = await stream.__anext__()
         source = stream._source
         assert isinstance(source, PoolSource)
@@ -236,7 +236,7 @@ async def test_stream_dropped_without_close_frees_its_connection(
     gc.disable()  # reference counting alone must free it: no cycle may hold it
     try:
         async with AsyncLlamaClient(replay_url, backend=client_backend) as client:
-            stream = client.stream_completion("x", n_predict=1000)
+            stream = client.stream("x", n_predict=1000)
             await stream.__anext__()
             del stream
             # The release is handed to the loop (the last reference may die on any thread).
@@ -251,9 +251,9 @@ async def test_aclose_while_opening_releases_everything(
     replay_url: str, client_backend: Backend
 ) -> None:
     client = AsyncLlamaClient(replay_url, backend=client_backend, max_connections=1)
-    async with client, client.stream_completion("x", _replay_fault="stall") as holder:
+    async with client, client.stream("x", _replay_fault="stall") as holder:
         await holder.__anext__()  # holds the only connection
-        waiting = client.stream_completion("y", n_predict=3)
+        waiting = client.stream("y", n_predict=3)
         got: list[object] = []
 
         async def open_and_read() -> None:
@@ -271,4 +271,4 @@ async def test_aclose_while_opening_releases_everything(
         assert stats is not None
         assert stats.active == 0
         # The connection slot came back: a new request gets it.
-        assert len(await _drain(client.stream_completion("z", n_predict=2))) == 2
+        assert len(await _drain(client.stream("z", n_predict=2))) == 2

@@ -67,9 +67,9 @@ async def test_three_servers_spread_streams_and_match_references(tiny_model: Pat
             for i in range(60):
                 tg.start_soon(one, i)
         served = [s.served for s in engine.servers]
-        references = [await engine.complete(p, n_predict=8, **GREEDY) for p in prompts[:60]]
+        references = [await engine.completion(p, n_predict=8, **GREEDY) for p in prompts[:60]]
         chat = await engine.chat([{"role": "user", "content": "hi"}], max_tokens=4)
-        async with engine.chat_stream([{"role": "user", "content": "hi"}], max_tokens=4) as cs:
+        async with engine.stream_chat([{"role": "user", "content": "hi"}], max_tokens=4) as cs:
             chat_chunks = [c async for c in cs]
     assert all(n > 0 for n in served), served  # every server took work
     assert sum(served) == 60
@@ -83,7 +83,7 @@ async def test_embed_and_log_files(tiny_model: Path, tmp_path: Path) -> None:
     config = ServerConfig(embeddings=True, pooling="mean")
     engine = AsyncEngine(tiny_model, placement=Placement.cpu(1), server=config, log_dir=tmp_path)
     async with engine:
-        vectors = await engine.embed(["a cat", "a dog"])
+        vectors = (await engine.embeddings(["a cat", "a dog"])).vectors
         recent = engine.servers[0].recent_logs
     assert [len(v) for v in vectors] == [64, 64]
     assert any("listening on" in line for line in recent)
@@ -106,7 +106,7 @@ async def test_killed_server_fails_its_stream_and_restarts(tiny_model: Path) -> 
                             engine._process("cpu0").send_signal(signal.SIGKILL)
             assert info.value.server == "cpu0"
             # The next request waits for the restarted server and succeeds.
-            result = await engine.complete("again", n_predict=3)
+            result = await engine.completion("again", n_predict=3)
         assert result.usage.completion_tokens == 3
         info_after = engine.servers[0]
         assert info_after.starts == 2
@@ -185,18 +185,18 @@ async def test_busy_engine_bounds_its_waiting_line(tiny_model: Path) -> None:
 
                     async def wait_for_slot() -> None:
                         started.set()
-                        await engine.complete("y", n_predict=1)
+                        await engine.completion("y", n_predict=1)
 
                     tg.start_soon(wait_for_slot)
                     await started.wait()
                     await anyio.lowlevel.checkpoint()
                     assert engine._router.waiting == 1
                     with pytest.raises(EngineBusyError, match="max_waiting=1"):
-                        await engine.complete("z", n_predict=1)
+                        await engine.completion("z", n_predict=1)
                     waiting.cancel()  # the waiter gives up its place at once
             assert engine._router.waiting == 0
         # The slot is free again: a request goes straight through.
-        assert (await engine.complete("z", n_predict=2)).usage.completion_tokens == 2
+        assert (await engine.completion("z", n_predict=2)).usage.completion_tokens == 2
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
@@ -204,7 +204,7 @@ async def test_start_and_aclose_without_async_with(tiny_model: Path) -> None:
     engine = AsyncEngine(tiny_model, placement=Placement.cpu(1))
     await engine.start()
     pids = [s.pid for s in engine.servers if s.pid is not None]
-    assert (await engine.complete("x", n_predict=2)).usage.completion_tokens == 2
+    assert (await engine.completion("x", n_predict=2)).usage.completion_tokens == 2
     with pytest.raises(UsageError):
         await engine.start()
     await engine.aclose()
@@ -225,7 +225,7 @@ async def test_closing_a_stream_that_waits_for_a_slot_frees_its_place(tiny_model
             await waiting.aclose()
         assert engine._router.waiting == 0
         await hog.aclose()
-        assert (await engine.complete("z", n_predict=2)).usage.completion_tokens == 2
+        assert (await engine.completion("z", n_predict=2)).usage.completion_tokens == 2
         assert engine.servers[0].outstanding == 0
 
 

@@ -73,7 +73,7 @@ async def test_unset_settings_are_planned_to_fit_the_gpu(
         assert flag(argv, "--ctx-size") == "3072"
         assert flag(argv, "--parallel") == "3"
         assert engine.servers[0].slots == 3  # what the running server reports (/props)
-        reply = await engine.complete("Once upon a time", n_predict=4)
+        reply = await engine.completion("Once upon a time", n_predict=4)
         assert reply.usage.completion_tokens == 4
     assert any("VRAM plan for tiny.gguf: gpu0: all 2 layers" in r.message for r in caplog.records)
 
@@ -137,18 +137,18 @@ async def test_lora_adapters_on_every_server(tiny_model: Path, tmp_path: Path) -
         assert sorted(adapters) == ["cpu0", "cpu1"]
         for entries in adapters.values():
             assert [(a["id"], a["path"], a["scale"]) for a in entries] == [(0, str(lora), 1.0)]
-        with_lora = {(await engine.complete("Once upon a time", **greedy)).content for _ in "ab"}
+        with_lora = {(await engine.completion("Once upon a time", **greedy)).content for _ in "ab"}
         assert len(with_lora) == 1  # both servers, same adapter, same greedy text
 
         await engine.set_lora_adapters([{"id": 0, "scale": 0.0}])
         adapters = await engine.lora_adapters()
         assert [entries[0]["scale"] for entries in adapters.values()] == [0.0, 0.0]
-        without = {(await engine.complete("Once upon a time", **greedy)).content for _ in "ab"}
+        without = {(await engine.completion("Once upon a time", **greedy)).content for _ in "ab"}
         assert len(without) == 1
         assert without != with_lora  # the adapter changes what the model writes
 
         await engine.set_lora_adapters({0: 1.0})
-        again = {(await engine.complete("Once upon a time", **greedy)).content for _ in "ab"}
+        again = {(await engine.completion("Once upon a time", **greedy)).content for _ in "ab"}
         assert again == with_lora
 
         with pytest.raises(ConfigError, match="no LoRA adapter with id \\[3\\]"):
@@ -179,7 +179,7 @@ async def test_model_facts_come_from_any_server_without_a_slot(tiny_model: Path)
             await stream.__aenter__()
         try:
             with pytest.raises(EngineBusyError):
-                await engine.complete("y", n_predict=1)
+                await engine.completion("y", n_predict=1)
             assert await engine.tokenize("Once upon a time") == ids
         finally:
             for stream in streams:
@@ -235,7 +235,7 @@ async def test_a_restarted_server_gets_the_adapter_scales_back(
             await exited.wait()
             # The request waits for the restarted server, which is ready only once it has
             # the engine's scales again.
-            await engine.complete("again", n_predict=1)
+            await engine.completion("again", n_predict=1)
         assert engine.servers[0].pid != first_pid
         adapters = await engine.lora_adapters()
         assert [entry["scale"] for entry in adapters["cpu0"]] == [0.25]

@@ -70,7 +70,7 @@ async def test_a_stream_left_by_break_frees_its_slot_without_gc(
 
         async def leave_by_error() -> None:
             messages = [{"role": "user", "content": "hi"}]
-            async for _ in engine.chat_stream(messages, max_tokens=64):
+            async for _ in engine.stream_chat(messages, max_tokens=64):
                 raise KeyError("the caller's own bug")
 
         await leave_by_break()
@@ -79,7 +79,7 @@ async def test_a_stream_left_by_break_frees_its_slot_without_gc(
         # The last reference went with the frame: the slot is back at the next loop turn.
         await _wait_for(lambda: engine.servers[0].outstanding == 0, "slot released")
         with anyio.fail_after(20):  # it used to wait forever here
-            reply = await engine.complete("Hello", n_predict=2)
+            reply = await engine.completion("Hello", n_predict=2)
         assert reply.usage.completion_tokens == 2
 
 
@@ -99,7 +99,7 @@ async def test_a_storm_of_dropped_and_cancelled_streams_leaves_no_slot_taken(
                         async for _ in stream:
                             pass
             else:
-                assert (await engine.complete(f"done {i}", n_predict=2)).usage
+                assert (await engine.completion(f"done {i}", n_predict=2)).usage
 
         with anyio.fail_after(60):
             async with anyio.create_task_group() as tg:
@@ -108,7 +108,7 @@ async def test_a_storm_of_dropped_and_cancelled_streams_leaves_no_slot_taken(
         await _wait_for(lambda: all(s.outstanding == 0 for s in engine.servers), "all released")
         assert engine._router.waiting == 0
         with anyio.fail_after(20):
-            assert (await engine.complete("after", n_predict=2)).usage.completion_tokens == 2
+            assert (await engine.completion("after", n_predict=2)).usage.completion_tokens == 2
 
 
 async def test_a_stream_freed_on_another_thread_releases_on_the_loop(
@@ -127,7 +127,7 @@ async def test_a_stream_freed_on_another_thread_releases_on_the_loop(
         await anyio.to_thread.run_sync(holder.clear)
         await _wait_for(lambda: engine.servers[0].outstanding == 0, "slot released")
         with anyio.fail_after(20):
-            assert (await engine.complete("next", n_predict=2)).usage.completion_tokens == 2
+            assert (await engine.completion("next", n_predict=2)).usage.completion_tokens == 2
 
 
 def _flaky_binary(tmp_path: Path) -> tuple[Path, Path]:
@@ -159,7 +159,7 @@ async def test_requests_fail_with_a_reason_when_no_server_can_come_back(
         await _wait_for(lambda: engine.servers[0].state != "ready", "seen dead")
         with anyio.fail_after(30):  # it used to wait forever
             with pytest.raises(ServerUnavailableError) as waiting:
-                await engine.complete("hi", n_predict=2)
+                await engine.completion("hi", n_predict=2)
         assert waiting.value.servers == ("cpu0",)
         assert "refusing to start" in waiting.value.log_tail
         assert engine.servers[0].state == "failed"
@@ -172,7 +172,7 @@ async def test_requests_fail_with_a_reason_when_no_server_can_come_back(
         await _wait_for(lambda: engine.servers[0].state == "ready", "back in service")
         assert engine.servers[0].last_error is None
         with anyio.fail_after(20):
-            assert (await engine.complete("hi", n_predict=2)).usage.completion_tokens == 2
+            assert (await engine.completion("hi", n_predict=2)).usage.completion_tokens == 2
 
 
 async def test_a_stopped_server_is_routed_around_and_comes_back(tiny_model: Path) -> None:
@@ -200,7 +200,7 @@ async def test_a_stopped_server_is_routed_around_and_comes_back(tiny_model: Path
                 served_before = engine.servers[0].served
                 for _ in range(6):
                     with anyio.fail_after(20):
-                        await engine.complete("elsewhere", n_predict=2)
+                        await engine.completion("elsewhere", n_predict=2)
                 assert engine.servers[0].served == served_before  # none went to it
                 assert engine.servers[1].served >= 6
                 assert "health probe" in (engine.servers[0].last_error or "")
@@ -224,7 +224,7 @@ async def test_a_server_hung_too_long_is_killed_and_restarted(tiny_model: Path) 
         )
         assert engine.servers[0].starts == 2
         with anyio.fail_after(20):
-            assert (await engine.complete("hi", n_predict=2)).usage.completion_tokens == 2
+            assert (await engine.completion("hi", n_predict=2)).usage.completion_tokens == 2
 
 
 async def test_closing_with_streams_open_is_quick_and_says_why(
@@ -297,7 +297,7 @@ async def test_per_request_options_reach_the_server_through_the_engine(
         try:
             # The engine's timeout is 600 s between reads; this request's own is 0.3 s.
             with anyio.fail_after(20), pytest.raises(ReadTimeout):
-                await engine.complete("x", n_predict=2, timeout=0.3)
+                await engine.completion("x", n_predict=2, timeout=0.3)
             with anyio.fail_after(20), pytest.raises(DeadlineExceeded):
                 async with engine.stream("x", n_predict=2, deadline=0.3) as stream:
                     async for _ in stream:
@@ -305,26 +305,26 @@ async def test_per_request_options_reach_the_server_through_the_engine(
         finally:
             process.send_signal(signal.SIGCONT)
         await _wait_for(lambda: engine.servers[0].outstanding == 0, "released")
-        reply = await engine.complete("x", extra_body={"n_predict": 3}, timeout=30)
+        reply = await engine.completion("x", extra_body={"n_predict": 3}, timeout=30)
         assert reply.usage.completion_tokens == 3
         typo = f"n_predcit_{anyio_backend}"  # warned once per name and process
         params: dict[str, Any] = {typo: 2}
         with pytest.warns(UnknownParameterWarning, match=typo):
-            await engine.complete("x", n_predict=2, **params)
+            await engine.completion("x", n_predict=2, **params)
         for bad in (None, "hello", [1, 2]):
             with pytest.raises(UsageError, match="messages"):
                 await engine.chat(bad)  # type: ignore[arg-type]
             with pytest.raises(UsageError, match="messages"):
-                engine.chat_stream(bad)  # type: ignore[arg-type]
+                engine.stream_chat(bad)  # type: ignore[arg-type]
         with pytest.raises(UsageError):
-            await engine.complete("\ud800", n_predict=2)
+            await engine.completion("\ud800", n_predict=2)
 
 
 async def test_strict_engine_refuses_unknown_names(tiny_model: Path) -> None:
     async with AsyncEngine(tiny_model, placement=Placement.cpu(1), strict=True) as engine:
         with pytest.raises(UsageError, match="n_predcit"):
             engine.stream("x", n_predcit=2)
-        assert (await engine.complete("x", n_predict=1)).usage.completion_tokens == 1
+        assert (await engine.completion("x", n_predict=1)).usage.completion_tokens == 1
 
 
 @pytest.mark.parametrize(

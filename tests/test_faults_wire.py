@@ -31,9 +31,10 @@ from llamatelemetry_async import (
     TransportError,
     UsageError,
 )
+from llamatelemetry_async.client._connection import Backend
 from llamatelemetry_async.client._errors_map import map_httpx_error, read_status_error
 from llamatelemetry_async.client._headers import check_header, check_headers, check_request_head
-from llamatelemetry_async.client._http import Backend, ConnectionPool, Timeouts
+from llamatelemetry_async.client._pool import ConnectionPool, Timeouts
 
 pytestmark = pytest.mark.anyio
 
@@ -244,7 +245,7 @@ async def test_injected_api_key_never_reaches_the_server(
     assert "slots" not in str(info.value)
     with pytest.raises(UsageError):
         async with AsyncLlamaClient(server.url, api_key=SMUGGLE, backend=client_backend) as c:
-            async for _ in c.stream_completion("x", n_predict=1):
+            async for _ in c.stream("x", n_predict=1):
                 pass
     with pytest.raises(UsageError, match="X-Trace"):
         async with AsyncLlamaClient(
@@ -310,7 +311,7 @@ async def test_post_read_by_a_dying_server_is_sent_once(
         assert client.pool_stats.idle == 1  # the POST goes on this reused connection
         with pytest.raises((ReadError, RemoteProtocolError)) as info:
             if how == "stream":
-                async for _ in client.stream_completion("x", n_predict=1):
+                async for _ in client.stream("x", n_predict=1):
                     pass
             else:
                 await client.completion("x", n_predict=1)
@@ -366,7 +367,7 @@ async def test_endless_sse_event_is_a_protocol_error(
     server = serve(endless_line)
     async with AsyncLlamaClient(server.url, backend=client_backend) as client:
         with pytest.raises(RemoteProtocolError, match="SSE event longer") as info:
-            async for _ in client.stream_completion("x", n_predict=1):
+            async for _ in client.stream("x", n_predict=1):
                 pass
     assert info.value.url == server.url + "/completion"
     assert server.url + "/completion" in str(info.value)
@@ -387,7 +388,7 @@ async def test_dropped_stream_closes_its_socket_at_once(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         async with AsyncLlamaClient(server.url, backend=client_backend) as client:
-            stream = client.stream_completion("x", n_predict=1000)
+            stream = client.stream("x", n_predict=1000)
             assert (await stream.__anext__()).content == " tok"
             del stream  # no aclose(), no cycle: the last reference goes here
             assert await _wait(server.eof)  # the server sees the connection end
@@ -412,7 +413,7 @@ async def test_pool_errors_carry_the_url(
     timeout = httpx.Timeout(5.0, read=0.2)
     async with AsyncLlamaClient(server.url, timeout=timeout, backend=client_backend) as client:
         with pytest.raises(ReadTimeout) as info:
-            async for _ in client.stream_completion("x", n_predict=1):
+            async for _ in client.stream("x", n_predict=1):
                 pass
         assert info.value.url == url
         assert f"no data from {url} for 0.2 s" in str(info.value)
@@ -431,7 +432,7 @@ async def test_protocol_errors_carry_the_url(
     server = serve(hex_prefix)
     async with AsyncLlamaClient(server.url, backend=client_backend) as client:
         with pytest.raises(RemoteProtocolError, match="chunk size") as info:
-            async for _ in client.stream_completion("x", n_predict=1):
+            async for _ in client.stream("x", n_predict=1):
                 pass
     assert info.value.url == server.url + "/completion"
     assert server.url + "/completion" in str(info.value)
@@ -443,7 +444,7 @@ async def test_connect_error_carries_the_url(client_backend: Backend) -> None:
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         async with AsyncLlamaClient(url, backend=client_backend) as client:
             with pytest.raises(ConnectError) as info:
-                async for _ in client.stream_completion("x", n_predict=1):
+                async for _ in client.stream("x", n_predict=1):
                     pass
     assert info.value.url == url + "/completion"
 

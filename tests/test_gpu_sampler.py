@@ -165,7 +165,7 @@ async def test_engine_puts_each_requests_energy_on_its_span(
             async with anyio.create_task_group() as tg:
                 for i in range(2):
                     tg.start_soon(_stream_some, engine, f"prompt {i}")
-            await engine.complete("x", n_predict=4)
+            await engine.completion("x", n_predict=4)
         telemetry.tracer_provider.force_flush()
         finished = spans.get_finished_spans()
     finally:
@@ -191,4 +191,4 @@ async def test_engine_on_a_cpu_machine_runs_on_without_nvml(tiny_model: Path) ->
     async with AsyncEngine(tiny_model, placement=Placement.cpu(1), gpu_sampler=True) as engine:
         assert engine.gpu_sampler is not None
         assert not engine.gpu_sampler.available
-        assert (await engine.complete("x", n_predict=2)).usage.completion_tokens == 2
+        assert (await engine.completion("x", n_predict=2)).usage.completion_tokens == 2

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 
 from llamatelemetry_async import ReadError, RemoteProtocolError
-from llamatelemetry_async.client._http import _Parser
+from llamatelemetry_async.client._parser import ResponseParser
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 BODY = b"data: one\n\ndata: two\n\n"
 CHUNKED = b"b\r\ndata: one\n\n\r\nB;ext=1\r\ndata: two\n\n\r\n0\r\nX-Trailer: y\r\n\r\n"
 
 
-def _run(data: bytes, size: int, *, head_only: bool = False) -> tuple[_Parser, bytes]:
-    parser = _Parser()
+def _run(data: bytes, size: int, *, head_only: bool = False) -> tuple[ResponseParser, bytes]:
+    parser = ResponseParser()
     parser.start(head_only=head_only)
     out: list[bytes] = []
     for i in range(0, len(data), size):

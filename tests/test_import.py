@@ -9,6 +9,7 @@ interpreter, a ratio rather than a wall-clock bound, so a slow or busy machine d
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import os
 import statistics
@@ -229,21 +230,36 @@ def _static_exports(tree: ast.Module) -> dict[str, str]:
     return names
 
 
-def test_static_view_lazy_table_and_all_agree() -> None:
-    # What type checkers see (the TYPE_CHECKING imports) and what __getattr__ loads (_LAZY)
-    # must name the same objects, and together with the eager imports make up __all__.
+def test_the_imports_are_the_table_of_public_names() -> None:
+    # One list: what type checkers see (the TYPE_CHECKING imports) plus the eager imports.
+    # __all__ and the map __getattr__ loads from are derived from it, checked here against
+    # a read of the file of this test's own.
     tree = ast.parse(INIT.read_text())
     static = _static_exports(tree)
-    lazy = {name: module for module, names in llamatelemetry_async._LAZY.items() for name in names}
-    assert static == lazy
     eager = {
-        alias.asname or alias.name
+        alias.asname or alias.name: node.module
         for node in tree.body
-        if isinstance(node, ast.ImportFrom) and node.level == 1
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module
         for alias in node.names
     }
-    assert not eager & set(lazy), "a name is both eager and lazy"
-    assert sorted(eager | set(lazy)) == sorted(llamatelemetry_async.__all__)
+    assert not eager.keys() & static.keys(), "a name is both eager and lazy"
+    assert llamatelemetry_async._public() == {**eager, **static}
+    assert sorted(llamatelemetry_async.__all__) == sorted({**eager, **static})
+    for name, module in {**eager, **static}.items():
+        source = importlib.import_module(f"llamatelemetry_async.{module}")
+        assert getattr(llamatelemetry_async, name) is getattr(source, name), name
+
+
+def test_the_table_is_read_on_first_use_not_at_import(tmp_path: Path) -> None:
+    code = (
+        "import sys, llamatelemetry_async as p; "
+        "print(p._PUBLIC is None, 'ast' in sys.modules, '__all__' in vars(p)); "
+        "p.__all__; print(p._PUBLIC is not None)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True
+    )
+    assert result.stdout.split() == ["True", "False", "False", "True"]
 
 
 def test_token_events_keep_the_sdk_fast_path() -> None:

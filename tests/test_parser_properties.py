@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from llamatelemetry_async import LlamaError, UsageError
 from llamatelemetry_async.client._headers import check_header, check_request_head
-from llamatelemetry_async.client._http import _Parser
+from llamatelemetry_async.client._parser import ResponseParser
 from llamatelemetry_async.client._sse import SSEDecoder
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -161,8 +161,8 @@ def responses(draw: st.DrawFn) -> tuple[bytes, int, list[tuple[bytes, bytes]], b
     return wire, status, headers, body
 
 
-def _parse(pieces: list[bytes]) -> tuple[_Parser, bytes]:
-    parser = _Parser()
+def _parse(pieces: list[bytes]) -> tuple[ResponseParser, bytes]:
+    parser = ResponseParser()
     parser.start(head_only=False)
     out: list[bytes] = []
     for piece in pieces:

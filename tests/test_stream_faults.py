@@ -25,7 +25,7 @@ from llamatelemetry_async import (
     StreamError,
     UsageError,
 )
-from llamatelemetry_async.client._http import Backend
+from llamatelemetry_async.client._connection import Backend
 
 pytestmark = pytest.mark.anyio
 
@@ -144,7 +144,7 @@ async def test_answers_that_are_not_a_stream_are_errors(
     with canned(response) as url:
         async with _client(url, path, client_backend) as client:
             with anyio.fail_after(10), pytest.raises(RemoteProtocolError, match=match):
-                await _read(client.stream_completion("x", n_predict=2))
+                await _read(client.stream("x", n_predict=2))
 
 
 async def test_a_chat_stream_without_done_is_an_error(path: str, client_backend: Backend) -> None:
@@ -158,7 +158,7 @@ async def test_a_chat_stream_without_done_is_an_error(path: str, client_backend:
 async def test_a_complete_stream_still_ends_normally(path: str, client_backend: Backend) -> None:
     with canned(_sse(EVENT, FINAL)) as url:
         async with _client(url, path, client_backend) as client:
-            stream = client.stream_completion("x", n_predict=2)
+            stream = client.stream("x", n_predict=2)
             assert [c.text for c in await _read(stream)] == ["a"]
             assert stream.finish_reason == "length"
 
@@ -168,7 +168,7 @@ async def test_an_error_event_with_spaces_is_an_error(path: str, client_backend:
     with canned(_sse(EVENT, error)) as url:
         async with _client(url, path, client_backend) as client:
             with anyio.fail_after(10), pytest.raises(StreamError, match="boom") as info:
-                await _read(client.stream_completion("x"))
+                await _read(client.stream("x"))
     assert info.value.error_type == "server_error"
 
 
@@ -187,14 +187,14 @@ async def test_error_messages_carry_no_completion_text(
     with canned(_sse(EVENT, event)) as url:
         async with _client(url, path, client_backend) as client:
             with anyio.fail_after(10), pytest.raises(LlamaError) as info:
-                await _read(client.stream_completion("x"))
+                await _read(client.stream("x"))
     assert SECRET not in str(info.value)
 
 
 async def test_a_deadline_bounds_a_dripping_stream(path: str, client_backend: Backend) -> None:
     with canned(_head("200 OK") + _chunk(EVENT), then="drip") as url:
         async with _client(url, path, client_backend) as client:
-            stream = client.stream_completion("x", deadline=0.5)
+            stream = client.stream("x", deadline=0.5)
             # The read timeout (600 s) never fires: each gap is short.
             with anyio.fail_after(20), pytest.raises(DeadlineExceeded, match=r"deadline of 0\.5"):
                 await _read(stream)
@@ -207,14 +207,14 @@ async def test_a_stalled_error_body_is_the_librarys_timeout(path: str) -> None:
         timeout = httpx.Timeout(5.0, read=0.3)
         async with _client(url, path, "auto", timeout=timeout) as client:
             with anyio.fail_after(10), pytest.raises(ReadTimeout):
-                await _read(client.stream_completion("x"))
+                await _read(client.stream("x"))
 
 
 async def test_two_tasks_reading_one_stream_is_a_usage_error(client_backend: Backend) -> None:
     with canned(_head("200 OK") + _chunk(EVENT), then="drip") as url:
         async with (
             AsyncLlamaClient(url, backend=client_backend) as client,
-            client.stream_completion("x") as stream,
+            client.stream("x") as stream,
         ):
             await stream.__anext__()
             errors: list[BaseException] = []
@@ -243,7 +243,7 @@ async def test_a_dropped_stream_closes_its_connection_on_every_path(
         async with _client(url, path, client_backend) as client:
             gc.disable()  # reference counting alone must free it
             try:
-                stream = client.stream_completion("x")
+                stream = client.stream("x")
                 await stream.__anext__()
                 del stream  # no aclose(): the server must still see the connection end
                 with anyio.fail_after(10):

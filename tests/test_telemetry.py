@@ -141,7 +141,7 @@ async def test_token_event_policies_keep_first_and_last(
     rec = Recorder(policy)
     try:
         client = AsyncLlamaClient(llama_server.url, instrumentation=rec.telemetry.instrumentation)
-        async with client, client.stream_completion(PROMPT, n_predict=200) as stream:
+        async with client, client.stream(PROMPT, n_predict=200) as stream:
             assert len([c async for c in stream]) == 200
         [span] = rec.finished()
         assert _events(span) == expected
@@ -175,7 +175,7 @@ async def test_genai_metrics(llama_server: RunningServer, chunk_metrics: Any) ->
     recorder = Recorder(TokenEvents.all(), chunk_metrics=chunk_metrics)
     inst = recorder.telemetry.instrumentation
     async with AsyncLlamaClient(llama_server.url, instrumentation=inst) as client:
-        async with client.stream_completion(PROMPT, n_predict=10) as stream:
+        async with client.stream(PROMPT, n_predict=10) as stream:
             chunks = [c async for c in stream]
         whole = await client.completion(PROMPT, n_predict=7)
     [duration] = recorder.histogram("gen_ai.client.operation.duration")
@@ -211,15 +211,15 @@ async def test_error_spans(
     async with AsyncLlamaClient(llama_server.url, instrumentation=inst) as client:
         with pytest.raises(HTTPStatusError):
             await client.chat([], extra_body={"messages": "not a list"})  # the server's 400
-        async with client.stream_completion(PROMPT, n_predict=1000) as early:
+        async with client.stream(PROMPT, n_predict=1000) as early:
             await early.__anext__()  # closed early by the caller: not an error
     timeout = httpx.Timeout(5.0, read=0.3)
     async with AsyncLlamaClient(replay_url, instrumentation=inst, timeout=timeout) as replay:
         with pytest.raises(StreamError):
-            async for _ in replay.stream_completion("x", _replay_fault="error_event"):
+            async for _ in replay.stream("x", _replay_fault="error_event"):
                 pass
         with pytest.raises(ReadTimeout):
-            async for _ in replay.stream_completion("x", _replay_fault="stall"):
+            async for _ in replay.stream("x", _replay_fault="stall"):
                 pass
     async with AsyncLlamaClient("http://127.0.0.1:9", instrumentation=inst) as dead:
         with pytest.raises(ConnectError):

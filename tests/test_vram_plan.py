@@ -19,10 +19,10 @@ from llamatelemetry_async.models import (
     kv_cells,
     model_shape,
     plan,
+    probe_gpu_specs,
     read_gpu_specs,
     read_model_info,
 )
-from llamatelemetry_async.models._vram import _read_gpu_specs
 from llamatelemetry_async.server import ServerConfig, ServerPlan
 from llamatelemetry_async.testing._fake_nvml import FakeGPU, FakeNVML
 
@@ -420,10 +420,10 @@ def test_sliding_window_layers_are_planned_at_their_size() -> None:
 
 
 def test_why_nvml_gave_no_memory_figures() -> None:
-    specs, why = _read_gpu_specs(None, FakeNVML(no_driver=True))
+    specs, why = probe_gpu_specs(None, nvml=FakeNVML(no_driver=True))
     assert specs == []
     assert why is not None
     assert why.startswith("NVML did not start (")
-    specs, why = _read_gpu_specs(None, FakeNVML([FakeGPU(name="Tesla T4")]))
+    specs, why = probe_gpu_specs(None, nvml=FakeNVML([FakeGPU(name="Tesla T4")]))
     assert [s.name for s in specs] == ["Tesla T4"]
     assert why is None

@@ -53,7 +53,7 @@ to first token, tokens/s) go to stderr.
 
 _COMMANDS: Final = "/exit, /quit, /reset, /history"
 
-OpenStream = Callable[..., "TokenStream[ChatChunk]"]  # engine.chat_stream, client.stream_chat
+OpenStream = Callable[..., "TokenStream[ChatChunk]"]  # engine.stream_chat, client.stream_chat
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -164,7 +164,7 @@ async def _connect(
     )
     await stack.enter_async_context(engine)
     servers = ", ".join(f"{s.name} at {s.url}" for s in engine.servers)
-    return engine.chat_stream, f"{model.name} ({servers})"
+    return engine.stream_chat, f"{model.name} ({servers})"
 
 
 async def _repl(

@@ -18,10 +18,10 @@ import anyio
 
 from .._errors import ConfigError, UsageError
 from .._groups import single_error
-from ..engine import Placement
+from .._placement import Placement
 
 if TYPE_CHECKING:
-    from ..engine._placement import KaggleSplit
+    from .._placement import KaggleSplit
 
 __all__ = [
     "EXIT_FAILURE",

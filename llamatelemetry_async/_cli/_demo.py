@@ -128,7 +128,7 @@ async def _requests(engine: AsyncEngine, args: argparse.Namespace) -> None:
 
     messages = [{"role": "user", "content": "Tell me a story about a cat."}]
     print("\n/v1/chat/completions  messages=" + repr(messages) + "\n")
-    async with engine.chat_stream(messages, max_tokens=args.n_predict, seed=42) as chat:
+    async with engine.stream_chat(messages, max_tokens=args.n_predict, seed=42) as chat:
         async for chat_chunk in chat:
             print(chat_chunk.text, end="", flush=True)
     print(f"\n\n  finish_reason={chat.finish_reason}  usage={chat.usage}")

@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 
 from ..gpu import GPUSample, GPUSampler, visible_gpus
-from ..models._gguf import human_bytes
+from ..models import human_bytes
 from ..telemetry import gpu_resource_attributes
 from ._common import EXIT_OK, run
 

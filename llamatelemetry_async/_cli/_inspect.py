@@ -8,8 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ..models import GPUSpec, inspect_model, plan, read_gpu_specs
-from ..models._gguf import human_bytes
+from ..models import GPUSpec, human_bytes, inspect_model, plan, read_gpu_specs
 from ._common import EXIT_OK, add_placement_options, gpu_memory, placement_from, resolve, run
 
 if TYPE_CHECKING:

@@ -115,11 +115,11 @@ async def _open_target(target: Target, api_key: str | None) -> AsyncIterator[_Ta
 
 
 def _client_target(client: AsyncLlamaClient, kind: str) -> _Target:
-    return _Target(kind, str(client.base_url), client.stream_completion, client.stream_chat, client)
+    return _Target(kind, str(client.base_url), client.stream, client.stream_chat, client)
 
 
 def _engine_target(engine: AsyncEngine) -> _Target:
-    return _Target("engine", None, engine.stream, engine.chat_stream, engine, engine)
+    return _Target("engine", None, engine.stream, engine.stream_chat, engine, engine)
 
 
 async def _sampler_for(

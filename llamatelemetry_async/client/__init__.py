@@ -18,7 +18,7 @@ Constants and aliases:
 """
 
 from ._client import DEFAULT_TIMEOUT, AsyncLlamaClient, Message
-from ._http import PoolStats
+from ._pool import PoolStats
 from ._stream import TokenStream
 from ._transport import LlamaTransport
 from ._types import (

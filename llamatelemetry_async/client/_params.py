@@ -39,14 +39,13 @@ __all__ = [
     "client_timeout",
     "encode_body",
     "request_options",
-    "split_options",
 ]
 
 #: Seconds (connect, read, write and pool alike, as in httpx) or an ``httpx.Timeout``.
 TimeoutTypes: TypeAlias = float | httpx.Timeout
 
 #: Keyword names the library takes for itself; they never go into a request body.
-RESERVED: Final = frozenset({"timeout", "deadline", "extra_headers", "extra_body"})
+RESERVED: Final = frozenset({"timeout", "deadline", "retries", "extra_headers", "extra_body"})
 
 # llama-server's request fields (tools/server/README.md and server-schema.cpp / server-
 # common.cpp of llama.cpp b11434): native /completion and /infill, the OpenAI-compatible
@@ -98,7 +97,7 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.
 class RequestOptions:
     """One request's own settings, parsed and checked once (see ``request_options``)."""
 
-    __slots__ = ("deadline", "extra_body", "headers", "timeout")
+    __slots__ = ("deadline", "extra_body", "headers", "retries", "timeout")
 
     def __init__(
         self,
@@ -106,6 +105,7 @@ class RequestOptions:
         deadline: float | None = None,
         headers: dict[str, str] | None = None,
         extra_body: dict[str, Any] | None = None,
+        retries: int | None = None,
     ) -> None:
         self.timeout = timeout
         """This request's timeout, or ``None`` for the client's."""
@@ -115,12 +115,16 @@ class RequestOptions:
         """Headers added to (or replacing) the client's for this request."""
         self.extra_body = extra_body
         """Fields merged into the JSON body last, unchecked."""
+        self.retries = retries
+        """How often a request the server did not take is tried again (``None``: the
+        dispatcher's own setting)."""
 
     def __repr__(self) -> str:
         headers = sorted(self.headers) if self.headers else None  # names only: values are secrets
         return (
             f"RequestOptions(timeout={self.timeout!r}, deadline={self.deadline!r}, "
-            f"headers={headers!r}, extra_body={sorted(self.extra_body or ())!r})"
+            f"headers={headers!r}, extra_body={sorted(self.extra_body or ())!r}, "
+            f"retries={self.retries!r})"
         )
 
 
@@ -133,16 +137,30 @@ def request_options(
     deadline: float | None = None,
     extra_headers: Mapping[str, str] | None = None,
     extra_body: Mapping[str, Any] | None = None,
+    retries: int | None = None,
 ) -> RequestOptions:
     """Check a request's own keywords; ``NO_OPTIONS`` when none is given (the usual case)."""
-    if timeout is None and deadline is None and extra_headers is None and extra_body is None:
+    if (
+        timeout is None
+        and deadline is None
+        and extra_headers is None
+        and extra_body is None
+        and retries is None
+    ):
         return NO_OPTIONS
     return RequestOptions(
         None if timeout is None else _timeout(timeout, "timeout"),
         None if deadline is None else _deadline(deadline),
         None if extra_headers is None else check_headers(extra_headers, "extra_headers"),
         None if extra_body is None else _extra_body(extra_body),
+        None if retries is None else _retries(retries),
     )
+
+
+def _retries(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UsageError(f"retries must be an int >= 0, got {value!r}")
+    return value
 
 
 def parse_options(
@@ -153,34 +171,13 @@ def parse_options(
     extra_body: Mapping[str, Any] | None,
     *,
     strict: bool,
+    retries: int | None = None,
 ) -> RequestOptions:
     """Check a request's parameter names and its own keywords (the client's and the engine's)."""
     # One set lookup per name when all are known: the usual request pays no more.
     if not KNOWN_PARAMETERS.issuperset(params):
         check_parameters(params, strict=strict)
-    return request_options(timeout, deadline, extra_headers, extra_body)
-
-
-def split_options(
-    params: Mapping[str, Any], *, strict: bool = False
-) -> tuple[RequestOptions, dict[str, Any]]:
-    """Take the library's own keywords out of ``**params``; check the other names.
-
-    For code that forwards a caller's ``**params`` (the engine): returns the options and
-    the parameters that go into the body. Costs one set lookup per name when every name is
-    a known llama.cpp/OpenAI parameter (which excludes the reserved ones).
-    """
-    if KNOWN_PARAMETERS.issuperset(params):
-        return NO_OPTIONS, params if type(params) is dict else dict(params)
-    rest = dict(params)
-    options = request_options(
-        rest.pop("timeout", None),
-        rest.pop("deadline", None),
-        rest.pop("extra_headers", None),
-        rest.pop("extra_body", None),
-    )
-    check_parameters(rest, strict=strict)
-    return options, rest
+    return request_options(timeout, deadline, extra_headers, extra_body, retries)
 
 
 def check_parameters(params: Iterable[str], *, strict: bool = False) -> None:

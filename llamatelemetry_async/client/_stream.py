@@ -21,7 +21,6 @@ from typing import Any, Generic, Self, TypeVar
 import anyio
 import httpx
 import msgspec
-import sniffio
 
 from .._errors import (
     DeadlineExceeded,
@@ -31,6 +30,7 @@ from .._errors import (
     StreamError,
     UsageError,
 )
+from ._connection import Connection, current_backend
 from ._errors_map import (
     MAX_ERROR_BODY,
     close_response,
@@ -38,8 +38,8 @@ from ._errors_map import (
     read_status_error,
     status_error,
 )
-from ._http import Connection, ConnectionPool, Timeouts
 from ._observe import RequestObserver
+from ._pool import ConnectionPool, Timeouts
 from ._sse import SSEDecoder
 from ._types import (
     ChatChunk,
@@ -61,11 +61,17 @@ _AsyncFn = Callable[[], Coroutine[Any, Any, None]]
 
 
 class Source(abc.ABC):
-    """Where a stream's bytes come from: the O(1) pool, or any httpx client."""
+    """Where a stream's bytes come from: the O(1) pool, any httpx client, or a router."""
 
     url: str
-    server_name: str | None = None  # set by the engine's routed source
-    gpus: tuple[int, ...] = ()
+
+    def served_by(self) -> tuple[str, str | None, tuple[int, ...]]:
+        """URL, server name and GPUs of the server that answered (known once opened)."""
+        return self.url, None, ()
+
+    def bind(self, stream: TokenStream[Any]) -> None:
+        """Called once with the stream that reads this source (a router counts its tokens)."""
+        return
 
     @abc.abstractmethod
     async def open(self, sink: Callable[[bytes], None], backlog: Callable[[], int]) -> None:
@@ -278,7 +284,7 @@ class TokenStream(Generic[ChunkT]):
     The request is sent on ``__aenter__`` or on the first ``__anext__``.
 
     ```python
-    async with client.stream_completion("Once upon a time", n_predict=64) as stream:
+    async with client.stream("Once upon a time", n_predict=64) as stream:
         async for chunk in stream:  # CompletionChunk, ChatChunk or TextCompletionChunk
             print(chunk.text, end="")
     print(stream.finish_reason, stream.usage, stream.timings)
@@ -322,6 +328,7 @@ class TokenStream(Generic[ChunkT]):
         ):
             raise UsageError(f"deadline must be a positive number of seconds, got {deadline!r}")
         self._source = source
+        source.bind(self)
         self._observer = observer
         self._decode: Callable[[bytes], ChunkT] = _decoder_for(chunk_type)
         self._done_marker = chunk_type is not CompletionChunk  # OpenAI shapes end with [DONE]
@@ -541,8 +548,7 @@ class TokenStream(Generic[ChunkT]):
                 else:
                     with observer.activate():  # an instrumented HTTP client nests under it
                         await self._source.open(decoder.feed, decoder.backlog)
-                    source = self._source
-                    observer.on_server(source.url, source.server_name, source.gpus)
+                    observer.on_server(*self._source.served_by())
         except BaseException as exc:
             self._opening = None
             await self._fail(exc)
@@ -634,7 +640,7 @@ def _loop_spawner() -> Callable[[_AsyncFn], None]:
     For finalizers, which may run on another thread and must not touch the loop directly.
     Once the loop has finished there is nothing left to close.
     """
-    if sniffio.current_async_library() == "trio":
+    if current_backend() == "anyio":  # anyio serves trio; under asyncio it says "asyncio"
         import trio
 
         token = trio.lowlevel.current_trio_token()

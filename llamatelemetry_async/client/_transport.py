@@ -8,9 +8,10 @@ from typing import Any
 import httpx
 
 from .._errors import ClientClosedError, TransportError, UsageError
+from ._connection import Backend, Connection
 from ._errors_map import to_httpx_error
 from ._headers import check_header
-from ._http import Backend, Connection, ConnectionPool, PoolStats, Timeouts
+from ._pool import ConnectionPool, PoolStats, Timeouts
 
 __all__ = ["LlamaTransport", "httpx_timeouts"]
 

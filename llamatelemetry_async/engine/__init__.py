@@ -7,8 +7,8 @@ resolves it against the visible GPUs into ``ServerPlan`` values for ``server_com
 
 from __future__ import annotations
 
-from ..server._config import ServerPlan as ServerPlan
+from .._placement import Placement as Placement
+from ..server import ServerPlan as ServerPlan
 from ._engine import AsyncEngine as AsyncEngine, ServerInfo as ServerInfo
-from ._placement import Placement as Placement
 
 __all__ = ["AsyncEngine", "Placement", "ServerInfo", "ServerPlan"]

@@ -5,8 +5,8 @@ notebook kernel is running, lists the visible GPUs (NVML, in a worker thread) an
 a ``Placement`` preset (Kaggle's two T4s -> ``Placement.kaggle_t4x2()``);
 ``Environment.plan_presets(model_info)`` plans a model under every preset that fits the GPUs.
 ``load_secrets()`` copies notebook secrets such as ``HF_TOKEN`` into the environment
-without printing them. ``EnvironmentKind`` is the type of ``Environment.kind``:
-``"kaggle"``, ``"colab"`` or ``"local"``.
+without printing them; ``kaggle_secret(name)`` reads one Kaggle secret. ``EnvironmentKind``
+is the type of ``Environment.kind``: ``"kaggle"``, ``"colab"`` or ``"local"``.
 
 Importing this package does nothing: no NVML, no platform client, no environment change.
 
@@ -27,6 +27,13 @@ from ._detect import (
     GPUInfo as GPUInfo,
     detect_environment as detect_environment,
 )
-from ._secrets import load_secrets as load_secrets
+from ._secrets import kaggle_secret as kaggle_secret, load_secrets as load_secrets
 
-__all__ = ["Environment", "EnvironmentKind", "GPUInfo", "detect_environment", "load_secrets"]
+__all__ = [
+    "Environment",
+    "EnvironmentKind",
+    "GPUInfo",
+    "detect_environment",
+    "kaggle_secret",
+    "load_secrets",
+]

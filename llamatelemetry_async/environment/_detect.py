@@ -1,7 +1,7 @@
 """Where this code runs: Kaggle, Colab or a local machine; in a notebook or not; which GPUs.
 
 ``detect_environment()`` reads environment variables (no I/O), asks NVML for the GPUs in a
-worker thread (``gpu.visible_gpus`` for which, ``models.read_gpu_specs`` for their names and
+worker thread (``gpu.visible_gpus`` for which, ``gpu.read_gpu_memory`` for their names and
 memory: the figures the VRAM planner uses), and recommends a ``Placement``.
 """
 
@@ -17,9 +17,8 @@ import anyio.to_thread
 
 if TYPE_CHECKING:
     from .._errors import ModelDoesNotFitError
-    from ..engine._placement import Placement
-    from ..models._gguf import ModelInfo
-    from ..models._vram import GPUSpec, VRAMPlan
+    from .._placement import Placement
+    from ..models import GPUSpec, ModelInfo, VRAMPlan
 
 __all__ = ["Environment", "EnvironmentKind", "GPUInfo", "detect_environment"]
 
@@ -48,7 +47,7 @@ class GPUInfo:
 
     def spec(self) -> GPUSpec | None:
         """This GPU as the VRAM planner sees it (``None`` when its memory is unknown)."""
-        from ..models._vram import GPUSpec
+        from ..models import GPUSpec
 
         if self.memory_total is None:
             return None
@@ -85,7 +84,7 @@ class Environment:
         ``"pair 70/30"`` (the Kaggle presets on a T4 x2); one GPU: ``"single_gpu"``; more:
         ``"per_gpu"`` and ``"pairs"``.
         """
-        from ..engine._placement import Placement
+        from .._placement import Placement
 
         ids = [g.index for g in self.gpus]
         found: dict[str, Placement] = {}
@@ -124,7 +123,7 @@ class Environment:
         ```
         """
         from .._errors import ModelDoesNotFitError
-        from ..models._vram import plan
+        from ..models import plan
 
         specs = [spec for spec in (gpu.spec() for gpu in self.gpus) if spec is not None]
         known = {spec.index for spec in specs}
@@ -180,30 +179,29 @@ def _in_notebook() -> bool:
 
 async def _gpus() -> tuple[tuple[GPUInfo, ...], str | None]:
     """The visible GPUs with NVML's name and memory; every NVML call off the event loop."""
-    from ..gpu import visible_gpus
-    from ..models._vram import _read_gpu_specs
+    from ..gpu import read_gpu_memory, visible_gpus
 
     ids = await anyio.to_thread.run_sync(visible_gpus)
     if not ids:
         return (), "NVML sees no GPU and CUDA_VISIBLE_DEVICES names none"
-    specs, why = await anyio.to_thread.run_sync(_read_gpu_specs, ids)
-    by_index = {spec.index: spec for spec in specs}
+    memory, why = await anyio.to_thread.run_sync(read_gpu_memory, ids)
+    by_index = {gpu.index: gpu for gpu in memory}
     found = []
     for index in ids:
-        spec = by_index.get(index)
-        if spec is None:
+        read = by_index.get(index)
+        if read is None:
             found.append(GPUInfo(index, "unknown GPU"))
         else:
-            used = spec.total_bytes - spec.available_bytes
-            found.append(GPUInfo(index, spec.name, spec.total_bytes, used))
+            used = min(read.used_bytes, read.total_bytes)  # as the planner's free memory
+            found.append(GPUInfo(index, read.name, read.total_bytes, used))
     note = None
-    if not specs:
+    if not memory:
         note = f"GPU names and memory unknown: {why or 'NVML gave none'}"
     return tuple(found), note
 
 
 def _recommend(gpus: tuple[GPUInfo, ...]) -> Placement:
-    from ..engine._placement import Placement
+    from .._placement import Placement
 
     if _is_t4_pair(gpus):
         return Placement.kaggle_t4x2()

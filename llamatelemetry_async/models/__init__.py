@@ -16,8 +16,10 @@ from __future__ import annotations
 from ._gguf import (
     ModelInfo as ModelInfo,
     TensorTypeStats as TensorTypeStats,
+    human_bytes as human_bytes,
     inspect_model as inspect_model,
     read_model_info as read_model_info,
+    with_adapters as with_adapters,
 )
 from ._quantize import (
     QUANT_TYPES as QUANT_TYPES,
@@ -36,6 +38,7 @@ from ._vram import (
     kv_cells as kv_cells,
     model_shape as model_shape,
     plan as plan,
+    probe_gpu_specs as probe_gpu_specs,
     read_gpu_specs as read_gpu_specs,
 )
 
@@ -51,13 +54,16 @@ __all__ = [
     "TensorTypeStats",
     "VRAMPlan",
     "compute_buffer_bytes",
+    "human_bytes",
     "inspect_model",
     "kv_cells",
     "list_models",
     "model_shape",
     "plan",
+    "probe_gpu_specs",
     "quantize",
     "read_gpu_specs",
     "read_model_info",
     "resolve_model",
+    "with_adapters",
 ]

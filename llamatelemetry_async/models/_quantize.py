@@ -27,8 +27,7 @@ import anyio.abc
 import anyio.to_thread
 
 from .._errors import ConfigError, QuantizeError
-from ..server._binary import find_llama_quantize
-from ..server._process import open_process
+from ..server import find_llama_quantize, open_process
 
 __all__ = ["QUANT_TYPES", "QuantizeProgress", "quantize"]
 

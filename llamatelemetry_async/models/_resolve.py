@@ -162,7 +162,7 @@ def _token(token: str | None, offline: bool) -> str | None:
     """The explicit token, else None when huggingface_hub finds one itself, else Kaggle's."""
     if token is not None or offline or os.environ.get("HF_TOKEN"):
         return token
-    from ..environment._secrets import kaggle_secret
+    from ..environment import kaggle_secret
 
     return kaggle_secret("HF_TOKEN")
 

@@ -46,10 +46,12 @@ import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
+from typing import Any, Final, Literal, TypeAlias
 
 from .._errors import ConfigError, ModelDoesNotFitError
-from ..server._config import _UNQUANTIZED_CACHE_TYPES, CACHE_TYPES, ServerConfig, ServerPlan
+from .._placement import Placement
+from ..gpu import read_gpu_memory
+from ..server import CACHE_TYPES, UNQUANTIZED_CACHE_TYPES, ServerConfig, ServerPlan
 from ._gguf import (
     KV_CELL_ALIGN,
     ModelInfo,
@@ -57,9 +59,6 @@ from ._gguf import (
     human_bytes,
     kv_cells,
 )
-
-if TYPE_CHECKING:
-    from ..engine._placement import Placement
 
 __all__ = [
     "CUDA_OVERHEAD_BYTES",
@@ -76,6 +75,7 @@ __all__ = [
     "kv_cells",
     "model_shape",
     "plan",
+    "probe_gpu_specs",
     "read_gpu_specs",
 ]
 
@@ -328,7 +328,7 @@ def compute_buffer_bytes(
     total = 4 * ubatch_size * (model.vocab_size + 3 * embd + 2 * ff + moe)
     if flash_attn == "off":
         total += 4 * ubatch_size * model.head_count * ctx_per_slot
-    if {cache_type_k, cache_type_v or cache_type_k} - _UNQUANTIZED_CACHE_TYPES:
+    if {cache_type_k, cache_type_v or cache_type_k} - UNQUANTIZED_CACHE_TYPES:
         row_k = model.head_count_kv * model.head_dim_k
         row_v = 0 if model.mla else model.head_count_kv * model.head_dim_v
         total += 2 * ctx_per_slot * (row_k + row_v)
@@ -347,54 +347,31 @@ def read_gpu_specs(gpus: Iterable[int] | None = None, *, nvml: Any = None) -> li
 
         specs = await anyio.to_thread.run_sync(read_gpu_specs)
     """
-    return _read_gpu_specs(gpus, nvml)[0]
+    return probe_gpu_specs(gpus, nvml=nvml)[0]
+
+
+def probe_gpu_specs(
+    gpus: Iterable[int] | None = None, *, nvml: Any = None
+) -> tuple[list[GPUSpec], str | None]:
+    """``read_gpu_specs``, and why GPUs are missing from it (``None`` when none is). Blocking.
+
+    The reason is for the caller to show (e.g. "NVML did not start (...)" beside a plan made
+    without GPU memory figures). NVML is read by ``gpu.read_gpu_memory``.
+    """
+    memory, why = read_gpu_memory(gpus, nvml=nvml)
+    specs = [
+        GPUSpec(m.index, m.name, m.total_bytes, free_bytes=max(0, m.total_bytes - m.used_bytes))
+        for m in memory
+    ]
+    return specs, why
 
 
 def _read_gpu_specs(
     gpus: Iterable[int] | None, nvml: Any = None
 ) -> tuple[list[GPUSpec], str | None]:
-    """``read_gpu_specs``, and why GPUs are missing from it (``None`` when none is)."""
-    if nvml is None:
-        try:
-            import pynvml  # here, not at module level: no NVML work at import time
-        except ImportError:
-            return [], "pynvml (nvidia-ml-py) is not installed"
-        nvml = pynvml
-    try:
-        nvml.nvmlInit()
-    except nvml.NVMLError as exc:
-        # No driver: no GPU memory to plan with, not an error; the reason goes to the caller.
-        return [], f"NVML did not start ({type(exc).__name__}: {exc})"
-    specs: list[GPUSpec] = []
-    problems: list[str] = []
-    try:
-        count = int(nvml.nvmlDeviceGetCount())
-        wanted = range(count) if gpus is None else [g for g in gpus if 0 <= g < count]
-        for index in wanted:
-            try:
-                handle = nvml.nvmlDeviceGetHandleByIndex(index)
-                name = nvml.nvmlDeviceGetName(handle)
-                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-            except nvml.NVMLError as exc:
-                problems.append(f"GPU {index}: {type(exc).__name__}: {exc}")
-                continue  # a lost or unreadable GPU: plan without it
-            total, used = int(memory.total), int(memory.used)
-            specs.append(
-                GPUSpec(
-                    index,
-                    name.decode() if isinstance(name, bytes) else str(name),
-                    total,
-                    free_bytes=max(0, total - used),
-                )
-            )
-    except nvml.NVMLError as exc:
-        problems.append(f"NVML failed ({type(exc).__name__}: {exc})")
-    finally:
-        try:
-            nvml.nvmlShutdown()
-        except nvml.NVMLError:
-            pass  # the figures are read; nothing to do about a failing shutdown
-    return specs, "; ".join(problems) or None
+    # The engine's old spelling of probe_gpu_specs, kept until engine/_engine.py (rewritten
+    # alongside) imports the public name; then delete this and its entry in tests/test_layers.py.
+    return probe_gpu_specs(gpus, nvml=nvml)
 
 
 def _coerce_gpus(gpus: Sequence[GPUSpec | int]) -> dict[int, GPUSpec]:
@@ -827,8 +804,6 @@ def _check_request(
 def _server_plans(
     placement: Placement | str | Sequence[ServerPlan] | None, gpus: list[int]
 ) -> list[ServerPlan]:
-    from ..engine._placement import Placement  # here: the engine imports this module
-
     if placement is None or isinstance(placement, str):
         return Placement.coerce(placement or "auto").plans(gpus)
     if isinstance(placement, Placement):

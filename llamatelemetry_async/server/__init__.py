@@ -9,18 +9,28 @@ environment; ``LlamaServer`` runs that command as one supervised process.
 that ``build_llama_server()`` builds when no version is given.
 
 ``find_llama_quantize()`` finds llama.cpp's quantizer, built beside llama-server
-(``llamatelemetry_async.models.quantize`` runs it).
+(``llamatelemetry_async.models.quantize`` runs it, through ``open_process()``, which starts
+a child that dies with this process). ``CACHE_TYPES`` are the KV cache types llama-server
+accepts; ``UNQUANTIZED_CACHE_TYPES`` those that need no flash attention for the V cache.
 """
 
 from __future__ import annotations
 
 from ._binary import find_llama_quantize, find_llama_server, llama_server_version
 from ._build import DEFAULT_LLAMA_CPP_VERSION, build_llama_server, cached_builds
-from ._config import ServerConfig, ServerPlan, server_command
-from ._process import LlamaServer, ServerState
+from ._config import (
+    CACHE_TYPES,
+    UNQUANTIZED_CACHE_TYPES,
+    ServerConfig,
+    ServerPlan,
+    server_command,
+)
+from ._process import LlamaServer, ServerState, open_process
 
 __all__ = [
+    "CACHE_TYPES",
     "DEFAULT_LLAMA_CPP_VERSION",
+    "UNQUANTIZED_CACHE_TYPES",
     "LlamaServer",
     "ServerConfig",
     "ServerPlan",
@@ -30,5 +40,6 @@ __all__ = [
     "find_llama_quantize",
     "find_llama_server",
     "llama_server_version",
+    "open_process",
     "server_command",
 ]

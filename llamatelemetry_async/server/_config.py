@@ -30,7 +30,13 @@ from typing import Any, Final, Literal, TypeAlias
 
 from .._errors import ConfigError
 
-__all__ = ["ServerConfig", "ServerPlan", "server_command"]
+__all__ = [
+    "CACHE_TYPES",
+    "UNQUANTIZED_CACHE_TYPES",
+    "ServerConfig",
+    "ServerPlan",
+    "server_command",
+]
 
 FlashAttn: TypeAlias = Literal["on", "off", "auto"]
 SplitMode: TypeAlias = Literal["none", "layer", "row", "tensor"]
@@ -46,7 +52,7 @@ POOLING_TYPES: Final = ("none", "mean", "cls", "last", "rank")
 CACHE_TYPES: Final = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 # Quantized V caches need flash attention: llama.cpp refuses to create the context with
 # flash_attn off ("quantized V cache requires flash_attn to be enabled").
-_UNQUANTIZED_CACHE_TYPES: Final = frozenset({"f32", "f16", "bf16"})
+UNQUANTIZED_CACHE_TYPES: Final = frozenset({"f32", "f16", "bf16"})
 
 #: llama-server reads the API key from this variable (``--api-key``'s env in common/arg.cpp).
 API_KEY_ENV: Final = "LLAMA_API_KEY"
@@ -269,7 +275,7 @@ class ServerConfig:
             _check_choice("cache_type_k", self.cache_type_k, CACHE_TYPES)
         if self.cache_type_v is not None:
             _check_choice("cache_type_v", self.cache_type_v, CACHE_TYPES)
-            if self.flash_attn == "off" and self.cache_type_v not in _UNQUANTIZED_CACHE_TYPES:
+            if self.flash_attn == "off" and self.cache_type_v not in UNQUANTIZED_CACHE_TYPES:
                 raise _fail(
                     "cache_type_v",
                     f"a quantized V cache ({self.cache_type_v}) needs flash attention; "

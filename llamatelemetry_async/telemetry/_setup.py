@@ -7,7 +7,6 @@ Nothing global changes unless ``set_global=True``. The OTLP exporters read the s
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -225,34 +224,17 @@ def gpu_resource_attributes() -> dict[str, Any]:
     Empty without a GPU, a driver or the NVML library: a resource that says less is not an
     error. Blocks for NVML's init (~10 ms).
     """
-    try:
-        import pynvml
-    except ImportError:
+    from ..gpu import read_gpu_inventory
+
+    inventory = read_gpu_inventory()
+    if inventory is None:
+        logger.debug("NVML unavailable for the resource")
         return {}
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as exc:
-        logger.debug("NVML unavailable for the resource: %s", exc)
-        return {}
-    try:
-        count = pynvml.nvmlDeviceGetCount()
-        names, capabilities = [], []
-        for i in range(count):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            name = pynvml.nvmlDeviceGetName(handle)
-            names.append(name.decode() if isinstance(name, bytes) else str(name))
-            with contextlib.suppress(pynvml.NVMLError):
-                major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-                capabilities.append(f"{major}.{minor}")
-        attrs: dict[str, Any] = {"gpu.count": count, "gpu.names": names}
-        if capabilities:
-            attrs["gpu.compute_capabilities"] = capabilities
-        with contextlib.suppress(pynvml.NVMLError):
-            driver = pynvml.nvmlSystemGetDriverVersion()
-            attrs["gpu.driver.version"] = driver.decode() if isinstance(driver, bytes) else driver
-        with contextlib.suppress(pynvml.NVMLError):
-            cuda = pynvml.nvmlSystemGetCudaDriverVersion()
-            attrs["gpu.cuda.version"] = f"{cuda // 1000}.{cuda % 1000 // 10}"
-        return attrs
-    finally:
-        pynvml.nvmlShutdown()
+    attrs: dict[str, Any] = {"gpu.count": len(inventory.names), "gpu.names": list(inventory.names)}
+    if inventory.compute_capabilities:
+        attrs["gpu.compute_capabilities"] = list(inventory.compute_capabilities)
+    if inventory.driver_version is not None:
+        attrs["gpu.driver.version"] = inventory.driver_version
+    if inventory.cuda_version is not None:
+        attrs["gpu.cuda.version"] = inventory.cuda_version
+    return attrs

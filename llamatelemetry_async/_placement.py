@@ -17,13 +17,13 @@ Placement.auto().plans([])
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final, Literal, TypeAlias
 
-from .._errors import ConfigError
-from ..server._config import ServerPlan
+from ._errors import ConfigError
+from .server import ServerPlan
 
-__all__ = ["Placement"]
+__all__ = ["Placement", "RemoteServer"]
 
 PairSplitMode: TypeAlias = Literal["layer", "row", "tensor"]
 KaggleSplit: TypeAlias = Literal["50/50", "60/40", "70/30"]
@@ -50,6 +50,26 @@ def _gpu_id(field: str, value: object) -> int:
     return value
 
 
+@dataclass(frozen=True, slots=True)
+class RemoteServer:
+    """A llama-server the engine did not start: its base URL and API key."""
+
+    url: str
+    api_key: str | None = None
+
+    def __post_init__(self) -> None:
+        url = self.url
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise _fail("remote", f"a remote server is an http:// or https:// URL, got {url!r}")
+        object.__setattr__(self, "url", url.rstrip("/"))
+        if self.api_key is not None and not isinstance(self.api_key, str):
+            raise _fail("api_key", "the API key of a remote server is a str")
+
+    def __repr__(self) -> str:  # the key is a secret
+        key = ", api_key=***" if self.api_key else ""
+        return f"RemoteServer({self.url!r}{key})"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Placement:
     """Where the engine's servers run. Build one with a classmethod, not the constructor.
@@ -62,18 +82,24 @@ class Placement:
     - ``Placement.auto()`` (or the string ``"auto"``): ``per_gpu`` over every visible GPU,
       ``cpu(1)`` when there is none.
     - Presets: ``kaggle_t4x2()``, ``kaggle_t4x2_pair("60/40")``, ``single_gpu(0)``.
+    - ``Placement.remote(urls, api_key=...)``: servers the engine did not start, watched and
+      routed to like its own; mixable with local ones: ``Placement.cpu(1) +
+      Placement.remote(["http://10.0.0.5:8080"])``.
     """
 
-    kind: Literal["per_gpu", "pairs", "cpu", "auto"]
+    kind: Literal["per_gpu", "pairs", "cpu", "auto", "remote"]
     gpus: tuple[int, ...] | None = None
     gpu_pairs: tuple[tuple[int, int], ...] | None = None
     tensor_split: tuple[float, float] = (0.5, 0.5)
     split_mode: PairSplitMode = "layer"
     n: int = 1
+    remotes: tuple[RemoteServer, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.kind not in ("per_gpu", "pairs", "cpu", "auto"):
-            raise _fail("kind", f"must be per_gpu, pairs, cpu or auto, got {self.kind!r}")
+        if self.kind not in ("per_gpu", "pairs", "cpu", "auto", "remote"):
+            raise _fail("kind", f"must be per_gpu, pairs, cpu, auto or remote, got {self.kind!r}")
+        if self.kind == "remote" and not self.remotes:
+            raise _fail("remote", "Placement.remote needs at least one URL")
         if self.gpus is not None:
             gpus = tuple(_gpu_id("gpus", gpu) for gpu in self.gpus)
             if not gpus:
@@ -160,6 +186,33 @@ class Placement:
         return cls.per_gpu((gpu,))
 
     @classmethod
+    def remote(cls, urls: Sequence[str] | str, *, api_key: str | None = None) -> Placement:
+        """Servers the engine did not start, by base URL, all with ``api_key`` (or none).
+
+        Give servers with different keys as ``RemoteServer(url, api_key)`` items.
+        """
+        items = [urls] if isinstance(urls, str) else list(urls)
+        remotes = tuple(
+            item if isinstance(item, RemoteServer) else RemoteServer(item, api_key)
+            for item in items
+        )
+        return cls(kind="remote", remotes=remotes)
+
+    @property
+    def has_local(self) -> bool:
+        """True if the engine starts servers of its own with this placement."""
+        return self.kind != "remote"
+
+    def __add__(self, other: Placement) -> Placement:
+        """Local servers and remote ones together (at most one local placement)."""
+        if not isinstance(other, Placement):
+            return NotImplemented
+        if self.has_local and other.has_local:
+            raise _fail("placement", "two local placements cannot be added; add remote ones")
+        local = self if self.has_local else other
+        return replace(local, remotes=self.remotes + other.remotes)
+
+    @classmethod
     def coerce(cls, value: Placement | str) -> Placement:
         """``value`` itself, or the placement a string names (only ``"auto"`` for now)."""
         if isinstance(value, Placement):
@@ -181,6 +234,8 @@ class Placement:
         finds no GPUs (the message suggests ``Placement.cpu``).
         """
         available = list(dict.fromkeys(_gpu_id("gpus", gpu) for gpu in gpus))
+        if self.kind == "remote":
+            return []
         if self.kind == "cpu" or (self.kind == "auto" and not available):
             return [ServerPlan(f"cpu{i}", ()) for i in range(self.n)]
         if self.kind in ("per_gpu", "auto"):
