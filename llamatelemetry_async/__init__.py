@@ -81,6 +81,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    __all__: list[str]  # derived from these imports; see __getattr__
+
     from ._placement import Placement as Placement
     from .bench import (
         BenchConfig as BenchConfig,

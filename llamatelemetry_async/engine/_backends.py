@@ -366,29 +366,30 @@ class RemoteBackend(Backend):
         started = False
         try:
             while True:
+                client = ctx.client(self._url, self._api_key)
+                try:
+                    problem = await probe(client)
+                    if problem is None:
+                        await self._serve(ctx, client)
+                        self.state_text = "ready"
+                except LlamaError as exc:
+                    problem = str(exc)
                 if self.client is None:
-                    client = ctx.client(self._url, self._api_key)
-                    try:
-                        problem = await probe(client)
-                        if problem is None:
-                            await self._serve(ctx, client)
-                            self.state_text = "ready"
-                            cooldown = interval
-                    except LlamaError as exc:
-                        problem = str(exc)
-                    if self.client is None:
-                        await client.aclose()
-                        self.state_text = "unreachable"
-                        self._failed(ctx, _Problem(problem or "unreachable"))
-                        logger.warning("%s (%s): %s", self.name, self._url, self.last_error)
+                    await client.aclose()
+                    self.state_text = "unreachable"
+                    self._failed(ctx, _Problem(problem or "unreachable"))
+                    logger.warning("%s (%s): %s", self.name, self._url, self.last_error)
                 if not started:
                     started = True
                     task_status.started()
-                if self.client is None:
-                    await anyio.sleep(cooldown)  # the cool-down between probes
-                    cooldown = min(cooldown * 2, self._max_cooldown)
-                    continue
-                await self._watch_until_down(ctx, interval)
+                if self.client is not None:
+                    served = time.monotonic()
+                    await self._watch_until_down(ctx, interval)
+                    if time.monotonic() - served > 30:
+                        cooldown = interval  # it served a while: this failure is news
+                # Cooled down before the next probe, longer each time it fails again.
+                await anyio.sleep(cooldown)
+                cooldown = min(cooldown * 2, self._max_cooldown)
         finally:
             await self._retire(ctx)
 
