@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from .._errors import RemoteProtocolError
+from .._errors import ConfigError, RemoteProtocolError
 from ._dispatch import Dispatcher, Reply, Request
 from ._observe import Instrumentation, Outcome, RequestObserver
 from ._params import (
@@ -37,7 +37,13 @@ from ._types import (
     TextCompletionChunk,
 )
 
-__all__ = ["Message", "RequestMethods", "chat_stream_request", "completion_stream_request"]
+__all__ = [
+    "Message",
+    "RequestMethods",
+    "chat_stream_request",
+    "completion_stream_request",
+    "lora_body",
+]
 
 T = TypeVar("T")
 OutcomeT = TypeVar("OutcomeT", bound=Outcome)
@@ -374,14 +380,21 @@ class RequestMethods:
 
     async def set_lora_adapters(
         self,
-        adapters: Sequence[Mapping[str, Any]],
+        adapters: Iterable[Mapping[str, Any]] | Mapping[int, float],
         *,
         timeout: TimeoutTypes | None = None,
         extra_headers: Mapping[str, str] | None = None,
     ) -> Any:
-        """``POST /lora-adapters`` with ``[{"id": 0, "scale": 0.5}, ...]``."""
+        """``POST /lora-adapters`` with ``[{"id": 0, "scale": 0.5}, ...]`` or ``{0: 0.5}``.
+
+        As in llama-server, an adapter left out gets scale 0 (off).
+        """
         return await self.request(
-            "POST", "/lora-adapters", list(adapters), timeout=timeout, extra_headers=extra_headers
+            "POST",
+            "/lora-adapters",
+            lora_body(adapters),
+            timeout=timeout,
+            extra_headers=extra_headers,
         )
 
     async def models(
@@ -600,6 +613,40 @@ def chat_stream_request(
     """Path and body of a streamed chat completion (usage asked for unless params say)."""
     body = {"messages": chat_messages(messages), "stream_options": {"include_usage": True}}
     return "/v1/chat/completions", {**body, **params}
+
+
+def lora_body(adapters: Iterable[Mapping[str, Any]] | Mapping[int, float]) -> list[dict[str, Any]]:
+    """``[{"id": int, "scale": float}, ...]`` from either form, checked."""
+    if isinstance(adapters, Mapping):
+        entries: list[Any] = [{"id": k, "scale": v} for k, v in adapters.items()]
+    elif isinstance(adapters, str | bytes):
+        entries = [adapters]  # rejected below
+    else:
+        entries = list(adapters)
+    body: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    for entry in entries:
+        ident = entry.get("id") if isinstance(entry, Mapping) else None
+        scale = entry.get("scale") if isinstance(entry, Mapping) else None
+        if (
+            isinstance(ident, bool)
+            or not isinstance(ident, int)
+            or ident < 0
+            or isinstance(scale, bool)
+            or not isinstance(scale, int | float)
+            or scale != scale  # NaN
+            or scale in (float("inf"), float("-inf"))
+        ):
+            raise ConfigError(
+                'adapters: each entry is {"id": int >= 0, "scale": finite number} '
+                f"(or pass {{id: scale}}), got {entry!r}",
+                field="adapters",
+            )
+        if ident in seen:
+            raise ConfigError(f"adapters: id {ident} is given twice", field="adapters")
+        seen.add(ident)
+        body.append({"id": ident, "scale": float(scale)})
+    return body
 
 
 def _parse_prometheus(text: str) -> dict[str, float]:

@@ -37,7 +37,7 @@ from .._errors import (
 from .._groups import single_error
 from .._placement import Placement
 from ..client import DEFAULT_TIMEOUT, AsyncLlamaClient
-from ..client._api import RequestMethods
+from ..client._api import RequestMethods, lora_body
 from ..client._params import TimeoutTypes
 from ..gpu import GPUSampler, visible_gpus
 from ..models._gguf import inspect_model, with_adapters
@@ -525,7 +525,7 @@ class AsyncEngine(RequestMethods, anyio.AsyncContextManagerMixin):
         ```
         """
         self._check_open()
-        body = _lora_body(adapters)
+        body = lora_body(adapters)
         clients = self._ready_clients()
         if not clients:
             raise EngineError("no server is ready to take LoRA adapter scales; retry shortly")
@@ -620,37 +620,3 @@ async def _on_each(
         for other in errors[1:]:
             first.add_note(f"also: {other} ({', '.join(getattr(other, '__notes__', []))})")
         raise first
-
-
-def _lora_body(adapters: Iterable[Mapping[str, Any]] | Mapping[int, float]) -> list[dict[str, Any]]:
-    """``[{"id": int, "scale": float}, ...]`` from either form, checked."""
-    if isinstance(adapters, Mapping):
-        entries: list[Any] = [{"id": k, "scale": v} for k, v in adapters.items()]
-    elif isinstance(adapters, str | bytes):
-        entries = [adapters]  # rejected below
-    else:
-        entries = list(adapters)
-    body: list[dict[str, Any]] = []
-    seen: set[int] = set()
-    for entry in entries:
-        ident = entry.get("id") if isinstance(entry, Mapping) else None
-        scale = entry.get("scale") if isinstance(entry, Mapping) else None
-        if (
-            isinstance(ident, bool)
-            or not isinstance(ident, int)
-            or ident < 0
-            or isinstance(scale, bool)
-            or not isinstance(scale, int | float)
-            or scale != scale  # NaN
-            or scale in (float("inf"), float("-inf"))
-        ):
-            raise ConfigError(
-                'adapters: each entry is {"id": int >= 0, "scale": finite number} '
-                f"(or pass {{id: scale}}), got {entry!r}",
-                field="adapters",
-            )
-        if ident in seen:
-            raise ConfigError(f"adapters: id {ident} is given twice", field="adapters")
-        seen.add(ident)
-        body.append({"id": ident, "scale": float(scale)})
-    return body
