@@ -247,9 +247,7 @@ async def test_timeout_as_httpx_timeout(recorder: _Recorder, client_backend: Bac
             )
         with pytest.raises(TimeoutException, match=r"0\.05"):
             await _drain(
-                client.stream(
-                    "hi", timeout=httpx.Timeout(5.0, read=0.05), extra_headers=_HANG
-                )
+                client.stream("hi", timeout=httpx.Timeout(5.0, read=0.05), extra_headers=_HANG)
             )
 
 

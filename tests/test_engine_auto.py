@@ -133,7 +133,7 @@ async def test_lora_adapters_on_every_server(tiny_model: Path, tmp_path: Path) -
     config = ServerConfig(lora=(str(lora),))
     greedy: dict[str, Any] = {"n_predict": 12, "temperature": 0, "cache_prompt": False}
     async with AsyncEngine(tiny_model, placement=Placement.cpu(2), server=config) as engine:
-        adapters = await engine.lora_adapters()
+        adapters = await engine.each_server(lambda client: client.lora_adapters())
         assert sorted(adapters) == ["cpu0", "cpu1"]
         for entries in adapters.values():
             assert [(a["id"], a["path"], a["scale"]) for a in entries] == [(0, str(lora), 1.0)]
@@ -141,7 +141,7 @@ async def test_lora_adapters_on_every_server(tiny_model: Path, tmp_path: Path) -
         assert len(with_lora) == 1  # both servers, same adapter, same greedy text
 
         await engine.set_lora_adapters([{"id": 0, "scale": 0.0}])
-        adapters = await engine.lora_adapters()
+        adapters = await engine.each_server(lambda client: client.lora_adapters())
         assert [entries[0]["scale"] for entries in adapters.values()] == [0.0, 0.0]
         without = {(await engine.completion("Once upon a time", **greedy)).content for _ in "ab"}
         assert len(without) == 1
@@ -156,7 +156,9 @@ async def test_lora_adapters_on_every_server(tiny_model: Path, tmp_path: Path) -
         with pytest.raises(ConfigError) as bad:
             await engine.set_lora_adapters([{"id": 0, "scale": "high"}])
         assert bad.value.field == "adapters"
-        adapters = await engine.lora_adapters()  # the refused calls changed nothing
+        adapters = await engine.each_server(
+            lambda client: client.lora_adapters()
+        )  # the refused calls changed nothing
         assert [entries[0]["scale"] for entries in adapters.values()] == [1.0, 1.0]
 
 
@@ -237,5 +239,5 @@ async def test_a_restarted_server_gets_the_adapter_scales_back(
             # the engine's scales again.
             await engine.completion("again", n_predict=1)
         assert engine.servers[0].pid != first_pid
-        adapters = await engine.lora_adapters()
+        adapters = await engine.each_server(lambda client: client.lora_adapters())
         assert [entry["scale"] for entry in adapters["cpu0"]] == [0.25]

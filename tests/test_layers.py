@@ -38,20 +38,7 @@ FORBIDDEN: dict[str, frozenset[str]] = {
 # removes (issue 14: the engine's rewrite onto the client's request path, the client's split):
 # (importing package, imported module). Each entry must still be needed, so a fixed one is
 # deleted here: the list only shrinks.
-KNOWN: frozenset[tuple[str, str]] = frozenset(
-    {
-        ("engine", "client._client"),
-        ("engine", "client._observe"),
-        ("engine", "client._params"),
-        ("engine", "client._stream"),
-        ("engine", "models._gguf"),
-        ("engine", "models._resolve"),
-        ("engine", "models._vram"),
-        ("engine", "server._config"),
-        ("engine", "server._process"),
-        ("telemetry", "client._observe"),  # Outcome: needs an export from client/__init__
-    }
-)
+KNOWN: frozenset[tuple[str, str]] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,11 @@ async with AsyncLlamaClient("http://127.0.0.1:8080") as client:
             print(chunk.text, end="")
 ```
 
+The seam between what to send and where it goes: ``RequestMethods`` (every endpoint,
+written once) builds a ``Request`` and hands it to a ``Dispatcher``; ``HttpDispatcher`` sends
+to one server, and the engine has a dispatcher that routes. A stream reads from a ``Source``;
+telemetry sees requests through ``Instrumentation`` and ``RequestObserver``.
+
 Constants and aliases:
 
 - ``DEFAULT_TIMEOUT``: the client's default ``httpx.Timeout``: connect 10 s, read 600 s
@@ -17,9 +22,13 @@ Constants and aliases:
   (``{"role": "user", "content": "..."}``).
 """
 
-from ._client import DEFAULT_TIMEOUT, AsyncLlamaClient, Message
+from ._api import Message, RequestMethods, lora_body
+from ._client import DEFAULT_TIMEOUT, AsyncLlamaClient
+from ._dispatch import Dispatcher, HttpDispatcher, Reply, Request
+from ._observe import Instrumentation, Outcome, RequestObserver
+from ._params import TimeoutTypes
 from ._pool import PoolStats
-from ._stream import TokenStream
+from ._stream import Source, TokenStream
 from ._transport import LlamaTransport
 from ._types import (
     ChatChoice,
@@ -53,18 +62,29 @@ __all__ = [
     "ChatMessage",
     "Completion",
     "CompletionChunk",
+    "Dispatcher",
     "Embedding",
     "EmbeddingList",
     "Health",
+    "HttpDispatcher",
+    "Instrumentation",
     "LlamaTransport",
     "Message",
+    "Outcome",
     "PoolStats",
+    "Reply",
+    "Request",
+    "RequestMethods",
+    "RequestObserver",
     "RerankResult",
     "ServedModel",
+    "Source",
     "TextChoice",
     "TextCompletion",
     "TextCompletionChunk",
+    "TimeoutTypes",
     "Timings",
     "TokenStream",
     "Usage",
+    "lora_body",
 ]

@@ -28,7 +28,7 @@ import anyio.abc
 
 from .._errors import LlamaError, ServerCrashedError
 from ..client import AsyncLlamaClient
-from ..server._process import LlamaServer
+from ..server import LlamaServer
 from ._router import Member, Router
 
 __all__ = ["Backend", "BackendContext", "LocalBackend", "RemoteBackend", "ServerInfo"]

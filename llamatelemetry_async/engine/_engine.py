@@ -36,15 +36,17 @@ from .._errors import (
 )
 from .._groups import single_error
 from .._placement import Placement
-from ..client import DEFAULT_TIMEOUT, AsyncLlamaClient
-from ..client._api import RequestMethods, lora_body
-from ..client._params import TimeoutTypes
+from ..client import DEFAULT_TIMEOUT, AsyncLlamaClient, RequestMethods, TimeoutTypes, lora_body
 from ..gpu import GPUSampler, visible_gpus
-from ..models._gguf import inspect_model, with_adapters
-from ..models._vram import VRAMPlan, _read_gpu_specs, plan
-from ..server import find_llama_server
-from ..server._config import ServerConfig, ServerPlan, server_command
-from ..server._process import LlamaServer
+from ..models import (
+    VRAMPlan,
+    inspect_model,
+    plan,
+    probe_gpu_specs,
+    resolve_model,
+    with_adapters,
+)
+from ..server import LlamaServer, ServerConfig, ServerPlan, find_llama_server, server_command
 from ..telemetry import GenAIInstrumentation, MetricsScraper, Telemetry
 from ._backends import Backend, BackendContext, LocalBackend, RemoteBackend, ServerInfo
 from ._energy_book import EnergyBook
@@ -381,8 +383,6 @@ class AsyncEngine(RequestMethods, anyio.AsyncContextManagerMixin):
                     tried=[f"local path {spec}"],
                 )
             return Path(spec)
-        from ..models._resolve import resolve_model  # only a spec needs the Hub machinery
-
         return await resolve_model(spec)
 
     async def _configure(
@@ -404,7 +404,7 @@ class AsyncEngine(RequestMethods, anyio.AsyncContextManagerMixin):
         gpu_ids = sorted({gpu for server_plan in plans for gpu in server_plan.gpus})
         if not (self._auto_configure and unset and gpu_ids):
             return [config] * len(plans)
-        specs, why = await anyio.to_thread.run_sync(_read_gpu_specs, gpu_ids)  # NVML blocks
+        specs, why = await anyio.to_thread.run_sync(probe_gpu_specs, gpu_ids)  # NVML blocks
         missing = sorted(set(gpu_ids) - {spec.index for spec in specs})
         if missing:
             logger.warning(

@@ -26,10 +26,7 @@ from .._errors import (
     ReadError,
     RemoteProtocolError,
 )
-from ..client import TokenStream
-from ..client._dispatch import Dispatcher, Reply, Request
-from ..client._observe import RequestObserver
-from ..client._stream import Source
+from ..client import Dispatcher, Reply, Request, RequestObserver, Source, TokenStream
 from ._backends import Backend, BackendContext
 from ._energy_book import EnergyBook
 

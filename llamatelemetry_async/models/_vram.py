@@ -366,14 +366,6 @@ def probe_gpu_specs(
     return specs, why
 
 
-def _read_gpu_specs(
-    gpus: Iterable[int] | None, nvml: Any = None
-) -> tuple[list[GPUSpec], str | None]:
-    # The engine's old spelling of probe_gpu_specs, kept until engine/_engine.py (rewritten
-    # alongside) imports the public name; then delete this and its entry in tests/test_layers.py.
-    return probe_gpu_specs(gpus, nvml=nvml)
-
-
 def _coerce_gpus(gpus: Sequence[GPUSpec | int]) -> dict[int, GPUSpec]:
     specs: dict[int, GPUSpec] = {}
     for position, gpu in enumerate(gpus):

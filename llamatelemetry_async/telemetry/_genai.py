@@ -30,7 +30,7 @@ from .._version import __version__
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import Event  # bound at run time by _is_sdk_span
 
-    from ..client._observe import Outcome
+    from ..client import Outcome
 
 __all__ = ["GenAIInstrumentation", "TokenEvents", "capture_content_from_env"]
 
