@@ -270,7 +270,7 @@ async def test_engine_exports_llama_server_metrics_and_nests_http_spans(
 
 async def test_no_telemetry_configured_costs_nothing(tiny_model: Path) -> None:
     engine = AsyncEngine(tiny_model, placement=Placement.cpu(1))
-    assert engine._instrumentation is None  # no global provider was set by this process
+    assert engine.instrumentation is None  # no global provider was set by this process
     assert engine._scraper is None
     async with engine, engine.stream(PROMPT, n_predict=2) as stream:
         assert stream._observer is None

@@ -597,7 +597,8 @@ def _decode(reply: Reply, result: type[T]) -> T:
         # msgspec's message names a position or a JSON path, never the body itself,
         # which may hold completion text.
         raise RemoteProtocolError(
-            f"unexpected response from {reply.url} ({len(reply.content)} bytes): {exc}",
+            f"unexpected response from {reply.url} (HTTP {reply.status}, "
+            f"{reply.content_type or 'no content type'}, {len(reply.content)} bytes): {exc}",
             url=reply.url,
         ) from None
 

@@ -80,12 +80,13 @@ def _payload(body: Any, extra: Mapping[str, Any] | None, stream: bool) -> bytes 
 class Reply:
     """A complete answer with a 2xx status: its body, read whole."""
 
-    __slots__ = ("content", "status", "url")
+    __slots__ = ("content", "content_type", "status", "url")
 
-    def __init__(self, status: int, content: bytes, url: str) -> None:
+    def __init__(self, status: int, content: bytes, url: str, content_type: str = "") -> None:
         self.status = status
         self.content = content
         self.url = url
+        self.content_type = content_type
 
     @property
     def text(self) -> str:
@@ -251,7 +252,9 @@ class HttpDispatcher(Dispatcher):
                 raise map_httpx_error(exc, url) from exc
             finally:
                 await response.aclose()
-            return Reply(response.status_code, content, url)
+            return Reply(
+                response.status_code, content, url, response.headers.get("content-type", "")
+            )
         pool = self.pool
         conn = await pool.request(
             self._host,
@@ -276,7 +279,8 @@ class HttpDispatcher(Dispatcher):
         content = b"".join(pieces)
         if head.status >= 400:
             raise status_error(head.status, content, url)
-        return Reply(head.status, content, url)
+        content_type = (head.get(b"content-type") or b"").decode("latin-1")
+        return Reply(head.status, content, url, content_type)
 
     async def aclose(self) -> None:
         if self.pool is not None:
