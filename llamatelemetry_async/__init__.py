@@ -83,7 +83,7 @@ if TYPE_CHECKING:
 
     __all__: list[str]  # derived from these imports; see __getattr__
 
-    from ._placement import Placement as Placement
+    from ._placement import Placement as Placement, RemoteServer as RemoteServer
     from .bench import (
         BenchConfig as BenchConfig,
         BenchMetrics as BenchMetrics,

@@ -32,7 +32,6 @@ from llamatelemetry_async.client import _params
 from llamatelemetry_async.client._connection import Backend
 from llamatelemetry_async.client._params import (
     KNOWN_PARAMETERS,
-    NO_OPTIONS,
     RESERVED,
 )
 

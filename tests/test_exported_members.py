@@ -64,6 +64,7 @@ EXPECTED = [
     "ReadTimeout",
     "RegistryModel",
     "RemoteProtocolError",
+    "RemoteServer",
     "RequestRecord",
     "RerankResult",
     "ServedModel",

@@ -137,9 +137,13 @@ async def test_a_mixed_engine_uses_both_and_stops_only_its_own(tiny_model: Path)
         config = ServerConfig(n_parallel=2, ctx_size=1024)
         async with AsyncEngine(tiny_model, placement=placement, server=config) as engine:
             assert [s.kind for s in engine.servers] == ["local", "remote"]
+
+            async def one(i: int) -> None:
+                await engine.completion(f"mixed {i}", **GREEDY)
+
             async with anyio.create_task_group() as tg:
                 for i in range(8):
-                    tg.start_soon(lambda i=i: engine.completion(f"mixed {i}", **GREEDY))
+                    tg.start_soon(one, i)
             infos = engine.servers
         assert all(s.served > 0 for s in infos), [s.served for s in infos]
         assert infos[0].pid is not None

@@ -16,6 +16,8 @@ telemetry sees requests through ``Instrumentation`` and ``RequestObserver``.
 
 Constants and aliases:
 
+- ``TimeoutTypes``: what ``timeout=`` takes: seconds (``float``) or an ``httpx.Timeout``.
+
 - ``DEFAULT_TIMEOUT``: the client's default ``httpx.Timeout``: connect 10 s, read 600 s
   (a long prompt's prefill sends nothing until its first token), write 60 s, pool 60 s.
 - ``Message``: the type of one chat message, any mapping in the OpenAI shape

@@ -90,6 +90,7 @@ class Reply:
 
     @property
     def text(self) -> str:
+        """The body as text (undecodable bytes replaced)."""
         return self.content.decode("utf-8", "replace")
 
 
@@ -218,6 +219,7 @@ class HttpDispatcher(Dispatcher):
         )
 
     def open_stream(self, request: Request, observer: RequestObserver | None) -> Source:
+        """A ``PoolSource`` (or ``HttpxSource``) for ``request``, sent when it opens."""
         payload = request.payload
         url = self.origin + self._target(request.path)
         if self.pool is not None:
@@ -234,6 +236,7 @@ class HttpDispatcher(Dispatcher):
         return HttpxSource(self._http, self._httpx_request(request, payload))
 
     async def send(self, request: Request, observer: RequestObserver | None) -> Reply:
+        """Send ``request``, read the whole answer; ``HTTPStatusError`` for 4xx/5xx."""
         if observer is not None:
             observer.on_server(self.origin, None, ())
         payload = request.payload
@@ -283,6 +286,7 @@ class HttpDispatcher(Dispatcher):
         return Reply(head.status, content, url, content_type)
 
     async def aclose(self) -> None:
+        """Close the pool (or the httpx client, when it is this dispatcher's own)."""
         if self.pool is not None:
             await self.pool.aclose()
         elif self.owns_http and self._http is not None:

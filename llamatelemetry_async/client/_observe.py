@@ -20,16 +20,24 @@ class Outcome(Protocol):
     """What a finished request looks like: a ``TokenStream`` or a whole response."""
 
     @property
-    def text(self) -> str: ...
+    def text(self) -> str:
+        """The whole completion text."""
+        ...
 
     @property
-    def finish_reason(self) -> str | None: ...
+    def finish_reason(self) -> str | None:
+        """Why generation stopped ("stop", "length", ...)."""
+        ...
 
     @property
-    def usage(self) -> Usage | None: ...
+    def usage(self) -> Usage | None:
+        """Token counts from the server."""
+        ...
 
     @property
-    def timings(self) -> Timings | None: ...
+    def timings(self) -> Timings | None:
+        """llama.cpp's timings of the request."""
+        ...
 
 
 class RequestObserver(Protocol):

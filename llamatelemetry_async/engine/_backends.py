@@ -137,6 +137,7 @@ class Backend(abc.ABC):
         return
 
     def state(self, base: str) -> str:
+        """``base`` (the backend's own state), unless routing knows worse: failed, unresponsive."""
         member = self.member
         if member.failed:
             return "failed"
@@ -246,9 +247,11 @@ class LocalBackend(Backend):
 
     @property
     def url(self) -> str | None:
+        """The process's URL, once it has bound a port."""
         return self.process.url
 
     async def run(self, ctx: BackendContext, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Run, watch and restart the process until cancelled (then it is stopped and reaped)."""
         async with anyio.create_task_group() as tg:
             if ctx.health_interval is not None:
                 tg.start_soon(self._watch, ctx, ctx.health_interval, self._kill_hung)
@@ -316,6 +319,7 @@ class LocalBackend(Backend):
         )
 
     def info(self) -> ServerInfo:
+        """A snapshot for ``AsyncEngine.servers``."""
         process, member = self.process, self.member
         return ServerInfo(
             name=self.name,
@@ -334,6 +338,7 @@ class LocalBackend(Backend):
         )
 
     def recent_logs(self, n: int) -> list[str]:
+        """The process's last ``n`` output lines."""
         return self.process.recent_logs(n)
 
 
@@ -358,9 +363,11 @@ class RemoteBackend(Backend):
 
     @property
     def url(self) -> str:
+        """The server's base URL, as given."""
         return self._url
 
     async def run(self, ctx: BackendContext, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Probe, serve, cool down and probe again, until cancelled; the server keeps running."""
         interval = ctx.health_interval if ctx.health_interval is not None else 0.5
         cooldown = interval
         started = False
@@ -409,6 +416,7 @@ class RemoteBackend(Backend):
         self.state_text = "unreachable"
 
     def report(self, exc: LlamaError, ctx: BackendContext) -> None:
+        """A request could not reach it: out of rotation at once, cooled down, probed again."""
         if self.client is None:
             return
         logger.warning("%s (%s) failed a request (%s): cooling down", self.name, self._url, exc)
@@ -417,6 +425,7 @@ class RemoteBackend(Backend):
         self._wake.set()
 
     def info(self) -> ServerInfo:
+        """A snapshot for ``AsyncEngine.servers``."""
         member = self.member
         return ServerInfo(
             name=self.name,
@@ -435,6 +444,7 @@ class RemoteBackend(Backend):
         )
 
     def recent_logs(self, n: int) -> list[str]:
+        """None: the engine does not see a remote server's output."""
         return []
 
 
