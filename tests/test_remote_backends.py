@@ -279,3 +279,25 @@ async def test_a_request_the_server_received_is_never_sent_again(
                         pass
             assert broken.posts == 1
             assert engine.servers[1].served == 0  # never re-sent to the healthy one
+
+
+async def test_the_span_of_a_retried_request_records_each_attempt(
+    two_remotes: tuple[RunningServer, RunningServer],
+) -> None:
+    from test_telemetry import Recorder
+
+    from llamatelemetry_async import TokenEvents
+
+    recorder = Recorder(TokenEvents.all())
+    try:
+        with _fake(_loading) as loading:
+            placement = Placement.remote([loading.url, two_remotes[0].url], api_key=KEY)
+            async with AsyncEngine(placement=placement, telemetry=recorder.telemetry) as engine:
+                await engine.completion("retried and traced", **GREEDY)
+        (span,) = recorder.finished()
+        attributes = dict(span.attributes or {})
+        assert attributes["llamatelemetry.request.attempts"] == 2
+        assert attributes["llamatelemetry.request.failed_attempts"] == ("remote0: HTTPStatusError",)
+        assert attributes["llamatelemetry.server.name"] == "remote1"
+    finally:
+        recorder.telemetry.shutdown()

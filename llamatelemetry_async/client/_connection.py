@@ -8,7 +8,7 @@ Two connection kinds share one sans-IO response parser (``_parser``):
 * ``_AnyioConnection``: an anyio socket stream, portable to trio (and used on asyncio
   when asked for, so both are tested side by side).
 
-``current_backend`` is the one place in the client that asks sniffio which event loop
+``current_backend`` is the one place in the client that asks which event loop
 runs.
 """
 
@@ -23,7 +23,6 @@ from typing import Final, Literal
 
 import anyio
 import anyio.abc
-import sniffio
 
 from .._errors import (
     ConnectError,
@@ -46,12 +45,18 @@ _HIGH_WATER = 4096
 
 
 def current_backend() -> Literal["asyncio", "anyio"]:
-    """The connection kind for the running event loop (the one sniffio look-up in the client).
+    """The connection kind for the running event loop (the one such look-up in the client).
 
     ``"asyncio"`` under asyncio and uvloop (anyio on asyncio included): the protocol fast
     path. ``"anyio"`` otherwise, that is under trio: portable socket streams.
     """
-    return "asyncio" if sniffio.current_async_library() == "asyncio" else "anyio"
+    # asyncio's own C look-up (~50 ns) instead of sniffio's (~2 µs): this runs per request.
+    # anyio serves only asyncio and trio, and trio runs no asyncio loop in its thread.
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return "anyio"
+    return "asyncio"
 
 
 class Connection(metaclass=abc.ABCMeta):

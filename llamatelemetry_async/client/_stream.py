@@ -404,20 +404,18 @@ class TokenStream(Generic[ChunkT]):
         return await self._next_slow()
 
     async def _next_slow(self) -> ChunkT:
+        # Another task may enter only while this one waits (opening, or for bytes).
         if self._reading:
             raise UsageError(
                 "another task is already reading this stream; read it from one task "
                 "(hand chunks to others through a memory object stream)"
             )
-        self._reading = True
-        try:
-            return await self._next_event()
-        finally:
-            self._reading = False
-
-    async def _next_event(self) -> ChunkT:
         if self._state == _NEW:
-            await self._open()
+            self._reading = True
+            try:
+                await self._open()
+            finally:
+                self._reading = False
         if self._state != _OPEN:
             return self._end_of_iteration()
         try:
@@ -443,11 +441,15 @@ class TokenStream(Generic[ChunkT]):
                     self._pos = 0
                     self._source.taken()
                     continue
-                if self._deadline is None:
-                    more = await self._source.fill()
-                else:
-                    with self._deadline_scope():
+                self._reading = True
+                try:
+                    if self._deadline is None:
                         more = await self._source.fill()
+                    else:
+                        with self._deadline_scope():
+                            more = await self._source.fill()
+                finally:
+                    self._reading = False
                 if not more:
                     if self._decoder.events:
                         continue
@@ -476,7 +478,7 @@ class TokenStream(Generic[ChunkT]):
             raise
 
     def _handle(self, payload: bytes) -> ChunkT | None:
-        if payload.startswith(b'{"error"') or (b'"error"' in payload and _is_error(payload)):
+        if payload.startswith(b'{"error"'):
             raise _stream_error(payload, self.url)
         if self._done_marker and payload == b"[DONE]":
             self._final_seen = True
@@ -500,7 +502,11 @@ class TokenStream(Generic[ChunkT]):
                     chunk.tokens_predicted,
                     chunk.tokens_evaluated + chunk.tokens_predicted,
                 )
-            return chunk if chunk.content else None
+            if chunk.content:
+                return chunk
+            if not chunk.stop and _is_error(payload):  # an error event spaced otherwise
+                raise _stream_error(payload, self.url)
+            return None
         # OpenAI shapes: the finish reason, usage and timings may come on separate chunks.
         choices = chunk.choices
         if chunk.usage is not None:
@@ -508,6 +514,8 @@ class TokenStream(Generic[ChunkT]):
         if chunk.timings is not None:
             self.timings = chunk.timings
         if not choices:
+            if chunk.usage is None and chunk.timings is None and _is_error(payload):
+                raise _stream_error(payload, self.url)  # an error event spaced otherwise
             return None
         choice = choices[0]
         if choice.finish_reason is not None:
@@ -665,7 +673,10 @@ def _loop_spawner() -> Callable[[_AsyncFn], None]:
 
 
 def _is_error(payload: bytes) -> bool:
-    """An ``{"error": ...}`` event written with other spacing (rare: the slow check)."""
+    """An ``{"error": ...}`` event written with other spacing (checked only for events that
+    carried nothing: never on the per-token path)."""
+    if b'"error"' not in payload:
+        return False
     try:
         decoded = msgspec.json.decode(payload)
     except msgspec.DecodeError:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import anyio
 
 from .._errors import EngineBusyError
+from ..client import AsyncLlamaClient
 
 __all__ = ["Member", "Router"]
 
@@ -39,7 +40,7 @@ class Member:
         "slots",
     )
 
-    def __init__(self, name: str, client: object, slots: int) -> None:
+    def __init__(self, name: str, client: AsyncLlamaClient | None, slots: int) -> None:
         self.name = name
         self.client = client
         self.slots = slots

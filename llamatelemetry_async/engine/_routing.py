@@ -114,6 +114,7 @@ class RoutedDispatcher(Dispatcher):
         router = self._ctx.router
         attempts = self._attempts(request)
         delay = _RETRY_DELAY
+        failed: list[str] = []
         for attempt in range(attempts):
             member = await router.acquire()
             backend = self._backend(member.name)
@@ -133,7 +134,7 @@ class RoutedDispatcher(Dispatcher):
                 if _not_taken(exc):
                     backend.report(exc, self._ctx)
                     if attempt + 1 < attempts and self._is_open():
-                        _note_retry(observer, attempt + 1, backend.name, exc)
+                        _note_retry(observer, failed, backend.name, exc)
                         await anyio.sleep(delay)  # backoff before the next server
                         delay *= 2
                         continue
@@ -169,13 +170,15 @@ def _completion_tokens(reply: Reply) -> int:
 
 
 def _note_retry(
-    observer: RequestObserver | None, attempt: int, server: str, exc: BaseException
+    observer: RequestObserver | None, failed: list[str], server: str, exc: BaseException
 ) -> None:
+    """Record a failed attempt on the request's span: how many, and each one's server."""
+    failed.append(f"{server}: {type(exc).__name__}")
     if observer is not None:
         observer.annotate(
             {
-                "llamatelemetry.request.attempts": attempt + 1,
-                "llamatelemetry.request.retried_after": f"{server}: {type(exc).__name__}",
+                "llamatelemetry.request.attempts": len(failed) + 1,
+                "llamatelemetry.request.failed_attempts": tuple(failed),
             }
         )
 
@@ -216,6 +219,7 @@ class _RoutedSource(Source):
         router = routes._ctx.router
         attempts = routes._attempts(self._request)
         delay = _RETRY_DELAY
+        failed: list[str] = []
         for attempt in range(attempts):
             member = await router.acquire()
             backend = self._backend = routes._backend(member.name)
@@ -231,7 +235,7 @@ class _RoutedSource(Source):
                 if _not_taken(exc):
                     backend.report(exc, routes._ctx)
                     if attempt + 1 < attempts and routes._is_open():
-                        _note_retry(self._observer, attempt + 1, backend.name, exc)
+                        _note_retry(self._observer, failed, backend.name, exc)
                         await anyio.sleep(delay)  # backoff before the next server
                         delay *= 2
                         continue
