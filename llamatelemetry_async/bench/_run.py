@@ -10,15 +10,15 @@ import math
 import platform
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol
+from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 
 from .._errors import APIError, LlamaError, RemoteProtocolError, UsageError
 from .._groups import single_error
 from .._version import __version__
-from ..client import AsyncLlamaClient, TokenStream
+from ..client import AsyncLlamaClient, RequestMethods, TokenStream
 from ..engine import AsyncEngine
 from ..gpu import GPUSample, GPUSampler, visible_gpus
 from ._config import BenchConfig, BenchPrompt
@@ -33,22 +33,13 @@ __all__ = ["run_bench"]
 Target = str | AsyncLlamaClient | AsyncEngine
 
 
-class _Facts(Protocol):
-    """What the run asks a target besides streams (a client or an engine both answer)."""
-
-    async def tokenize(self, content: str) -> list[int]: ...
-    async def props(self) -> dict[str, Any]: ...
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Target:
-    """One way to open streams, whatever the target is."""
+    """What the run drives: a client or an engine (one method set), and how to name it."""
 
     kind: str
     url: str | None
-    completion: Callable[..., TokenStream[Any]]
-    chat: Callable[..., TokenStream[Any]]
-    client: _Facts | None  # for /tokenize and /props; None when there is none
+    api: RequestMethods
     engine: AsyncEngine | None = None
 
 
@@ -115,11 +106,11 @@ async def _open_target(target: Target, api_key: str | None) -> AsyncIterator[_Ta
 
 
 def _client_target(client: AsyncLlamaClient, kind: str) -> _Target:
-    return _Target(kind, str(client.base_url), client.stream, client.stream_chat, client)
+    return _Target(kind, str(client.base_url), client)
 
 
 def _engine_target(engine: AsyncEngine) -> _Target:
-    return _Target("engine", None, engine.stream, engine.stream_chat, engine, engine)
+    return _Target("engine", None, engine, engine)
 
 
 async def _sampler_for(
@@ -269,9 +260,12 @@ class _Run:
             params["ignore_eos"] = True
         if prompt.messages is not None or config.endpoint == "chat":
             messages = prompt.messages or ({"role": "user", "content": prompt.prompt},)
-            stream = target.chat(messages, max_tokens=max_tokens, **params)
+            stream: TokenStream[Any] = target.api.stream_chat(
+                messages, max_tokens=max_tokens, **params
+            )
         else:
-            stream = target.completion(prompt.prompt, n_predict=max_tokens, **params)
+            assert prompt.prompt is not None  # a BenchPrompt without messages has a prompt
+            stream = target.api.stream(prompt.prompt, n_predict=max_tokens, **params)
         index, self.sent = self.sent, self.sent + 1
         clock = time.perf_counter
         times = array.array("d")  # 8 bytes a chunk, no float object kept
@@ -316,11 +310,10 @@ class _Run:
     # ----------------------------------------------------------------- context
     async def _vocabulary(self) -> list[int] | None:
         """The token ids of WORDS, or None when the server cannot tokenize."""
-        client = self.target.client
-        if self.config.prompts is not None or client is None:
+        if self.config.prompts is not None:
             return None
         try:
-            return await client.tokenize(" " + " ".join(WORDS))
+            return await self.target.api.tokenize(" " + " ".join(WORDS))
         except (APIError, RemoteProtocolError):  # not a llama-server: approximate lengths
             return None
 
@@ -336,16 +329,15 @@ class _Run:
             ]
             env["model"] = target.engine.model_name
         env["llama_server"] = None
-        if target.client is not None:
-            try:
-                props = await target.client.props()
-            except (APIError, RemoteProtocolError) as exc:  # not every server has /props
-                env["props_error"] = f"{type(exc).__name__}: {exc}"
-            else:
-                env["llama_server"] = props.get("build_info")
-                model = props.get("model_alias") or props.get("model_path")
-                env.setdefault("model", str(model).rsplit("/", 1)[-1] if model else None)
-                env["slots"] = props.get("total_slots")
+        try:
+            props = await target.api.props()
+        except (APIError, RemoteProtocolError) as exc:  # not every server has /props
+            env["props_error"] = f"{type(exc).__name__}: {exc}"
+        else:
+            env["llama_server"] = props.get("build_info")
+            model = props.get("model_alias") or props.get("model_path")
+            env.setdefault("model", str(model).rsplit("/", 1)[-1] if model else None)
+            env["slots"] = props.get("total_slots")
         return env
 
     def _gpu_samples(
