@@ -21,6 +21,7 @@ import pytest
 
 from llamatelemetry_async import (
     AsyncLlamaClient,
+    ClientClosedError,
     ConnectError,
     HTTPStatusError,
     LlamaError,
@@ -546,3 +547,51 @@ def test_mapping_keeps_our_own_error_from_the_transport() -> None:
     wrapped = httpx.ReadError("wrapped")
     wrapped.__cause__ = ours  # as `raise httpx.ReadError(...) from ours` leaves it
     assert map_httpx_error(wrapped) is ours
+
+
+async def test_a_connection_made_while_the_pool_closes_is_closed_not_used(
+    client_backend: Backend,
+) -> None:
+    """``aclose()`` while a request is still connecting: that connection must not be used."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    # A full accept queue makes the kernel drop SYNs: the pool's connect waits in flight.
+    fillers = []
+    for _ in range(2):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    pool = ConnectionPool(backend=client_backend)
+    timeouts = Timeouts(connect=20, read=5, write=5, pool=5)
+    head = b"POST /completion HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n"
+    errors: list[BaseException] = []
+    accepted: list[socket.socket] = []
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def request() -> None:
+                try:
+                    await pool.request("127.0.0.1", port, head, b"{}", timeouts)
+                except ClientClosedError as exc:
+                    errors.append(exc)
+
+            tg.start_soon(request)
+            await anyio.wait_all_tasks_blocked()
+            await pool.aclose()
+            # Room in the queue again: the SYN is retried and the connect completes.
+            listener.setblocking(False)
+            with anyio.fail_after(_TIMEOUT):
+                while not errors:
+                    try:
+                        accepted.append(listener.accept()[0])
+                    except BlockingIOError:
+                        await anyio.sleep(0.05)  # polling a non-blocking accept
+        assert len(errors) == 1
+        assert pool.stats.active == 0
+    finally:
+        for sock in fillers + accepted:
+            sock.close()
+        listener.close()

@@ -185,6 +185,10 @@ class ConnectionPool:
     ) -> Connection:
         conn = await open_connection(origin, self._backend, timeout, head)
         self._opened += 1
+        if self._closed:  # aclose() ran while this one connected: it must not outlive it
+            with anyio.CancelScope(shield=True):
+                await conn.aclose()
+            raise ClientClosedError("the client was closed")
         self._all.add(conn)
         return conn
 
