@@ -8,6 +8,7 @@ exceptions that escape the library's tree (D6).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import socket
 import threading
@@ -595,3 +596,23 @@ async def test_a_connection_made_while_the_pool_closes_is_closed_not_used(
         for sock in fillers + accepted:
             sock.close()
         listener.close()
+
+
+@pytest.mark.parametrize("own_httpx", [False, True], ids=["pool", "httpx"])
+async def test_headers_merge_whatever_their_case(
+    serve: Callable[[Handler], Server], client_backend: Backend, own_httpx: bool
+) -> None:
+    server = serve(_health_ok)
+    headers = {"host": "h.example", "user-agent": "mine/1"}
+    async with contextlib.AsyncExitStack() as stack:
+        http = await stack.enter_async_context(httpx.AsyncClient()) if own_httpx else None
+        client = await stack.enter_async_context(
+            AsyncLlamaClient(server.url, headers=headers, http_client=http, backend=client_backend)
+        )
+        await client.health(extra_headers={"HOST": "per.request", "x-one": "1"})
+    (request,) = server.requests
+    lines = [line.lower() for line in request.head.split(b"\r\n")[1:]]
+    hosts = [line for line in lines if line.startswith(b"host:")]
+    agents = [line for line in lines if line.startswith(b"user-agent:")]
+    assert hosts == [b"host: per.request"]  # one Host: the request's own wins
+    assert agents == [b"user-agent: mine/1"]  # the client's replaces the library's

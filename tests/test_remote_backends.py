@@ -22,9 +22,11 @@ from _procs import gone
 from llamatelemetry_async import (
     AsyncEngine,
     AsyncLlamaClient,
+    ConnectError,
     LlamaError,
     Placement,
     ServerConfig,
+    ServerUnavailableError,
 )
 from llamatelemetry_async.testing._server import RunningServer, run_llama_server
 
@@ -112,7 +114,7 @@ async def test_a_killed_remote_is_routed_around_and_comes_back_on_its_port(
     print(f"six requests around a killed remote in {rerouted:.2f} s")
 
 
-async def test_a_stopped_remote_is_marked_unresponsive_and_routed_around(
+async def test_a_stopped_remote_is_cooled_down_and_routed_around(
     two_remotes: tuple[RunningServer, RunningServer],
 ) -> None:
     a, b = two_remotes
@@ -120,7 +122,8 @@ async def test_a_stopped_remote_is_marked_unresponsive_and_routed_around(
     async with AsyncEngine(placement=placement, health_interval=0.1) as engine:
         os.killpg(a.pid, signal.SIGSTOP)
         try:
-            await _wait_for(lambda: engine.servers[0].state == "unresponsive")
+            # A remote that stops answering its probe is cooled down: no new requests.
+            await _wait_for(lambda: engine.servers[0].state == "unreachable")
             before = engine.servers[0].served
             for _ in range(4):
                 with anyio.fail_after(20):
@@ -301,3 +304,88 @@ async def test_the_span_of_a_retried_request_records_each_attempt(
         assert attributes["llamatelemetry.server.name"] == "remote1"
     finally:
         recorder.telemetry.shutdown()
+
+
+async def test_a_remote_that_refuses_the_key_fails_requests_instead_of_hanging(
+    tiny_model: Path,
+) -> None:
+    with _remote(tiny_model) as server:
+        placement = Placement.remote([server.url], api_key="not-the-key")
+        async with AsyncEngine(placement=placement, max_start_failures=2) as engine:
+            # /health needs no key, /props does: it must not sit half-admitted forever.
+            with anyio.fail_after(20), pytest.raises(ServerUnavailableError):
+                await engine.completion("hi", **GREEDY)
+            info = engine.servers[0]
+            assert info.state == "failed"
+            assert "/props" in (info.last_error or "")
+
+
+async def test_a_lone_remote_that_dies_idle_fails_requests_with_a_reason(
+    tiny_model: Path,
+) -> None:
+    with _remote(tiny_model) as server:
+        placement = Placement.remote([server.url], api_key=KEY)
+        async with AsyncEngine(
+            placement=placement, max_start_failures=2, health_interval=0.1
+        ) as engine:
+            await engine.completion("before", **GREEDY)
+            os.killpg(server.pid, signal.SIGKILL)
+            server.process.wait()
+            with anyio.fail_after(20), pytest.raises(ServerUnavailableError):
+                await engine.completion("after", **GREEDY)
+
+
+async def test_a_remote_that_comes_back_brings_its_new_slot_count(tiny_model: Path) -> None:
+    with _remote(tiny_model) as server:
+        port = server.port
+        async with AsyncEngine(
+            placement=Placement.remote([server.url], api_key=KEY), health_interval=0.1
+        ) as engine:
+            assert engine.servers[0].slots == 2
+            os.killpg(server.pid, signal.SIGKILL)
+            server.process.wait()
+            await _wait_for(lambda: engine.servers[0].state != "ready")
+            args = ["-np", "3", "-c", "1024", "--port", str(port)]
+            with run_llama_server(tiny_model, args=args, env={"LLAMA_API_KEY": KEY}):
+                await _wait_for(lambda: engine.servers[0].state == "ready")
+                assert engine.servers[0].slots == 3
+
+
+async def test_cooling_a_remote_down_leaves_its_streams_in_flight_alone(
+    two_remotes: tuple[RunningServer, RunningServer],
+) -> None:
+    a, b = two_remotes
+    placement = Placement.remote([a.url, b.url], api_key=KEY)
+    async with AsyncEngine(placement=placement) as engine:
+        async with engine.stream("a long one", n_predict=48, ignore_eos=True) as stream:
+            await stream.__anext__()
+            served_by = stream.url
+            backend = next(x for x in engine._backends if served_by.startswith(x.url or "-"))
+            # What a refused request on the same server does: out of rotation at once.
+            backend.report(ConnectError("refused"), engine._ctx)
+            assert backend.info().state != "ready"
+            rest = [chunk async for chunk in stream]
+        assert 1 + len(rest) == 48  # the stream in flight finished on the cooled-down server
+
+
+async def test_fan_out_skips_servers_that_are_down(
+    two_remotes: tuple[RunningServer, RunningServer],
+) -> None:
+    a, b = two_remotes
+    placement = Placement.remote([a.url, b.url], api_key=KEY)
+    async with AsyncEngine(placement=placement, health_interval=0.1) as engine:
+        os.killpg(a.pid, signal.SIGKILL)
+        a.process.wait()
+        await _wait_for(lambda: engine.servers[0].state != "ready")
+        health = await engine.each_server(lambda client: client.health())
+        assert list(health) == ["remote1"]
+        await engine.set_lora_adapters({})  # the live server only; no ConnectError
+
+
+def test_a_connect_timeout_counts_as_not_taken() -> None:
+    from llamatelemetry_async import ConnectTimeout, ReadError
+    from llamatelemetry_async.engine._routing import _not_taken
+
+    assert _not_taken(ConnectTimeout("slow connect"))
+    assert _not_taken(ConnectError("refused"))
+    assert not _not_taken(ReadError("the request was written"))

@@ -171,13 +171,21 @@ class HttpDispatcher(Dispatcher):
         """The built-in pool's counters (``None`` on the httpx path)."""
         return self.pool.stats if self.pool is not None else None
 
-    def _headers(self, stream: bool, body: bool, options: RequestOptions) -> dict[str, str]:
-        """Every header of a request, in one place (the pool's static heads come from here)."""
-        headers = {"Host": self._host_header(), **self._base_headers}
+    def _headers(
+        self, stream: bool, body: bool, options: RequestOptions, *, host: bool = True
+    ) -> dict[str, str]:
+        """Every header of a request, in one place (the pool's static heads come from here).
+
+        The library's defaults, then the client's headers, then this request's: each layer
+        replaces a name of the one below whatever its case. ``host=False`` for httpx, which
+        writes Host from the URL (unless the caller set one).
+        """
+        defaults = {"Host": self._host_header()} if host else {}
         if stream:
-            headers.update(_STREAM_HEADERS)
+            defaults.update(_STREAM_HEADERS)
         elif body:
-            headers.update(_JSON_HEADERS)
+            defaults.update(_JSON_HEADERS)
+        headers = merge_headers(defaults, self._base_headers)
         if options.headers is not None:
             headers = merge_headers(headers, options.headers)
         return headers
@@ -208,8 +216,7 @@ class HttpDispatcher(Dispatcher):
 
     def _httpx_request(self, request: Request, payload: bytes | None) -> httpx.Request:
         assert self._http is not None
-        headers = self._headers(request.stream, payload is not None, request.options)
-        del headers["Host"]  # httpx writes it from the URL
+        headers = self._headers(request.stream, payload is not None, request.options, host=False)
         return self._http.build_request(
             request.method,
             self.origin + self._target(request.path),

@@ -36,6 +36,7 @@ __all__ = ["Backend", "BackendContext", "LocalBackend", "RemoteBackend", "Server
 logger = logging.getLogger("llamatelemetry_async.engine")
 
 _PROBE_TIMEOUT = 1.0
+_ADMIT_TIMEOUT = 5.0  # /props and the engine's preparations of a server that came back
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,11 +147,13 @@ class Backend(abc.ABC):
         return base
 
     # ----------------------------------------------------------------- shared
-    async def _serve(self, ctx: BackendContext, client: AsyncLlamaClient) -> None:
-        """Take ``client`` into service: its slots from /props, the engine's preparations."""
-        self.client = self.member.client = client
+    async def _admit(self, ctx: BackendContext, client: AsyncLlamaClient) -> None:
+        """Into service through ``client``: slots from /props (again each time it comes
+        back), the engine's preparations (LoRA scales), then routing."""
         props = await client.props()
-        self.member.slots = max(1, int(props.get("total_slots", 1)))
+        slots = props.get("total_slots")
+        # A server that is not llama-server (or a hostile one) may send anything here.
+        self.member.slots = slots if isinstance(slots, int) and slots > 0 else 1
         await ctx.on_ready(client)
         self.failures = 0
         self.last_error = None
@@ -272,7 +275,8 @@ class LocalBackend(Backend):
         async def on_ready() -> None:
             assert process.url is not None
             member.exited = process.exited
-            await self._serve(ctx, ctx.client(process.url, self._api_key))
+            client = self.client = member.client = ctx.client(process.url, self._api_key)
+            await self._admit(ctx, client)  # a failure fails this start: _retire closes it
 
         while True:
             began = time.monotonic()
@@ -367,61 +371,75 @@ class RemoteBackend(Backend):
         return self._url
 
     async def run(self, ctx: BackendContext, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        """Probe, serve, cool down and probe again, until cancelled; the server keeps running."""
+        """Probe, serve, cool down and probe again, until cancelled; the server keeps running.
+
+        One client for the backend's whole life: cooling down stops new requests, never the
+        ones in flight (their connections fail or finish on their own).
+        """
         interval = ctx.health_interval if ctx.health_interval is not None else 0.5
         cooldown = interval
         started = False
+        client = self.client = self.member.client = ctx.client(self._url, self._api_key)
         try:
             while True:
-                client = ctx.client(self._url, self._api_key)
-                try:
-                    problem = await probe(client)
-                    if problem is None:
-                        await self._serve(ctx, client)
-                        self.state_text = "ready"
-                except LlamaError as exc:
-                    problem = str(exc)
-                if self.client is None:
-                    await client.aclose()
+                problem = await probe(client)
+                if problem is None:
+                    try:
+                        with anyio.fail_after(_ADMIT_TIMEOUT):
+                            await self._admit(ctx, client)
+                    except (LlamaError, TimeoutError) as exc:
+                        problem = f"it answers /health but not /props: {exc}"
+                if problem is None:
+                    self.state_text = "ready"
+                else:
                     self.state_text = "unreachable"
-                    self._failed(ctx, _Problem(problem or "unreachable"))
+                    self._failed(ctx, _Problem(problem))
                     logger.warning("%s (%s): %s", self.name, self._url, self.last_error)
                 if not started:
                     started = True
                     task_status.started()
-                if self.client is not None:
+                if problem is None:
                     served = time.monotonic()
-                    await self._watch_until_down(ctx, interval)
+                    await self._watch_until_down(ctx, client, interval)
+                    ctx.router.set_ready(self.member, False)
+                    self.state_text = "unreachable"
                     if time.monotonic() - served > 30:
                         cooldown = interval  # it served a while: this failure is news
                 # Cooled down before the next probe, longer each time it fails again.
                 await anyio.sleep(cooldown)
                 cooldown = min(cooldown * 2, self._max_cooldown)
         finally:
-            await self._retire(ctx)
+            ctx.router.set_ready(self.member, False)
+            self.client = self.member.client = None
+            ctx.on_down(self.name)
+            with anyio.CancelScope(shield=True):
+                await client.aclose()
 
-    async def _watch_until_down(self, ctx: BackendContext, interval: float) -> None:
-        """Watch a serving remote until a request or probe finds it gone (then cool down)."""
-        self._wake = anyio.Event()
-        with anyio.CancelScope() as scope:
-
-            async def woken() -> None:
-                await self._wake.wait()
-                scope.cancel()
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(woken)
-                await self._watch(ctx, interval, on_hang=lambda: None)
-        await self._retire(ctx)
-        self.state_text = "unreachable"
+    async def _watch_until_down(
+        self, ctx: BackendContext, client: AsyncLlamaClient, interval: float
+    ) -> None:
+        """Probe a serving remote until a probe fails or a request reports it (``report``)."""
+        wake = self._wake = anyio.Event()
+        while True:
+            # A polling period, not synchronisation: probes are cheap, a busy server often.
+            with anyio.move_on_after(interval if self.member.outstanding else interval * 4):
+                await wake.wait()
+            if wake.is_set():
+                return
+            problem = await probe(client)
+            if problem is not None:
+                logger.warning("%s (%s): %s; cooling down", self.name, self._url, problem)
+                self.last_error = problem
+                return
 
     def report(self, exc: LlamaError, ctx: BackendContext) -> None:
         """A request could not reach it: out of rotation at once, cooled down, probed again."""
-        if self.client is None:
-            return
+        if not self.member.ready:
+            return  # cooling down already
         logger.warning("%s (%s) failed a request (%s): cooling down", self.name, self._url, exc)
         self.last_error = str(exc).splitlines()[0]
         ctx.router.set_ready(self.member, False)  # at once: no request waits for the probe
+        self.state_text = "unreachable"
         self._wake.set()
 
     def info(self) -> ServerInfo:

@@ -483,7 +483,11 @@ class AsyncEngine(RequestMethods, anyio.AsyncContextManagerMixin):
         raise KeyError(name)
 
     def _ready_clients(self) -> list[tuple[str, AsyncLlamaClient]]:
-        return [(b.name, b.client) for b in self._backends if b.client is not None]
+        return [
+            (b.name, b.client)
+            for b in self._backends
+            if b.client is not None and b.member.ready and b.member.healthy
+        ]
 
     def _check_open(self) -> None:
         if not self._open:

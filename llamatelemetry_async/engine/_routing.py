@@ -20,26 +20,35 @@ import msgspec
 from .._errors import (
     ClientClosedError,
     ConnectError,
+    ConnectTimeout,
     EngineError,
     HTTPStatusError,
     LlamaError,
     ReadError,
     RemoteProtocolError,
 )
-from ..client import Dispatcher, Reply, Request, RequestObserver, Source, TokenStream
+from ..client import (
+    AsyncLlamaClient,
+    Dispatcher,
+    Reply,
+    Request,
+    RequestObserver,
+    Source,
+    TokenStream,
+)
 from ._backends import Backend, BackendContext
 from ._energy_book import EnergyBook
 
 __all__ = ["RoutedDispatcher"]
 
 # What a dying server (or the engine closing its connections) looks like to a reader.
-_BROKEN = (ReadError, ConnectError, ClientClosedError, RemoteProtocolError)
+_BROKEN = (ReadError, ConnectError, ConnectTimeout, ClientClosedError, RemoteProtocolError)
 _RETRY_DELAY = 0.05  # first backoff between attempts; doubles
 
 
 def _not_taken(exc: LlamaError) -> bool:
     """True if the server provably did not take the request: safe to send elsewhere."""
-    if isinstance(exc, ConnectError | ClientClosedError):
+    if isinstance(exc, ConnectError | ConnectTimeout | ClientClosedError):
         return True
     return isinstance(exc, HTTPStatusError) and exc.status_code == 503
 
@@ -122,8 +131,7 @@ class RoutedDispatcher(Dispatcher):
             energy = self._energy()
             key = energy.begin(backend.gpus, lambda: 0) if energy is not None else None
             try:
-                client = backend.client
-                assert client is not None
+                client = _client_of(backend)
                 if observer is not None:
                     observer.on_server(backend.url or "", backend.name, backend.gpus)
                 reply = await client.dispatcher.send(request, None)
@@ -159,6 +167,14 @@ class RoutedDispatcher(Dispatcher):
             client = backend.client
             if client is not None:
                 await client.aclose()
+
+
+def _client_of(backend: Backend) -> AsyncLlamaClient:
+    """The backend's client; gone if it left service while a request waited for it."""
+    client = backend.client
+    if client is None:
+        raise ClientClosedError(f"server {backend.name} left service before the request")
+    return client
 
 
 def _completion_tokens(reply: Reply) -> int:
@@ -225,8 +241,7 @@ class _RoutedSource(Source):
             backend = self._backend = routes._backend(member.name)
             self._release = router.releaser(member)
             try:
-                client = backend.client
-                assert client is not None
+                client = _client_of(backend)
                 inner = self._inner = client.dispatcher.open_stream(self._request, None)
                 self.url = inner.url
                 await inner.open(sink, backlog)
