@@ -7,6 +7,7 @@ one signature and one return type wherever it is called.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -73,7 +74,7 @@ class _Prompt(msgspec.Struct, frozen=True):
     prompt: str = ""
 
 
-class RequestMethods:
+class RequestMethods(abc.ABC):
     """Every llama-server endpoint as a method; subclasses say where requests go.
 
     Every method takes, as keywords, ``timeout=`` (this request only), ``extra_headers=``
@@ -92,9 +93,9 @@ class RequestMethods:
     _model_name: str | None = None  # named on the spans of an engine's requests
     instrumentation: Instrumentation | None = None
 
+    @abc.abstractmethod
     def _check_open(self) -> None:
         """Raise if requests can no longer be made (a closed client or engine)."""
-        raise NotImplementedError
 
     def _options(
         self,

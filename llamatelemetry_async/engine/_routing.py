@@ -122,7 +122,6 @@ class RoutedDispatcher(Dispatcher):
                 raise await self.failure(backend, exc) from exc
         router = self._ctx.router
         attempts = self._attempts(request)
-        delay = _RETRY_DELAY
         failed: list[str] = []
         for attempt in range(attempts):
             member = await router.acquire()
@@ -139,16 +138,8 @@ class RoutedDispatcher(Dispatcher):
                 release()
                 if energy is not None:
                     energy.end(key, 0)
-                if _not_taken(exc):
-                    backend.report(exc, self._ctx)
-                    if attempt + 1 < attempts and self._is_open():
-                        _note_retry(observer, failed, backend.name, exc)
-                        await anyio.sleep(delay)  # backoff before the next server
-                        delay *= 2
-                        continue
-                if isinstance(exc, HTTPStatusError):
-                    raise
-                raise await self.failure(backend, exc) from exc
+                await self.next_attempt(backend, exc, attempt, attempts, failed, observer)
+                continue
             except BaseException:
                 release()
                 if energy is not None:
@@ -161,6 +152,31 @@ class RoutedDispatcher(Dispatcher):
                     observer.annotate(figures)
             return reply
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def next_attempt(
+        self,
+        backend: Backend,
+        exc: LlamaError,
+        attempt: int,
+        attempts: int,
+        failed: list[str],
+        observer: RequestObserver | None,
+    ) -> None:
+        """After attempt ``attempt`` failed with ``exc``: return (after a backoff) to try
+        another server, or raise what the failure means.
+
+        Only a request the server provably did not take is tried again; one that reached it
+        is never sent twice (a prompt that crashes llama-server must not take down another).
+        """
+        if _not_taken(exc):
+            backend.report(exc, self._ctx)
+            if attempt + 1 < attempts and self._is_open():
+                _note_retry(observer, failed, backend.name, exc)
+                await anyio.sleep(_RETRY_DELAY * 2**attempt)  # backoff before the next server
+                return
+        if isinstance(exc, HTTPStatusError):
+            raise exc
+        raise await self.failure(backend, exc) from exc
 
     async def aclose(self) -> None:
         for backend in self.backends:
@@ -234,7 +250,6 @@ class _RoutedSource(Source):
         routes = self._routes
         router = routes._ctx.router
         attempts = routes._attempts(self._request)
-        delay = _RETRY_DELAY
         failed: list[str] = []
         for attempt in range(attempts):
             member = await router.acquire()
@@ -247,17 +262,8 @@ class _RoutedSource(Source):
                 await inner.open(sink, backlog)
             except (*_BROKEN, HTTPStatusError) as exc:
                 self._release()
-                if _not_taken(exc):
-                    backend.report(exc, routes._ctx)
-                    if attempt + 1 < attempts and routes._is_open():
-                        _note_retry(self._observer, failed, backend.name, exc)
-                        await anyio.sleep(delay)  # backoff before the next server
-                        delay *= 2
-                        continue
-                if isinstance(exc, HTTPStatusError):
-                    raise
-                # The request reached the server (a crash during prefill): never sent twice.
-                raise await routes.failure(backend, exc) from exc
+                await routes.next_attempt(backend, exc, attempt, attempts, failed, self._observer)
+                continue
             except BaseException:
                 self._release()
                 raise
