@@ -1,4 +1,5 @@
-"""``serve``: an engine in the foreground until Ctrl-C or SIGTERM, which stop it cleanly."""
+"""``serve``: an engine behind its front door (or, ``--servers-only``, each server's own URL)
+in the foreground until Ctrl-C or SIGTERM, which stop it cleanly."""
 
 from __future__ import annotations
 
@@ -30,18 +31,21 @@ __all__ = ["add_parser"]
 
 _EPILOG = """\
 examples:
-  llamatelemetry-async serve model.gguf                       one server per GPU, or the CPU
-  llamatelemetry-async serve model.gguf --preset kaggle-t4x2  one server per T4
-  llamatelemetry-async serve model.gguf --preset kaggle-t4x2-pair:60/40
+  llamatelemetry-async serve model.gguf --port 8080           one URL in front of every server
+  llamatelemetry-async serve model.gguf --preset kaggle-t4x2  one server per T4, one front door
   llamatelemetry-async serve model.gguf --placement cpu:2 --parallel 4 --ctx-size 8192
-  LLAMA_API_KEY=s3cret llamatelemetry-async serve model.gguf --api-key-env LLAMA_API_KEY \\
-      --port 8080 --placement cpu:1
+  llamatelemetry-async serve --remote http://10.0.0.5:8080 --remote-api-key-env REMOTE_KEY
+  FRONT_KEYS=k1,k2 llamatelemetry-async serve model.gguf --api-key-env FRONT_KEYS
+  llamatelemetry-async serve model.gguf --servers-only        each server's own URL, no front door
 
-Each server binds a free port (or --port, for a single server) and prints its URL. Clients
-present the API key as `Authorization: Bearer KEY`. By default the key is random and saved
-in a private file (0600) that is removed on exit; its path is printed.
+The front door (default port 8080) is OpenAI-compatible: point a client at
+http://HOST:PORT/v1 with the API key as its key (`Authorization: Bearer KEY`). The servers
+behind it listen on free loopback ports with keys of their own. By default the front door's
+key is random and saved in a private file (0600) that is removed on exit; its path is printed.
+/health needs no key. --no-auth serves without a key (say it explicitly).
 
-Ctrl-C (SIGINT) or SIGTERM stops every server, reaps it, and exits 0.
+SIGTERM or Ctrl-C drains: /health and new requests get 503, requests in flight may finish
+for --drain-timeout seconds, then every server stops and is reaped, and the command exits 0.
 """
 
 
@@ -49,30 +53,68 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     serve = sub.add_parser(
         "serve",
         parents=[common],
-        help="run llama-servers in the foreground until Ctrl-C",
-        description="Start an engine of llama-servers on MODEL and keep them running "
-        "(restarted if they crash) until Ctrl-C or SIGTERM.",
+        help="serve MODEL behind one OpenAI-compatible URL until Ctrl-C",
+        description="Start an engine of llama-servers on MODEL (restarted if they crash) and "
+        "serve one OpenAI-compatible front door in front of them until Ctrl-C or SIGTERM.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument(
-        "model", metavar="MODEL", help="a .gguf path, owner/repo:file.gguf or a registry name"
+        "model",
+        metavar="MODEL",
+        nargs="?",
+        help="a .gguf path, owner/repo:file.gguf or a registry name (none with --remote only)",
     )
     add_placement_options(serve)
-    net = serve.add_argument_group("network and API key")
+    remote = serve.add_argument_group("servers the engine did not start")
+    remote.add_argument(
+        "--remote",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a running llama-server to route to as well (repeat for several)",
+    )
+    remote.add_argument("--remote-api-key-env", metavar="VAR", help="their API key, from $VAR")
+    net = serve.add_argument_group("network and API keys")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
     net.add_argument(
         "--port",
         type=int,
-        default=0,
-        help="port to bind, with a single server only (default 0: a free port each)",
+        default=None,
+        help="port of the front door (default 8080; 0 picks a free one); with --servers-only, "
+        "the port of a single server",
     )
     keys = net.add_mutually_exclusive_group()
-    keys.add_argument("--api-key-env", metavar="VAR", help="take the API key from $VAR")
+    keys.add_argument(
+        "--api-key-env", metavar="VAR", help="take the API key(s) from $VAR (comma-separated)"
+    )
     keys.add_argument(
         "--api-key-file",
         metavar="PATH",
-        help="write the (random) API key to PATH, readable only by you, and keep it",
+        help="read the API keys from PATH (one per line); if it does not exist, write a random "
+        "key there, readable only by you, and keep it",
+    )
+    keys.add_argument(
+        "--no-auth", action="store_true", help="serve the front door without an API key"
+    )
+    net.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds requests in flight may take to finish on SIGTERM (default 30)",
+    )
+    net.add_argument(
+        "--max-waiting",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="requests that may wait for a free slot; beyond, 429 (default 10000)",
+    )
+    net.add_argument(
+        "--servers-only",
+        action="store_true",
+        help="no front door: print each server's own URL (they then bind --host)",
     )
     serve.add_argument(
         "--ready-timeout",
@@ -85,8 +127,22 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    if not 0 <= args.port <= 65535:
+    if args.port is not None and not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be 0..65535, got {args.port}")
+    if args.model is None and not args.remote:
+        raise UsageError("serve needs MODEL, or --remote URL for servers already running")
+    if args.servers_only:
+        if args.remote:
+            raise UsageError("--servers-only starts servers of its own; leave out --remote")
+        if args.no_auth:
+            raise UsageError("--no-auth is for the front door; the servers always have a key")
+        return _servers_only(args)
+    from ._door import serve_door
+
+    return serve_door(args)
+
+
+def _servers_only(args: argparse.Namespace) -> int:
     key = api_key_from(args.api_key_env, None)
     with private_dir("llamatelemetry-serve-") as tmp:
         if key is not None:
@@ -107,12 +163,13 @@ async def _run(args: argparse.Namespace, key: str, key_source: str) -> int:
 
     model = await resolve(args.model)
     placement = placement_from(args)
-    if args.port:
+    port = args.port or 0
+    if port:
         gpus = await anyio.to_thread.run_sync(visible_gpus)
         count = len(placement.plans(gpus))
         if count != 1:
             raise UsageError(
-                f"--port {args.port} needs a single server, and this placement starts {count}; "
+                f"--port {port} needs a single server, and this placement starts {count}; "
                 "use --placement cpu:1 or --preset single-gpu, or leave --port out "
                 "(each server then binds a free port and prints its URL)"
             )
@@ -121,7 +178,7 @@ async def _run(args: argparse.Namespace, key: str, key_source: str) -> int:
         n_parallel=args.parallel,
         n_gpu_layers=args.n_gpu_layers,
         host=args.host,
-        port=args.port,
+        port=port,
         api_key=key,
     )
     stopped_by: list[str] = []

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 
-from .._errors import ConfigError, RemoteProtocolError
+from .._errors import ConfigError, RemoteProtocolError, UsageError
 from ._dispatch import Dispatcher, Reply, Request
 from ._observe import Instrumentation, Outcome, RequestObserver
 from ._params import (
@@ -72,6 +72,37 @@ class _Content(msgspec.Struct, frozen=True):
 
 class _Prompt(msgspec.Struct, frozen=True):
     prompt: str = ""
+
+
+class _Route(NamedTuple):
+    slot: bool  # a generation request: it takes one of a server's slots
+    operation: str | None = None  # the GenAI operation, for requests that are observed
+    chunk: type[Any] | None = None  # the chunk type of its stream, if it streams
+    result: type[Any] | None = None  # the type of its whole answer
+
+
+_COMPLETION = _Route(True, "text_completion", CompletionChunk, Completion)
+_CHAT = _Route(True, "chat", ChatChunk, ChatCompletion)
+_TEXT = _Route(True, "text_completion", TextCompletionChunk, TextCompletion)
+_SLOT = _Route(True)
+
+# The paths ``forward()`` treats as generation requests (llama-server's aliases included);
+# any other path goes to any ready server.
+_FORWARD: dict[str, _Route] = {
+    "/completion": _COMPLETION,
+    "/completions": _COMPLETION,
+    "/infill": _COMPLETION,
+    "/v1/completions": _TEXT,
+    "/v1/chat/completions": _CHAT,
+    "/chat/completions": _CHAT,
+    "/embedding": _SLOT,
+    "/embeddings": _SLOT,
+    "/v1/embeddings": _SLOT,
+    "/rerank": _SLOT,
+    "/reranking": _SLOT,
+    "/v1/rerank": _SLOT,
+    "/v1/reranking": _SLOT,
+}
 
 
 class RequestMethods(abc.ABC):
@@ -522,6 +553,60 @@ class RequestMethods(abc.ABC):
         except msgspec.DecodeError:
             return response.text
 
+    # ----------------------------------------------------------------- relaying
+    async def forward(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        timeout: TimeoutTypes | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+        retries: int | None = None,
+    ) -> Reply:
+        """Send a request another client made, unchanged, and return the raw ``Reply``.
+
+        For a proxy (the front door): ``body`` (decoded JSON) is sent as it is, with no
+        parameter checks, and the reply body comes back as the server wrote it. Generation
+        paths (completions, chat, infill, embeddings, rerank) take a slot as their methods
+        do, and completions and chat are observed by the instrumentation; other paths go to
+        any ready server. A 4xx/5xx answer raises ``HTTPStatusError`` with the server's body.
+        """
+        route = _FORWARD.get(path)
+        options = request_options(timeout, None, extra_headers, None, retries)
+        if route is None or not route.slot:
+            return await self._send(method, path, body, options)
+        if route.operation is None or route.result is None or not isinstance(body, dict):
+            return await self._send(method, path, body, options, slot=True)
+        reply, _ = await self._generate(route.operation, path, body, route.result, options)
+        return reply
+
+    def forward_stream(
+        self,
+        path: str,
+        body: Mapping[str, Any],
+        *,
+        timeout: TimeoutTypes | None = None,
+        deadline: float | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+        retries: int | None = None,
+    ) -> TokenStream[Any]:
+        """Stream a request another client made, unchanged (``stream: true`` is set).
+
+        The stream's ``raw`` list collects every event's payload as the server sent it, for a
+        relay to send on; the chunks, ``usage``, ``timings`` and the telemetry are those of
+        the matching method (``stream``, ``stream_chat``, ...). ``path`` is one of
+        ``/completion``, ``/infill``, ``/v1/completions`` and ``/v1/chat/completions``.
+        """
+        route = _FORWARD.get(path)
+        if route is None or route.chunk is None or route.operation is None:
+            streams = sorted(p for p, r in _FORWARD.items() if r.chunk is not None)
+            raise UsageError(f"{path} does not stream; paths that do: {', '.join(streams)}")
+        options = request_options(timeout, deadline, extra_headers, None, retries)
+        stream = self._stream(path, dict(body), route.chunk, route.operation, options)
+        stream.raw = []
+        return stream
+
     # ----------------------------------------------------------------- plumbing
     def _stream(
         self,
@@ -565,9 +650,21 @@ class RequestMethods(abc.ABC):
         options: RequestOptions,
     ) -> OutcomeT:
         """A generation call, seen by the instrumentation when there is one."""
+        reply, outcome = await self._generate(operation, path, body, result, options)
+        return outcome if outcome is not None else _decode(reply, result)
+
+    async def _generate(
+        self,
+        operation: str,
+        path: str,
+        body: dict[str, Any],
+        result: type[OutcomeT],
+        options: RequestOptions,
+    ) -> tuple[Reply, OutcomeT | None]:
+        """Send a generation request; with an observer, also its decoded outcome."""
         observer = self._observe(operation, body, stream=False)
         if observer is None:
-            return await self._call("POST", path, body, result, options, slot=True)
+            return await self._send("POST", path, body, options, slot=True), None
         try:
             with observer.activate():
                 reply = await self._send("POST", path, body, options, slot=True, observer=observer)
@@ -576,7 +673,7 @@ class RequestMethods(abc.ABC):
             observer.on_error(exc)
             raise
         observer.on_end(outcome)
-        return outcome
+        return reply, outcome
 
     async def _call(
         self,

@@ -80,13 +80,15 @@ def _payload(body: Any, extra: Mapping[str, Any] | None, stream: bool) -> bytes 
 class Reply:
     """A complete answer with a 2xx status: its body, read whole."""
 
-    __slots__ = ("content", "content_type", "status", "url")
+    __slots__ = ("content", "content_type", "gpu", "status", "url")
 
     def __init__(self, status: int, content: bytes, url: str, content_type: str = "") -> None:
         self.status = status
         self.content = content
         self.url = url
         self.content_type = content_type
+        self.gpu: Mapping[str, Any] | None = None
+        """The request's GPU figures (energy, power...), when an engine measured them."""
 
     @property
     def text(self) -> str:

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
@@ -311,6 +311,8 @@ class TokenStream(Generic[ChunkT]):
         "_state",
         "chunks",
         "finish_reason",
+        "gpu",
+        "raw",
         "timings",
         "usage",
     )
@@ -352,6 +354,13 @@ class TokenStream(Generic[ChunkT]):
         """Token counts from the server, once the stream has ended."""
         self.timings: Timings | None = None
         """llama.cpp's timings of the request, once the stream has ended."""
+        self.gpu: Mapping[str, Any] | None = None
+        """The request's GPU figures (energy, joules per token, power, utilization: the
+        attributes its span gets), once the stream has ended, when an engine measured them."""
+        self.raw: list[bytes] | None = None
+        """``None``, or (a stream from ``forward_stream()``) the payload of each event read and
+        not yet taken, exactly as the server sent it: also the events that yield no chunk
+        (the role delta, the usage chunk, ``[DONE]``). A relay sends them on and clears it."""
 
     @property
     def url(self) -> str:
@@ -478,6 +487,8 @@ class TokenStream(Generic[ChunkT]):
             raise
 
     def _handle(self, payload: bytes) -> ChunkT | None:
+        if self.raw is not None:
+            self.raw.append(payload)
         if payload.startswith(b'{"error"'):
             raise _stream_error(payload, self.url)
         if self._done_marker and payload == b"[DONE]":

@@ -470,7 +470,21 @@ class AsyncEngine(RequestMethods, anyio.AsyncContextManagerMixin):
         await runner
 
     # ----------------------------------------------------------------- introspection
-    # ----------------------------------------------------------------- introspection
+    @property
+    def running(self) -> bool:
+        """True from the end of start-up to the start of shutdown: requests are taken."""
+        return self._open
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting now for a free slot (at most ``max_waiting``)."""
+        return self._router.waiting
+
+    @property
+    def telemetry(self) -> Telemetry | None:
+        """The ``Telemetry`` given to the engine, if any (its providers)."""
+        return self._telemetry
+
     @property
     def servers(self) -> list[ServerInfo]:
         """One snapshot per server: URL, pid, GPUs, state, load, recent log lines."""

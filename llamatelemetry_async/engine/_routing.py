@@ -148,8 +148,10 @@ class RoutedDispatcher(Dispatcher):
             release()
             if energy is not None:
                 figures = energy.end(key, _completion_tokens(reply))
-                if figures and observer is not None:
-                    observer.annotate(figures)
+                if figures:
+                    reply.gpu = figures
+                    if observer is not None:
+                        observer.annotate(figures)
             return reply
         raise AssertionError("unreachable: the last attempt returns or raises")
 
@@ -287,7 +289,11 @@ class _RoutedSource(Source):
         stream = self._stream() if self._stream is not None else None
         usage = stream.usage if stream is not None else None
         figures = energy.end(key, usage.completion_tokens if usage else self._tokens())
-        if figures and self._observer is not None:
+        if not figures:
+            return
+        if stream is not None:
+            stream.gpu = figures
+        if self._observer is not None:
             self._observer.annotate(figures)
 
     async def fill(self) -> bool:

@@ -1,0 +1,192 @@
+"""``serve`` with its front door: uvicorn serving a ``FrontDoor`` over the engine.
+
+Order matters on the way out. SIGINT/SIGTERM (handled here, not by uvicorn) starts the
+drain: the door answers 503 while requests in flight finish (``--drain-timeout``); then the
+engine stops (any stream still open ends with an error event), and only then does uvicorn
+stop, so no response is cut without a word.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import secrets
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import uvicorn
+
+from .._errors import UsageError
+from .._placement import Placement
+from ._common import (
+    EXIT_OK,
+    placement_from,
+    private_dir,
+    resolve,
+    run,
+    stderr,
+    stop_on_signals,
+    write_private,
+)
+
+__all__ = ["serve_door"]
+
+_DEFAULT_PORT = 8080
+
+
+def serve_door(args: argparse.Namespace) -> int:
+    if args.no_auth:
+        keys: list[str] = []
+        source = "none (--no-auth): anyone who reaches the port may use it"
+        return run(lambda a: _run(a, keys, source), args)
+    with private_dir("llamatelemetry-serve-") as tmp:
+        keys, source = _keys(args, tmp)
+        return run(lambda a: _run(a, keys, source), args)
+
+
+def _keys(args: argparse.Namespace, tmp: Path) -> tuple[list[str], str]:
+    """The front door's keys and where they came from (said on the console, never the keys)."""
+    import os
+
+    if args.api_key_env:
+        keys = [k.strip() for k in os.environ.get(args.api_key_env, "").split(",") if k.strip()]
+        if not keys:
+            raise UsageError(f"--api-key-env {args.api_key_env}: the variable is not set or empty")
+        return keys, f"{len(keys)} from ${args.api_key_env}"
+    if args.api_key_file:
+        path = Path(args.api_key_file).expanduser()
+        if path.exists():
+            try:
+                lines = path.read_text().splitlines()
+            except OSError as exc:
+                raise UsageError(f"--api-key-file {path}: {exc.strerror or exc}") from exc
+            keys = [k.strip() for k in lines if k.strip() and not k.lstrip().startswith("#")]
+            if not keys:
+                raise UsageError(f"--api-key-file {path}: no key in the file (one per line)")
+            return keys, f"{len(keys)} from {path}"
+        key = secrets.token_urlsafe(24)
+        write_private(path, key)
+        return [key], f"random, saved in {path} (mode 0600)"
+    key = secrets.token_urlsafe(24)
+    path = tmp / "api-key"
+    write_private(path, key)
+    return [key], f"random, saved in {path} (mode 0600; removed on exit)"
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn, minus its signal handlers: this command drains first, then stops it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.listen(2048)
+    sock.set_inheritable(False)
+    return sock
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def _run(args: argparse.Namespace, keys: list[str], key_source: str) -> int:
+    from ..engine import AsyncEngine
+    from ..frontdoor import FrontDoor
+    from ..server import ServerConfig
+
+    model = await resolve(args.model) if args.model is not None else None
+    placement = placement_from(args) if model is not None else None
+    if args.remote:
+        import os
+
+        remote_key = os.environ.get(args.remote_api_key_env) if args.remote_api_key_env else None
+        if args.remote_api_key_env and not remote_key:
+            raise UsageError(f"--remote-api-key-env {args.remote_api_key_env}: not set or empty")
+        remotes = Placement.remote(args.remote, api_key=remote_key)
+        placement = remotes if placement is None else placement + remotes
+    assert placement is not None
+    config = ServerConfig(
+        ctx_size=args.ctx_size, n_parallel=args.parallel, n_gpu_layers=args.n_gpu_layers
+    )  # on free loopback ports, each with a random key of the engine's
+    engine = AsyncEngine(
+        model,
+        placement=placement,
+        server=config,
+        binary=args.llama_server,
+        log_dir=args.log_dir,
+        ready_timeout=args.ready_timeout,
+        max_waiting=args.max_waiting,
+    )
+    door = FrontDoor(
+        engine, api_keys=keys or None, auth=bool(keys), drain_timeout=args.drain_timeout
+    )
+    port = _DEFAULT_PORT if args.port is None else args.port
+    sock = _listen(args.host, port)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    if not keys and not _is_loopback(args.host):
+        stderr(
+            f"warning: serving on {args.host} with no API key: anyone who can reach "
+            f"port {port} can use the servers; pass --api-key-env or --api-key-file"
+        )
+    server = _Uvicorn(
+        uvicorn.Config(door, lifespan="off", log_config=None, access_log=False, log_level="warning")
+    )
+    stopping = anyio.Event()
+
+    def stop(signum: signal.Signals) -> None:
+        if not stopping.is_set():
+            print(f"{signum.name}: draining (new requests get 503), then stopping", flush=True)
+            stopping.set()
+
+    with sock:  # the socket outlives the server that uses it
+        async with (
+            stop_on_signals(stop, signal.SIGINT, signal.SIGTERM),
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(server.serve, [sock])
+            print(f"front door: http://{shown}:{port}  (OpenAI base URL: http://{shown}:{port}/v1)")
+            print(f"api key: {key_source}", flush=True)
+            async with door:
+                tg.start_soon(_announce, door)
+                await stopping.wait()
+                print(f"draining: {door.in_flight} request(s) in flight", flush=True)
+            server.should_exit = True
+    print("stopped: every server exited and was reaped")
+    return EXIT_OK
+
+
+async def _announce(door: object) -> None:
+    from ..frontdoor import FrontDoor
+
+    assert isinstance(door, FrontDoor)
+    try:
+        await door.wait_ready()
+    except Exception:  # the door's own task group raises why; nothing to add here
+        return
+    engine = door.engine
+    if engine.model is not None:
+        print(f"model: {engine.model}")
+    for info in engine.servers:
+        where = "GPU " + ",".join(map(str, info.gpus)) if info.gpus else info.kind
+        print(f"server {info.name}: {info.url}  ({where}, {info.slots} slots)")
+    print(f"ready: {len(engine.servers)} server(s); Ctrl-C or SIGTERM drains and stops", flush=True)

@@ -1,0 +1,132 @@
+"""Relaying one stream: upstream events out as SSE, chunk by chunk, nothing buffered.
+
+The engine's ``TokenStream`` (from ``forward_stream``) reads and checks each event (slots,
+telemetry, usage, errors) and keeps its raw payload; the relay frames those payloads as they
+are and sends them on. A second task watches the client: when it disconnects, the stream
+is closed at once, which frees the server's slot even while the request still waits for one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final
+
+import anyio
+import msgspec
+from starlette.types import Receive, Send
+
+from .._errors import LlamaError, StreamError
+from ..client import TokenStream
+
+__all__ = ["error_body", "relay", "splice"]
+
+_SSE_HEADERS: Final = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),  # a reverse proxy in front must not buffer either
+]
+_DONE: Final = b"[DONE]"
+_GPU_PREFIX: Final = "llamatelemetry.gpu."
+
+
+def error_body(status: int, message: str, kind: str, code: str | None = None) -> bytes:
+    """An error in the shape both OpenAI clients and llama.cpp clients read."""
+    error = {"code": code or status, "message": message, "type": kind, "param": None}
+    return msgspec.json.encode({"error": error})
+
+
+def splice(payload: bytes, fields: Mapping[str, Any]) -> bytes:
+    """``payload`` (a JSON object) with ``fields`` added, without decoding it again."""
+    body = payload.rstrip()
+    if not fields or not body.endswith(b"}"):
+        return payload
+    extra = msgspec.json.encode(dict(fields))[1:-1]
+    return body[:-1] + (b"," if body != b"{}" else b"") + extra + b"}"
+
+
+def extras(stream_or_reply_gpu: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The request's GPU figures, as the extra field OpenAI clients ignore."""
+    if not stream_or_reply_gpu:
+        return {}
+    gpu = {key.removeprefix(_GPU_PREFIX): value for key, value in stream_or_reply_gpu.items()}
+    return {"llamatelemetry": {"gpu": gpu}}
+
+
+def _final_fields(stream: TokenStream[Any], payload: bytes) -> dict[str, Any]:
+    """What the final chunk gains: usage (when the server left it out) and GPU figures."""
+    fields = extras(stream.gpu)
+    timings = stream.timings
+    openai = b'"choices":' in payload
+    if openai and b'"usage":' not in payload and timings is not None:
+        prompt = timings.prompt_n + timings.cache_n
+        fields["usage"] = {
+            "prompt_tokens": prompt,
+            "completion_tokens": timings.predicted_n,
+            "total_tokens": prompt + timings.predicted_n,
+        }
+    return fields
+
+
+def _frame(payloads: list[bytes]) -> bytes:
+    if len(payloads) == 1:
+        return b"data: " + payloads[0] + b"\n\n"
+    return b"".join([b"data: " + p + b"\n\n" for p in payloads])
+
+
+async def _watch(receive: Receive, stream: TokenStream[Any]) -> None:
+    """Close the stream when the client goes away (aclose() is safe from any task)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            await stream.aclose()
+            return
+
+
+async def relay(
+    stream: TokenStream[Any],
+    receive: Receive,
+    send: Send,
+    refuse: Callable[[LlamaError], Awaitable[None]],
+) -> None:
+    """Open ``stream`` and send its events on as SSE; ``refuse`` answers a failed open.
+
+    A failure once the response has started becomes the error event llama-server itself
+    sends (``data: {"error": ...}``), then the end of the response.
+    """
+    raw = stream.raw
+    assert raw is not None, "relay() needs a stream from forward_stream()"
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_watch, receive, stream)
+        try:
+            try:
+                await stream.__aenter__()
+            except LlamaError as exc:
+                await refuse(exc)
+                return
+            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+            try:
+                async for _ in stream:
+                    data = _frame(raw)
+                    raw.clear()
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+            except LlamaError as exc:
+                if not isinstance(exc, StreamError):  # the server's own error event is in raw
+                    raw.append(error_body(_status_of(exc), str(exc), "server_error"))
+            else:
+                last = len(raw) - 1
+                while last >= 0 and raw[last] == _DONE:
+                    last -= 1
+                if last >= 0:
+                    raw[last] = splice(raw[last], _final_fields(stream, raw[last]))
+            tail = _frame(raw) if raw else b""
+            raw.clear()
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
+        finally:
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+            tg.cancel_scope.cancel()
+
+
+def _status_of(exc: LlamaError) -> int:
+    status = getattr(exc, "status_code", None)
+    return status if isinstance(status, int) else 500
