@@ -146,7 +146,7 @@ def test_the_console_script_is_the_same_program() -> None:
     [
         [],
         ["no-such-command"],
-        ["serve"],
+        ["serve", "--port", "eighty"],
         ["serve", "m.gguf", "--placement", "cpu:many"],
         ["serve", "m.gguf", "--preset", "kaggle-t4x2-pair:90/10"],
         ["serve", "m.gguf", "--parallel", "lots"],
@@ -291,7 +291,9 @@ def test_demo_without_telemetry_prints_no_trace() -> None:
 def test_serve_until_a_signal_then_every_server_is_reaped(
     tiny_model: Path, how: signal.Signals, procs: list[subprocess.Popen[bytes]]
 ) -> None:
-    proc = spawn(["serve", str(tiny_model), "--placement", "cpu:2", "--parallel", "2"])
+    proc = spawn(
+        ["serve", str(tiny_model), "--servers-only", "--placement", "cpu:2", "--parallel", "2"]
+    )
     procs.append(proc)
     out = Reader(proc)
     out.until(r"ready: 2 server")
@@ -326,8 +328,9 @@ def test_serve_with_a_key_from_the_environment_and_a_fixed_port(
         port = s.getsockname()[1]
     env = {**os.environ, "MY_KEY": "s3cret-key"}
     proc = subprocess.Popen(
-        with_default_sigint([*CLI, "serve", str(tiny_model), "--placement", "cpu:1",
-                             "--port", str(port), "--api-key-env", "MY_KEY"]),
+        with_default_sigint([*CLI, "serve", str(tiny_model), "--servers-only",
+                             "--placement", "cpu:1", "--port", str(port),
+                             "--api-key-env", "MY_KEY"]),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         cwd=ROOT,
@@ -347,7 +350,7 @@ def test_serve_with_a_key_from_the_environment_and_a_fixed_port(
 def test_serve_reports_a_crashed_server_and_its_restart(
     tiny_model: Path, procs: list[subprocess.Popen[bytes]]
 ) -> None:
-    proc = spawn(["serve", str(tiny_model), "--placement", "cpu:1"])
+    proc = spawn(["serve", str(tiny_model), "--servers-only", "--placement", "cpu:1"])
     procs.append(proc)
     out = Reader(proc)
     first = int(out.until(r"server cpu0: http://\S+  \(pid (\d+),").group(1))
@@ -364,10 +367,130 @@ def test_serve_reports_a_crashed_server_and_its_restart(
 
 
 def test_serve_refuses_a_fixed_port_for_several_servers(tiny_model: Path) -> None:
-    result = cli("serve", str(tiny_model), "--placement", "cpu:2", "--port", "8080")
+    result = cli(
+        "serve", str(tiny_model), "--servers-only", "--placement", "cpu:2", "--port", "8080"
+    )
     assert result.returncode == 2
     assert_one_line_error(result.stderr)
     assert "--port 8080 needs a single server" in result.stderr
+
+
+# ---------------------------------------------------------------------- serve: the front door
+
+
+def _door_url(out: Reader) -> str:
+    return out.until(r"front door: (http://127\.0\.0\.1:\d+)  \(OpenAI base URL").group(1)
+
+
+def test_serve_puts_one_front_door_before_its_servers_and_stops_them(
+    tiny_model: Path, tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("# the front door's keys\nfirst-key\n\n  second-key  \n")
+    proc = spawn(["serve", str(tiny_model), "--placement", "cpu:2", "--port", "0",
+                  "--api-key-file", str(keys)])  # fmt: skip
+    procs.append(proc)
+    out = Reader(proc)
+    url = _door_url(out)
+    assert f"api key: 2 from {keys}" in out.data
+    out.until("ready: 2 server")
+    pids = [int(p) for p in re.findall(r"server cpu\d: http://\S+  \(pid (\d+), CPU", out.data)]
+    assert len(pids) == 2
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200  # open
+    assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401
+    for key in ("first-key", "second-key"):
+        auth = {"Authorization": f"Bearer {key}"}
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        reply = httpx.post(f"{url}/v1/chat/completions", json=body, headers=auth, timeout=30)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["completion_tokens"] == 3
+        servers = httpx.get(f"{url}/servers", headers=auth, timeout=10).json()["servers"]
+        assert [s["name"] for s in servers] == ["cpu0", "cpu1"]
+    proc.send_signal(signal.SIGTERM)
+    output = out.rest(timeout=30)
+    assert proc.returncode == 0, output
+    assert "SIGTERM: draining" in output
+    assert "stopped: every server exited and was reaped" in output
+    assert "Traceback" not in output
+    assert gone(pids, timeout=2.0)
+    assert keys.exists()  # the user's own file stays
+
+
+def test_serve_drains_a_stream_on_sigterm_and_refuses_new_requests(
+    procs: list[subprocess.Popen[bytes]],
+) -> None:
+    # A paced server the engine did not start: 60 tokens at 20/s outlast the checks below.
+    with replay_server(tokens=60, rate=20.0, slots=4) as upstream:
+        proc = spawn(["serve", "--remote", upstream, "--port", "0", "--no-auth"])
+        procs.append(proc)
+        out = Reader(proc)
+        url = _door_url(out)
+        out.until("ready: 1 server")
+        assert "api key: none (--no-auth)" in out.data
+        assert "warning" not in out.data  # loopback: no warning
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 60, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as stream:
+            lines = (line for line in stream.iter_lines() if line.startswith("data: "))
+            first = next(lines)
+            assert first.startswith("data: {")
+            proc.send_signal(signal.SIGTERM)
+            out.until("draining")
+            health = httpx.get(f"{url}/health", timeout=10)
+            assert health.status_code == 503
+            late = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": False})
+            assert late.status_code == 503
+            assert late.headers["retry-after"] == "1"
+            rest = list(lines)
+        assert rest[-1] == "data: [DONE]"  # the stream in flight finished
+        assert len(rest) >= 60
+        assert proc.wait(30) == 0, out.rest()
+
+
+def test_the_front_door_warns_only_beyond_loopback_without_a_key() -> None:
+    from llamatelemetry_async._cli._door import open_door_warning
+
+    assert open_door_warning("127.0.0.1", 8080, []) is None
+    assert open_door_warning("::1", 8080, []) is None
+    assert open_door_warning("localhost", 8080, []) is None
+    assert open_door_warning("0.0.0.0", 8080, ["k"]) is None
+    for host in ("0.0.0.0", "10.1.2.3", "example.org"):
+        warning = open_door_warning(host, 8080, [])
+        assert warning is not None
+        assert f"serving on {host} with no API key" in warning
+
+
+def test_serve_writes_a_random_key_to_a_missing_key_file_and_keeps_it(
+    tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    keys = tmp_path / "new-key"
+    with replay_server(tokens=2) as upstream:
+        proc = spawn(["serve", "--remote", upstream, "--port", "0",
+                      "--api-key-file", str(keys)])  # fmt: skip
+        procs.append(proc)
+        out = Reader(proc)
+        url = _door_url(out)
+        out.until("ready: 1 server")
+        assert stat.S_IMODE(keys.stat().st_mode) == 0o600
+        auth = {"Authorization": f"Bearer {keys.read_text().strip()}"}
+        assert httpx.get(f"{url}/v1/models", headers=auth, timeout=10).status_code == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0, out.rest()
+    assert keys.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "0"], "serve needs MODEL, or --remote URL"),
+        (["m.gguf", "--servers-only", "--remote", "http://127.0.0.1:9"], "leave out --remote"),
+        (["m.gguf", "--servers-only", "--no-auth"], "--no-auth is for the front door"),
+    ],
+)
+def test_serve_refuses_contradictory_options(args: list[str], message: str) -> None:
+    result = cli("serve", *args)
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr)
+    assert message in result.stderr
 
 
 # ---------------------------------------------------------------------- chat

@@ -33,7 +33,7 @@ from ._common import (
     write_private,
 )
 
-__all__ = ["serve_door"]
+__all__ = ["open_door_warning", "serve_door"]
 
 _DEFAULT_PORT = 8080
 
@@ -99,13 +99,19 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+def open_door_warning(host: str, port: int, keys: list[str]) -> str | None:
+    """What to say when the door listens beyond loopback with no key (else ``None``)."""
+    if keys or host == "localhost":
+        return None
     try:
-        return ipaddress.ip_address(host).is_loopback
+        if ipaddress.ip_address(host).is_loopback:
+            return None
     except ValueError:
-        return False
+        pass  # a host name: it may well resolve beyond this machine
+    return (
+        f"warning: serving on {host} with no API key: anyone who can reach port {port} "
+        "can use the servers; pass --api-key-env or --api-key-file"
+    )
 
 
 async def _run(args: argparse.Namespace, keys: list[str], key_source: str) -> int:
@@ -143,11 +149,9 @@ async def _run(args: argparse.Namespace, keys: list[str], key_source: str) -> in
     sock = _listen(args.host, port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    if not keys and not _is_loopback(args.host):
-        stderr(
-            f"warning: serving on {args.host} with no API key: anyone who can reach "
-            f"port {port} can use the servers; pass --api-key-env or --api-key-file"
-        )
+    warning = open_door_warning(args.host, port, keys)
+    if warning is not None:
+        stderr(warning)
     server = _Uvicorn(
         uvicorn.Config(door, lifespan="off", log_config=None, access_log=False, log_level="warning")
     )
@@ -187,6 +191,7 @@ async def _announce(door: object) -> None:
     if engine.model is not None:
         print(f"model: {engine.model}")
     for info in engine.servers:
-        where = "GPU " + ",".join(map(str, info.gpus)) if info.gpus else info.kind
+        where = "GPU " + ",".join(map(str, info.gpus)) if info.gpus else "CPU"
+        where = "remote" if info.kind == "remote" else f"pid {info.pid}, {where}"
         print(f"server {info.name}: {info.url}  ({where}, {info.slots} slots)")
     print(f"ready: {len(engine.servers)} server(s); Ctrl-C or SIGTERM drains and stops", flush=True)

@@ -22,7 +22,8 @@ Endpoints (POST with a JSON body unless said otherwise):
   time (``process_cpu_s``), so a benchmark can tell this server falling behind from its
   client falling behind. ``GET /stats?reset=1``
   answers, then starts the pacing figures afresh.
-- ``GET /health`` and ``GET /v1/models``, as llama-server answers them.
+- ``GET /health`` and ``GET /v1/models``, as llama-server answers them; ``GET /props`` with
+  ``total_slots`` (``--slots``), so an engine can route many streams to one replay server.
 
 Body fields: ``n_predict`` (``/completion``) or ``max_tokens`` / ``max_completion_tokens``
 (OpenAI routes) set the token count (default ``--tokens``); ``"_replay_ping": true`` sends an
@@ -460,12 +461,16 @@ class _State:
         "pacer",
         "rate",
         "requests",
+        "slots",
         "tokens",
     )
 
-    def __init__(self, tokens: int, rate: float, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, tokens: int, rate: float, loop: asyncio.AbstractEventLoop, slots: int = 1
+    ) -> None:
         self.tokens = tokens
         self.rate = rate
+        self.slots = slots
         self.pacer = _Pacer(loop)
         self.opened = 0
         self.requests = 0
@@ -669,6 +674,9 @@ class _Connection(asyncio.Protocol):
             state.requests += 1
             if path == "/health":
                 return _once(_json_response(200, b'{"status":"ok"}', keep_alive))
+            if path == "/props":  # what an engine reads to size its routing
+                body = msgspec.json.encode({"total_slots": state.slots, "model_path": "replay"})
+                return _once(_json_response(200, body, keep_alive))
             if path == "/v1/models":
                 model = {"id": "replay", "object": "model", "created": 0, "owned_by": "llamacpp"}
                 body = msgspec.json.encode({"object": "list", "data": [model]})
@@ -773,12 +781,16 @@ async def serve(
     *,
     tokens: int = 50,
     rate: float = 0.0,
+    slots: int = 1,
     on_listening: Callable[[str], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Serve until ``stop`` is set (forever when it is None); report the URL once bound."""
+    """Serve until ``stop`` is set (forever when it is None); report the URL once bound.
+
+    ``slots`` is what ``/props`` reports as ``total_slots`` (streams are never limited).
+    """
     loop = asyncio.get_running_loop()
-    state = _State(tokens, rate, loop)
+    state = _State(tokens, rate, loop, slots)
     # A large backlog: a benchmark opens 1,000 connections at once, and a full accept queue
     # turns into SYN retries a second apart.
     server = await loop.create_server(
@@ -830,6 +842,7 @@ async def _main(args: argparse.Namespace) -> None:
         args.port,
         tokens=args.tokens,
         rate=args.rate,
+        slots=args.slots,
         on_listening=on_listening,
         stop=stop,
     )
@@ -845,10 +858,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--tokens", type=int, default=50, help="tokens per response by default")
     parser.add_argument("--rate", type=float, default=0.0, help="tokens/s per stream; 0: unpaced")
+    parser.add_argument(
+        "--slots", type=int, default=1, help="total_slots reported by /props (default 1)"
+    )
     parser.add_argument("--watch-stdin", action="store_true", help="exit when stdin closes")
     args = parser.parse_args(argv)
     if args.tokens < 0 or args.rate < 0:
         parser.error("--tokens and --rate must not be negative")
+    if args.slots < 1:
+        parser.error("--slots must be at least 1")
     _raise_fd_limit()
     asyncio.run(_main(args))
 
@@ -858,6 +876,7 @@ def replay_server(
     *,
     tokens: int = 50,
     rate: float = 0.0,
+    slots: int = 1,
     host: str = "127.0.0.1",
     startup_timeout: float = 30.0,
 ) -> Iterator[str]:
@@ -874,6 +893,8 @@ def replay_server(
         str(tokens),
         "--rate",
         repr(float(rate)),
+        "--slots",
+        str(slots),
         "--watch-stdin",
     ]
     # Make the package importable in the child even when it is not installed.
