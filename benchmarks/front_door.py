@@ -251,7 +251,17 @@ def serve_door(args: argparse.Namespace) -> int:
     ``--lag-file`` (JSON, renamed into place); SIGTERM, SIGINT or EOF on stdin stop it.
     """
     raise_fd_limit(65536)
-    return run_loop(_door_main(args), args.uvloop)
+    if not args.profile_door:
+        return run_loop(_door_main(args), args.uvloop)
+    import cProfile
+
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        return run_loop(_door_main(args), args.uvloop)
+    finally:
+        profile.disable()
+        profile.dump_stats(args.profile_door)
 
 
 async def _door_main(args: argparse.Namespace) -> int:
@@ -347,11 +357,18 @@ async def _door_main(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def door_process(
-    urls: list[str], key: str, lag_file: Path, cpus: frozenset[int] | None, uvloop: bool
+    urls: list[str],
+    key: str,
+    lag_file: Path,
+    cpus: frozenset[int] | None,
+    uvloop: bool,
+    profile: str | None,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes], list[str]]]:
     argv = [sys.executable, str(_HERE), "--serve-door", *urls, "--lag-file", str(lag_file)]
     if uvloop:
         argv.append("--uvloop")
+    if profile:
+        argv += ["--profile-door", profile]
     env = _env()
     env["FRONT_DOOR_BENCH_KEY"] = key
     proc = _spawn(argv, cpus, env=env)
@@ -389,7 +406,12 @@ def litellm_config(urls: list[str]) -> str:
 
 @contextlib.contextmanager
 def litellm_process(
-    binary: str, urls: list[str], workdir: Path, cpus: frozenset[int] | None, timeout: float
+    binary: str,
+    urls: list[str],
+    key: str,
+    workdir: Path,
+    cpus: frozenset[int] | None,
+    timeout: float,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     cfg = workdir / "litellm.yaml"
     cfg.write_text(litellm_config(urls))
@@ -401,8 +423,9 @@ def litellm_process(
         LITELLM_LOCAL_MODEL_COST_MAP="True",  # no fetch of the price list at start
         DISABLE_ADMIN_UI="True",
         NO_DOCS="True",
+        LITELLM_MASTER_KEY=key,  # it refuses to start without one (and the door has keys too)
     )
-    for name in ("DATABASE_URL", "LITELLM_MASTER_KEY", "OPENAI_API_KEY"):
+    for name in ("DATABASE_URL", "OPENAI_API_KEY"):
         env.pop(name, None)
     log = (workdir / "litellm.log").open("wb")
     argv = [binary, "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port)]
@@ -470,7 +493,7 @@ async def drive(
     api_key: str | None,
     proxy: psutil.Process | None,
     timeout: float,
-    warm: int = 8,
+    warm: int,
 ) -> Run:
     """``streams`` chat streams at once, stream i to ``targets[i % len]``; measure them."""
     from llamatelemetry_async import AsyncLlamaClient
@@ -502,7 +525,9 @@ async def drive(
                 run.errors[f"stream ended with {n} of {n_tokens} tokens"] += 1
             return n
 
-        # Warm-up, not timed: connections, imports, the proxy's first-request set-up.
+        # Warm-up, not timed: imports, the proxy's first-request set-up, and (a burst as large
+        # as the run) every connection pool full, the proxy's upstream one included, so the
+        # timed run measures relaying, not connecting.
         await asyncio.gather(*(one(i, 2, False) for i in range(warm)))
         before = [await server_stats(url, reset=True) for url in replays]
         cpu0 = _proxy_cpu(proxy)
@@ -706,12 +731,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--litellm", metavar="PATH", help="the litellm executable")
     parser.add_argument("--litellm-timeout", type=float, default=180.0, help="start-up, s")
     parser.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, s")
+    parser.add_argument(
+        "--warm",
+        type=int,
+        help="untimed 2-token streams before each run, all at once (default: --streams, so "
+        "every pool is full; a small number times connection set-up too)",
+    )
     parser.add_argument("--uvloop", action="store_true", help="load generator and door on uvloop")
     parser.add_argument(
         "--no-pin",
         dest="pin",
         action="store_false",
         help="do not keep the proxy on CPUs of its own (load generator + replays on the first)",
+    )
+    parser.add_argument(
+        "--profile-door",
+        metavar="PATH",
+        help="run the door process under cProfile, its whole life, and write pstats here "
+        "(slows it: its figures are then not the door's)",
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: 16 streams, 10 tokens")
     parser.add_argument("--json", metavar="PATH", help="write the figures as JSON here")
@@ -757,6 +794,7 @@ def run_arms(
             api_key=key,
             proxy=proxy,
             timeout=args.timeout,
+            warm=args.streams if args.warm is None else args.warm,
         )
         return run_loop(coro, args.uvloop)
 
@@ -776,7 +814,9 @@ def run_arms(
         elif arm == "door":
             key = secrets.token_urlsafe(16)
             lag_file = workdir / "door-lag.json"
-            with door_process(urls, key, lag_file, proxy_cpus, args.uvloop) as (url, proc, lines):
+            with door_process(
+                urls, key, lag_file, proxy_cpus, args.uvloop, args.profile_door
+            ) as (url, proc, lines):
                 for line in lines:
                     print(f"  door: {line}")
                 door = psutil.Process(proc.pid)
@@ -799,12 +839,13 @@ def run_arms(
                 print("litellm: not installed, arm skipped")
                 continue
             try:
-                with litellm_process(binary, urls, workdir, proxy_cpus, args.litellm_timeout) as (
-                    url,
-                    proc,
-                ):
-                    print(f"  litellm: {binary} at {url} (ready in {time.monotonic() - began:.1f} s)")
-                    run = go([url + "/v1"], None, psutil.Process(proc.pid))
+                key = "sk-" + secrets.token_hex(32)
+                with litellm_process(
+                    binary, urls, key, workdir, proxy_cpus, args.litellm_timeout
+                ) as (url, proc):
+                    ready = time.monotonic() - began
+                    print(f"  litellm: {binary} at {url} (ready in {ready:.1f} s)")
+                    run = go([url], key, psutil.Process(proc.pid))
                     report("litellm", run)
             except (RuntimeError, TimeoutError) as exc:
                 print(f"litellm: could not start, arm skipped ({exc})")

@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import uvicorn
 
+from llamatelemetry_async._groups import single_error
 from llamatelemetry_async.frontdoor import FrontDoor
 
 
@@ -31,7 +32,7 @@ async def serve_asgi(app: Any) -> AsyncIterator[str]:
     sock.listen(1024)
     port = sock.getsockname()[1]
     server = _Quiet(uvicorn.Config(app, lifespan="off", log_config=None, access_log=False))
-    with sock:
+    with sock, single_error():  # the app's own error, not a group of one
         async with anyio.create_task_group() as tg:
             tg.start_soon(server.serve, [sock])
             try:

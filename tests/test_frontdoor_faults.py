@@ -22,6 +22,7 @@ from llamatelemetry_async import (
     ConfigError,
     Placement,
     ServerConfig,
+    ServerStartError,
     UsageError,
     find_llama_server,
 )
@@ -398,3 +399,19 @@ async def test_a_stream_past_the_drain_timeout_ends_with_an_error_event() -> Non
     assert len(lines) < 400
     assert "[DONE]" not in lines
     assert "error" in msgspec.json.decode(lines[-1])
+
+
+async def test_an_engine_that_cannot_start_fails_the_door_with_its_own_error(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    binary = tmp_path / "broken-llama-server"
+    binary.write_text('#!/bin/sh\necho "cannot load the model" >&2\nexit 3\n')
+    binary.chmod(0o755)
+    engine = AsyncEngine(tiny_model, placement=Placement.cpu(1), binary=binary)
+    door = FrontDoor(engine, api_keys=[KEY])
+    with anyio.fail_after(30), pytest.raises(ServerStartError) as failed:
+        async with running_door(door):
+            pytest.fail("the door must not open onto an engine that did not start")
+    assert "cannot load the model" in str(failed.value)
+    assert door.error is failed.value
+    assert door.state == "closed"

@@ -36,6 +36,7 @@ from .._errors import (
     TransportError,
     UsageError,
 )
+from .._groups import single_error
 from ..engine import AsyncEngine
 from ._prometheus import exposition
 from ._relay import error_body, extras, relay, splice
@@ -167,21 +168,22 @@ class FrontDoor(anyio.AsyncContextManagerMixin):
         self._ready = anyio.Event()
         self._stop = anyio.Event()
         self._starting = anyio.CancelScope()
-        async with anyio.create_task_group() as tg:
-            if self.engine.running:
-                self._set_ready()
-            else:
-                tg.start_soon(self._run_engine)
-            try:
-                yield self
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await self.drain()
-                if not self._ready.is_set():  # still starting: stop that now
-                    self._starting.cancel()
-                self.state = "closed"
-                self._stop.set()
-                self._ready.set()  # nobody waits for a start that will not come
+        with single_error():
+            async with anyio.create_task_group() as tg:
+                if self.engine.running:
+                    self._set_ready()
+                else:
+                    tg.start_soon(self._run_engine)
+                try:
+                    yield self
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await self.drain()
+                    if not self._ready.is_set():  # still starting: stop that now
+                        self._starting.cancel()
+                    self.state = "closed"
+                    self._stop.set()
+                    self._ready.set()  # nobody waits for a start that will not come
 
     async def _run_engine(self) -> None:
         assert self._stop is not None
@@ -192,11 +194,11 @@ class FrontDoor(anyio.AsyncContextManagerMixin):
                     self._set_ready()
                     await self._stop.wait()
         except Exception as exc:
+            # Raised into the door's task group, which cancels the body of `async with
+            # door` and raises this error as itself; waiters elsewhere wake on exit.
             if self.state == "starting":
                 self.state = "failed"
                 self.error = exc
-                if self._ready is not None:
-                    self._ready.set()
             raise
 
     def _set_ready(self) -> None:

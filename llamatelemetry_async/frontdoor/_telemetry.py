@@ -108,6 +108,10 @@ class HttpTelemetry:
             template = getattr(route, "path", None)
             done: dict[str, Any] = {}
             if template is not None:
+                # Mounted in an application: the route includes the mount's prefix (the
+                # root path the application added, not one the server was given).
+                root, app_root = scope.get("root_path", ""), scope.get("app_root_path", "")
+                template = root.removeprefix(app_root) + template
                 done["http.route"] = template
                 span.update_name(f"{method} {template}")
             if status:
