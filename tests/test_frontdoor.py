@@ -373,3 +373,32 @@ async def test_servers_and_metrics_pages_without_the_engines_key(
     for page in (servers.text, text):
         assert secret not in page
         assert KEY not in page
+
+
+async def test_the_final_chunk_carries_the_requests_gpu_energy(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One "GPU" server (the CPU build runs it on the CPU) and a fake NVML at 300 W: the
+    # engine measures each request's energy with telemetry off, and the door passes it on.
+    from llamatelemetry_async import GPUSampler
+    from llamatelemetry_async.testing._fake_nvml import FakeGPU, FakeNVML
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    sampler = GPUSampler(interval=0.02, nvml=FakeNVML([FakeGPU(power_w=300.0)]))
+    engine = AsyncEngine(
+        tiny_model, placement=Placement.per_gpu(), telemetry=False, gpu_sampler=sampler
+    )
+    door = FrontDoor(engine, api_keys=[KEY])
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 32, "ignore_eos": True}
+    async with running_door(door) as url, httpx.AsyncClient(base_url=url, headers=AUTH) as http:
+        payloads = await _post_sse(http, "/v1/chat/completions", {**body, "stream": True})
+        whole = await http.post("/v1/chat/completions", json=body)
+    assert payloads[-1] == "[DONE]"
+    final = json.loads(payloads[-2])
+    gpu = final["llamatelemetry"]["gpu"]
+    assert gpu["energy_j"] > 0
+    assert gpu["mean_power_w"] == 300.0
+    assert gpu["energy_j_per_token"] == pytest.approx(gpu["energy_j"] / 32)
+    assert final["usage"]["completion_tokens"] == 32
+    assert all("llamatelemetry" not in json.loads(p) for p in payloads[:-2])  # only the last
+    assert whole.json()["llamatelemetry"]["gpu"]["energy_j"] > 0

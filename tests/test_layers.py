@@ -6,8 +6,8 @@ the packages impossible to use, test or move apart.
 
 From the bottom up: ``_errors``, ``_groups``, ``_version`` (shared by all); ``client`` (the
 HTTP client: nothing of the process side); ``server``, ``gpu``; ``_placement``; ``models``,
-``environment``, ``telemetry``; ``engine``; ``bench``; ``_cli`` (reached only from
-``__main__``).
+``environment``, ``telemetry``; ``engine``; ``frontdoor`` (beside the engine, through its
+public API) and ``bench``; ``_cli`` (reached only from ``__main__``).
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ FORBIDDEN: dict[str, frozenset[str]] = {
     "models": frozenset({"engine"}),
     "environment": frozenset({"engine"}),
     "bench": frozenset({"_cli"}),
+    # The front door uses the engine's and the client's public faces only.
+    "frontdoor": frozenset({"_cli", "bench", "server", "gpu", "models", "environment"}),
     "_placement": frozenset({"engine", "models", "environment", "bench", "_cli"}),
 }
 
@@ -132,6 +134,23 @@ def test_only_main_reaches_the_command_line() -> None:
         if _top(i.target) == "_cli" and _top(i.importer) not in {"_cli", "__main__"}
     ]
     assert found == []
+
+
+def test_only_the_command_line_reaches_the_front_door() -> None:
+    # Starlette and uvicorn load only for those who serve HTTP.
+    found = [
+        f"{i.where} imports {i.target}"
+        for i in INTERNAL
+        if _top(i.target) == "frontdoor" and _top(i.importer) not in {"frontdoor", "_cli"}
+    ]
+    assert found == []
+    outside = [
+        i.where
+        for i in IMPORTS
+        if _top(i.target) in {"starlette", "uvicorn"}
+        and _top(i.importer) not in {"frontdoor", "_cli"}
+    ]
+    assert outside == []
 
 
 def test_only_gpu_talks_to_nvml() -> None:
