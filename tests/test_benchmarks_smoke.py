@@ -111,3 +111,22 @@ def test_presets_quick(tmp_path: Path) -> None:
         assert cell["concurrency"] == 16  # --quick caps the preset's 1,000
         expected = {"lag", "sampler"} if cell["arm"] == "lib" else {"lag"}
         assert set(cell["passes"]) == expected
+
+
+@pytest.mark.timeout(200)
+def test_front_door_quick(tmp_path: Path) -> None:
+    """The front-door benchmark: direct and door arms (LiteLLM left out: a separate install)."""
+    stdout, report = _run("front_door.py", tmp_path / "door.json", "--arms", "direct,door")
+    arms = {a["arm"]: a for a in report["arms"]}
+    assert set(arms) == {"direct", "door"}
+    for arm in arms.values():
+        assert arm["errors"] == {}, arm
+        assert arm["tokens"] == arm["expected_tokens"] == 16 * 10
+        assert arm["ttft_ms"]["p50"] > 0
+    door = arms["door"]
+    assert door["proxy_cpu_s"] is not None and door["warm_proxy_cpu_us_per_request"] > 0
+    assert door["lag"]["ticks"] > 0 and door["lag"]["waiting_peak"] == 0  # no request queued
+    assert door["lag_run"]["tokens"] == door["lag_run"]["expected_tokens"]
+    assert arms["direct"]["proxy_cpu_s"] is None
+    assert {row["target"].split(" ")[0] for row in report["targets"]} == {"door"}
+    assert "| arm | wall / ideal |" in stdout

@@ -260,7 +260,7 @@ class FrontDoor(anyio.AsyncContextManagerMixin):
         await send({"type": "lifespan.shutdown.complete"})
 
     # ----------------------------------------------------------------- admission
-    def admit(self, scope: Scope) -> None:
+    def _admit(self, scope: Scope) -> None:
         """Raise ``_Refused`` for a request without a valid key, or while not ready."""
         if self._keys and not self._authorized(scope):
             raise _Refused(
@@ -279,7 +279,7 @@ class FrontDoor(anyio.AsyncContextManagerMixin):
                 "closed": "the front door is closed",
                 "failed": f"the engine could not start: {self.error}",
             }[self.state]
-            raise _Refused(self.unavailable(f"{why}; retry shortly"))
+            raise _Refused(self._unavailable(f"{why}; retry shortly"))
 
     def _authorized(self, scope: Scope) -> bool:
         for name, value in scope["headers"]:
@@ -293,7 +293,7 @@ class FrontDoor(anyio.AsyncContextManagerMixin):
                 return scheme.lower() == b"bearer" and found
         return False
 
-    def unavailable(self, message: str) -> Response:
+    def _unavailable(self, message: str) -> Response:
         return error_response(
             503, message, "unavailable_error", headers={"Retry-After": self._retry_after()}
         )
@@ -301,7 +301,7 @@ class FrontDoor(anyio.AsyncContextManagerMixin):
     def _retry_after(self) -> str:
         return str(max(1, math.ceil(self.retry_after)))
 
-    def refusal(self, exc: LlamaError) -> Response:
+    def _refusal(self, exc: LlamaError) -> Response:
         """The HTTP answer to a request the engine could not serve."""
         if isinstance(exc, HTTPStatusError) and exc.status_code is not None:
             body = msgspec.json.encode(exc.body) if exc.body is not None else None
@@ -313,7 +313,7 @@ class FrontDoor(anyio.AsyncContextManagerMixin):
                 429, str(exc), "rate_limit_error", headers={"Retry-After": self._retry_after()}
             )
         if isinstance(exc, EngineError):  # no server ready, every one failed, closing
-            return self.unavailable(str(exc).split("\n", 1)[0])
+            return self._unavailable(str(exc).split("\n", 1)[0])
         if isinstance(exc, DeadlineExceeded):
             return error_response(504, str(exc), "timeout_error")
         if isinstance(exc, ServerCrashedError | TransportError):
@@ -322,10 +322,10 @@ class FrontDoor(anyio.AsyncContextManagerMixin):
             return error_response(400, str(exc), "invalid_request_error")
         return error_response(500, str(exc), "server_error")
 
-    def begin(self) -> None:
+    def _begin(self) -> None:
         self.in_flight += 1
 
-    def end(self) -> None:
+    def _end(self) -> None:
         self.in_flight -= 1
         if not self.in_flight and self._idle is not None:
             self._idle.set()
@@ -345,7 +345,7 @@ class FrontDoor(anyio.AsyncContextManagerMixin):
 
     async def _metrics(self, request: Request) -> Response:
         try:
-            self.admit(request.scope)
+            self._admit(request.scope)
         except _Refused as refused:
             if refused.response.status_code == 401:
                 return refused.response
@@ -354,7 +354,7 @@ class FrontDoor(anyio.AsyncContextManagerMixin):
 
     async def _servers(self, request: Request) -> Response:
         try:
-            self.admit(request.scope)
+            self._admit(request.scope)
         except _Refused as refused:
             if refused.response.status_code == 401:
                 return refused.response
@@ -363,12 +363,12 @@ class FrontDoor(anyio.AsyncContextManagerMixin):
 
     async def _models(self, request: Request) -> Response:
         try:
-            self.admit(request.scope)
+            self._admit(request.scope)
             reply = await self.engine.forward("GET", "/v1/models")
         except _Refused as refused:
             return refused.response
         except LlamaError as exc:
-            return self.refusal(exc)
+            return self._refusal(exc)
         return Response(reply.content, media_type=reply.content_type or _JSON)
 
 
@@ -383,17 +383,17 @@ class _Forward:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         door = self.door
         try:
-            door.admit(scope)
+            door._admit(scope)
         except _Refused as refused:
             door.answered[self.path, refused.response.status_code] += 1
             await refused.response(scope, receive, send)
             return
         status = 500  # what an exception out of _answer means
-        door.begin()
+        door._begin()
         try:
             status = await self._answer(scope, receive, send)
         finally:
-            door.end()
+            door._end()
             door.answered[self.path, status] += 1
 
     async def _answer(self, scope: Scope, receive: Receive, send: Send) -> int:
@@ -410,12 +410,12 @@ class _Forward:
             try:
                 stream = engine.forward_stream(self.path, body)
             except LlamaError as exc:
-                response = door.refusal(exc)
+                response = door._refusal(exc)
             else:
                 statuses: list[int] = []
 
                 async def refuse(exc: LlamaError) -> None:
-                    answer = door.refusal(exc)
+                    answer = door._refusal(exc)
                     statuses.append(answer.status_code)
                     await answer(scope, receive, send)
 
@@ -425,7 +425,7 @@ class _Forward:
             try:
                 reply = await engine.forward("POST", self.path, body)
             except LlamaError as exc:
-                response = door.refusal(exc)
+                response = door._refusal(exc)
             else:
                 gpu = extras(reply.gpu)
                 content = splice(reply.content, gpu) if gpu else reply.content
