@@ -124,8 +124,11 @@ def test_front_door_quick(tmp_path: Path) -> None:
         assert arm["tokens"] == arm["expected_tokens"] == 16 * 10
         assert arm["ttft_ms"]["p50"] > 0
     door = arms["door"]
-    assert door["proxy_cpu_s"] is not None and door["warm_proxy_cpu_us_per_request"] > 0
-    assert door["lag"]["ticks"] > 0 and door["lag"]["waiting_peak"] == 0  # no request queued
+    # psutil's CPU times tick every 10 ms: a tiny run may read 0, never None.
+    assert door["proxy_cpu_s"] is not None
+    assert door["warm_proxy_cpu_us_per_request"] is not None
+    assert door["lag"]["ticks"] > 0
+    assert door["lag"]["waiting_peak"] == 0  # /props reported enough slots: nothing queued
     assert door["lag_run"]["tokens"] == door["lag_run"]["expected_tokens"]
     assert arms["direct"]["proxy_cpu_s"] is None
     assert {row["target"].split(" ")[0] for row in report["targets"]} == {"door"}

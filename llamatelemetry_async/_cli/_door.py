@@ -115,9 +115,9 @@ def open_door_warning(host: str, port: int, keys: list[str]) -> str | None:
 
 
 async def _run(args: argparse.Namespace, keys: list[str], key_source: str) -> int:
-    from ..engine import AsyncEngine
     from ..frontdoor import FrontDoor
     from ..server import ServerConfig
+    from ._serve import engine_for
 
     model = await resolve(args.model) if args.model is not None else None
     placement = placement_from(args) if model is not None else None
@@ -133,15 +133,7 @@ async def _run(args: argparse.Namespace, keys: list[str], key_source: str) -> in
     config = ServerConfig(
         ctx_size=args.ctx_size, n_parallel=args.parallel, n_gpu_layers=args.n_gpu_layers
     )  # on free loopback ports, each with a random key of the engine's
-    engine = AsyncEngine(
-        model,
-        placement=placement,
-        server=config,
-        binary=args.llama_server,
-        log_dir=args.log_dir,
-        ready_timeout=args.ready_timeout,
-        max_waiting=args.max_waiting,
-    )
+    engine = engine_for(args, model, placement, config)
     door = FrontDoor(
         engine, api_keys=keys or None, auth=bool(keys), drain_timeout=args.drain_timeout
     )

@@ -25,7 +25,9 @@ from ._common import (
 )
 
 if TYPE_CHECKING:
+    from .._placement import Placement
     from ..engine import AsyncEngine, ServerInfo
+    from ..server import ServerConfig
 
 __all__ = ["add_parser"]
 
@@ -157,7 +159,6 @@ def _servers_only(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace, key: str, key_source: str) -> int:
-    from ..engine import AsyncEngine
     from ..gpu import visible_gpus
     from ..server import ServerConfig
 
@@ -192,25 +193,36 @@ async def _run(args: argparse.Namespace, key: str, key_source: str) -> int:
 
         # The handlers stay installed until the engine is fully shut down: a second Ctrl-C
         # cannot interrupt the reaping.
-        async with stop_on_signals(stop, signal.SIGINT, signal.SIGTERM):
-            engine = AsyncEngine(
-                model,
-                placement=placement,
-                server=config,
-                binary=args.llama_server,
-                log_dir=args.log_dir,
-                ready_timeout=args.ready_timeout,
-            )
-            async with engine:
-                print(f"model: {model}")
-                for info in engine.servers:
-                    print(_describe(info))
-                print(f"api key: {key_source}")
-                print(f"ready: {len(engine.servers)} server(s); Ctrl-C or SIGTERM stops them")
-                await _report_restarts(engine)
+        async with (
+            stop_on_signals(stop, signal.SIGINT, signal.SIGTERM),
+            engine_for(args, model, placement, config) as engine,
+        ):
+            print(f"model: {model}")
+            for info in engine.servers:
+                print(_describe(info))
+            print(f"api key: {key_source}")
+            print(f"ready: {len(engine.servers)} server(s); Ctrl-C or SIGTERM stops them")
+            await _report_restarts(engine)
     if stopped_by:
         print("stopped: every server exited and was reaped")
     return EXIT_OK
+
+
+def engine_for(
+    args: argparse.Namespace, model: Path | None, placement: Placement, config: ServerConfig
+) -> AsyncEngine:
+    """The engine ``serve`` runs, from its options."""
+    from ..engine import AsyncEngine
+
+    return AsyncEngine(
+        model,
+        placement=placement,
+        server=config,
+        binary=args.llama_server,
+        log_dir=args.log_dir,
+        ready_timeout=args.ready_timeout,
+        max_waiting=args.max_waiting,
+    )
 
 
 def _describe(info: ServerInfo) -> str:

@@ -545,9 +545,13 @@ class RequestMethods(abc.ABC):
         timeout: TimeoutTypes | None = None,
         extra_headers: Mapping[str, str] | None = None,
     ) -> Any:
-        """Any endpoint, raw: the decoded JSON (or the text, if it is not JSON)."""
-        options = request_options(timeout, None, extra_headers)
-        response = await self._send(method, path, json, options)
+        """Any endpoint, raw: the decoded JSON (or the text, if it is not JSON).
+
+        Sent as ``forward`` sends it: generation paths take a slot on an engine.
+        """
+        response = await self.forward(
+            method, path, json, timeout=timeout, extra_headers=extra_headers
+        )
         try:
             return msgspec.json.decode(response.content)
         except msgspec.DecodeError:
