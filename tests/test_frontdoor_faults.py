@@ -96,6 +96,7 @@ async def test_keys_are_required_except_for_health(
     _, _, url = one_slot
     async with httpx.AsyncClient(base_url=url) as http:
         assert (await http.get("/health")).status_code == 200
+        assert (await http.get("/livez")).json() == {"status": "alive"}
         for headers in (
             {},
             {"Authorization": "Bearer wrong"},

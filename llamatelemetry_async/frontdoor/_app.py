@@ -152,6 +152,7 @@ class FrontDoor(anyio.AsyncContextManagerMixin):
         self._http = HttpTelemetry.of(engine)
         routes = [
             Route("/health", self._health, methods=["GET"]),
+            Route("/livez", self._live, methods=["GET"]),
             Route("/metrics", self._metrics, methods=["GET"]),
             Route("/servers", self._servers, methods=["GET"]),
             Route("/v1/models", self._models, methods=["GET"]),
@@ -343,6 +344,11 @@ class FrontDoor(anyio.AsyncContextManagerMixin):
         status = 200 if state == "ready" else 503
         return Response(msgspec.json.encode(body), status, headers, media_type=_JSON)
 
+    async def _live(self, request: Request) -> Response:
+        # Liveness: the door answers, whatever the servers do (a long model load is not a
+        # reason to restart the process; /health is the readiness probe).
+        return Response(b'{"status":"alive"}', media_type=_JSON)
+
     async def _metrics(self, request: Request) -> Response:
         try:
             self._admit(request.scope)
@@ -422,6 +428,8 @@ class _Forward:
                 await relay(stream, receive, send, refuse)
                 return statuses[0] if statuses else 200
         else:
+            # Not cancelled when the client leaves: llama-server finishes a whole reply
+            # anyway (it stops only streams), and the engine's slot must say so meanwhile.
             try:
                 reply = await engine.forward("POST", self.path, body)
             except LlamaError as exc:

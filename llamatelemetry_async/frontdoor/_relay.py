@@ -18,7 +18,7 @@ from starlette.types import Receive, Send
 from .._errors import LlamaError, StreamError
 from ..client import TokenStream
 
-__all__ = ["error_body", "relay", "splice"]
+__all__ = ["error_body", "extras", "on_disconnect", "relay", "splice"]
 
 _SSE_HEADERS: Final = [
     (b"content-type", b"text/event-stream"),
@@ -73,12 +73,12 @@ def _frame(payloads: list[bytes]) -> bytes:
     return b"".join([b"data: " + p + b"\n\n" for p in payloads])
 
 
-async def _watch(receive: Receive, stream: TokenStream[Any]) -> None:
-    """Close the stream when the client goes away (aclose() is safe from any task)."""
+async def on_disconnect(receive: Receive, gone: Callable[[], Awaitable[None]]) -> None:
+    """Call ``gone`` when the client goes away (its request body already read)."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            await stream.aclose()
+            await gone()
             return
 
 
@@ -96,7 +96,7 @@ async def relay(
     raw = stream.raw
     assert raw is not None, "relay() needs a stream from forward_stream()"
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_watch, receive, stream)
+        tg.start_soon(on_disconnect, receive, stream.aclose)  # aclose: safe from any task
         try:
             try:
                 await stream.__aenter__()
