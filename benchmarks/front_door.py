@@ -8,10 +8,9 @@ Run::
 
 Two replay servers (``llamatelemetry_async.testing._replay``, each in its own process; the
 stand-ins for two GPUs) pace every stream at ``--rate`` tokens/s, ``--tokens`` per stream
-(ideal wall time ``tokens / rate``: 2.5 s by default). The replay server has no ``/props``,
-and an engine admits a remote server only once ``/props`` answers (its ``total_slots`` are the
-slots the router hands out), so here each replay server runs with a ``GET /props`` added that
-reports ``--slots`` slots (default 4,096): the engine never makes a request wait for a slot.
+(ideal wall time ``tokens / rate``: 2.5 s by default). Each reports ``--slots`` slots on
+``/props`` (default 4,096), which an engine reads as the slots its router hands out: the
+engine never makes a request wait for a slot.
 
 The load generator is this process: this library's ``AsyncLlamaClient``, ``stream_chat`` to
 ``/v1/chat/completions`` (``stream: true``), every stream started at once. It records each
@@ -40,8 +39,8 @@ lateness (small: the servers kept their pace). Targets: the door within 1.10x th
 arm's wall time, <= 15 µs of CPU per token and >= 5x less than LiteLLM, <= 2 ms added to the
 time to first token at p99, no errors.
 
-``--serve-door URL...`` and ``--serve-replay`` are the modes this script runs its children
-in; they are not meant to be run by hand.
+``--serve-door URL...`` is the mode this script runs its door child in; it is not meant to be
+run by hand.
 """
 
 from __future__ import annotations
@@ -192,37 +191,7 @@ def _free_port() -> int:
         return port
 
 
-# -- the replay servers, with /props -----------------------------------------------------------
-
-
-def serve_replay(args: argparse.Namespace) -> int:
-    """``--serve-replay``: the replay server, plus ``GET /props`` reporting ``--slots``."""
-    import msgspec
-
-    from llamatelemetry_async.testing import _replay
-
-    props = msgspec.json.encode(
-        {
-            "total_slots": args.slots,
-            "default_generation_settings": {"n_ctx": 4096, "params": {"n_predict": -1}},
-            "model_path": f"/models/{MODEL}.gguf",
-            "build_info": "replay",
-        }
-    )
-    route = _replay._Connection._route
-
-    def with_props(
-        self: _replay._Connection, method: str, target: str, raw: bytes, keep_alive: bool
-    ) -> Any:
-        if method == "GET" and target.partition("?")[0] == "/props":
-            return _replay._once(_replay._json_response(200, props, keep_alive))
-        return route(self, method, target, raw, keep_alive)
-
-    _replay._Connection._route = with_props  # type: ignore[method-assign]
-    _replay.main(
-        ["--tokens", str(args.tokens), "--rate", repr(args.rate), "--port", "0", "--watch-stdin"]
-    )
-    return 0
+# -- the replay servers ------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -232,8 +201,9 @@ def replay_servers(
     with contextlib.ExitStack() as stack:
         urls = []
         for _ in range(count):
-            argv = [sys.executable, str(_HERE), "--serve-replay", "--slots", str(slots)]
-            argv += ["--tokens", str(tokens), "--rate", repr(rate)]
+            argv = [sys.executable, "-m", "llamatelemetry_async.testing._replay"]
+            argv += ["--slots", str(slots), "--tokens", str(tokens), "--rate", repr(rate)]
+            argv += ["--port", "0", "--watch-stdin"]
             proc = _spawn(argv, cpus)
             stack.callback(_stop, proc)
             line = _read_until(proc, "listening on ", 30)[-1]
@@ -784,7 +754,6 @@ def build_parser() -> argparse.ArgumentParser:
     # The children's modes.
     parser.add_argument("--serve-door", nargs="+", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--lag-file", help=argparse.SUPPRESS)
-    parser.add_argument("--serve-replay", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -894,8 +863,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     bootstrap_path()
-    if args.serve_replay:
-        return serve_replay(args)
     if args.serve_door:
         return serve_door(args)
     if args.quick:

@@ -272,3 +272,21 @@ async def test_aclose_while_opening_releases_everything(
         assert stats.active == 0
         # The connection slot came back: a new request gets it.
         assert len(await _drain(client.stream("z", n_predict=2))) == 2
+
+
+def test_the_fast_path_runs_under_uvloop(llama_server: RunningServer) -> None:
+    # uvicorn runs applications (and so this client, embedded in them) on uvloop when it is
+    # installed; uvloop's transports are not asyncio.Transport subclasses.
+    import uvloop  # a test dependency
+
+    async def main() -> tuple[str, str]:
+        async with AsyncLlamaClient(llama_server.url) as client:
+            assert client.dispatcher.pool is not None  # the Protocol path, not httpx
+            async with client.stream("The old cat", n_predict=6, **GREEDY) as stream:
+                streamed = "".join([chunk.text async for chunk in stream])
+            whole = await client.completion("The old cat", n_predict=6, **GREEDY)
+            return streamed, whole.text
+
+    streamed, whole = uvloop.run(main())
+    assert streamed == whole
+    assert streamed

@@ -19,7 +19,7 @@ import asyncio
 import select
 import socket
 from collections.abc import Callable
-from typing import Final, Literal
+from typing import Final, Literal, cast
 
 import anyio
 import anyio.abc
@@ -165,8 +165,9 @@ class _AsyncioConnection(asyncio.Protocol, Connection):
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport, though not always an asyncio.Transport subclass (uvloop's
+        # TCPTransport is not): no isinstance check.
+        self._transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             # One small write per request and per token: Nagle would only add latency.
