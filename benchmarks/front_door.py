@@ -4,7 +4,7 @@ through LiteLLM's proxy, side by side on the same two replay servers.
 Run::
 
     .venv/bin/python benchmarks/front_door.py [--streams 1000] [--tokens 50] [--rate 20]
-        [--arms direct,door,litellm] [--litellm PATH] [--uvloop] [--no-pin] [--json out.json]
+        [--arms direct,bare,door,litellm] [--litellm PATH] [--uvloop] [--no-pin] [--json out.json]
 
 Two replay servers (``llamatelemetry_async.testing._replay``, each in its own process; the
 stand-ins for two GPUs) pace every stream at ``--rate`` tokens/s, ``--tokens`` per stream
@@ -18,6 +18,9 @@ stream's time to first token (request sent to first content chunk) and the whole
 time. The arms:
 
 - ``direct``: half the streams to each replay server, no proxy (the baseline);
+- ``bare``: the floor of any Python ASGI relay, for scale: uvicorn and this library's client
+  relaying raw events round-robin, with no engine, routing, keys or telemetry (this script with
+  ``--serve-door --bare``), run like ``door``;
 - ``door``: this library's ``FrontDoor`` over ``AsyncEngine(placement=Placement.remote([...]))``
   served by uvicorn in a process of its own (this script with ``--serve-door``), with an API
   key. It runs twice: once alone (CPU, wall time, time to first token), once with a 1 ms
@@ -51,6 +54,7 @@ import contextlib
 import ctypes
 import dataclasses
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -76,9 +80,10 @@ TARGET_WALL_VS_DIRECT: Final = 1.10
 TARGET_CPU_US: Final = 15.0
 TARGET_VS_LITELLM: Final = 5.0
 TARGET_TTFT_ADDED_P99_MS: Final = 2.0
-ARMS: Final = ("direct", "door", "litellm")
+ARMS: Final = ("direct", "bare", "door", "litellm")
 ARM_NAMES: Final = {
     "direct": "direct to the replay servers",
+    "bare": "bare ASGI relay (uvicorn + client)",
     "door": "FrontDoor (uvicorn, own process)",
     "litellm": "LiteLLM proxy (own process)",
 }
@@ -214,6 +219,44 @@ def replay_servers(
 # -- the front door, in its own process -------------------------------------------------------
 
 
+def _bare_relay(urls: list[str]) -> Any:
+    """The floor of any ASGI relay: uvicorn, this library's client, nothing else (no engine,
+    no routing, no keys, no telemetry); round-robin over ``urls``."""
+    import msgspec
+
+    from llamatelemetry_async import AsyncLlamaClient
+
+    clients = [AsyncLlamaClient(url) for url in urls]
+    turn = itertools.count()
+
+    def frame(raw: list[bytes]) -> bytes:
+        data = b"".join([b"data: " + payload + b"\n\n" for payload in raw])
+        raw.clear()
+        return data
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        more = True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        client = clients[next(turn) % len(clients)]
+        stream = client.forward_stream(scope["path"], msgspec.json.decode(body))
+        raw = stream.raw
+        assert raw is not None
+        async with stream:
+            head = [(b"content-type", b"text/event-stream")]
+            await send({"type": "http.response.start", "status": 200, "headers": head})
+            async for _ in stream:
+                await send({"type": "http.response.body", "body": frame(raw), "more_body": True})
+            await send({"type": "http.response.body", "body": frame(raw), "more_body": False})
+
+    return app
+
+
 def serve_door(args: argparse.Namespace) -> int:
     """``--serve-door URL...``: FrontDoor over a remote-only engine, under uvicorn.
 
@@ -247,12 +290,13 @@ async def _door_main(args: argparse.Namespace) -> int:
 
     engine = AsyncEngine(placement=Placement.remote(args.serve_door))
     door = FrontDoor(engine, api_keys=[os.environ["FRONT_DOOR_BENCH_KEY"]])
+    app: Any = _bare_relay(args.serve_door) if args.bare else door
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(4096)
     config = uvicorn.Config(
-        door, lifespan="off", log_config=None, access_log=False, log_level="warning"
+        app, lifespan="off", log_config=None, access_log=False, log_level="warning"
     )
     server = Quiet(config)
     loop = asyncio.get_running_loop()
@@ -333,8 +377,11 @@ def door_process(
     cpus: frozenset[int] | None,
     uvloop: bool,
     profile: str | None,
+    bare: bool = False,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes], list[str]]]:
     argv = [sys.executable, str(_HERE), "--serve-door", *urls, "--lag-file", str(lag_file)]
+    if bare:
+        argv.append("--bare")
     if uvloop:
         argv.append("--uvloop")
     if profile:
@@ -725,7 +772,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--slots", type=int, default=4096, help="slots each replay server reports in /props"
     )
     parser.add_argument(
-        "--arms", type=_csv_arms, default=list(ARMS), help="direct,door,litellm (in this order)"
+        "--arms",
+        type=_csv_arms,
+        default=list(ARMS),
+        help="direct,bare,door,litellm (in this order)",
     )
     parser.add_argument("--litellm", metavar="PATH", help="the litellm executable")
     parser.add_argument("--litellm-timeout", type=float, default=180.0, help="start-up, s")
@@ -753,6 +803,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="PATH", help="write the figures as JSON here")
     # The children's modes.
     parser.add_argument("--serve-door", nargs="+", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--lag-file", help=argparse.SUPPRESS)
     return parser
 
@@ -813,24 +864,22 @@ def run_arms(
             run = go(urls, None, None)
             report("direct", run)
             results.append(ArmResult("direct", run, ideal))
-        elif arm == "door":
+        elif arm in ("door", "bare"):
             key = secrets.token_urlsafe(16)
-            lag_file = workdir / "door-lag.json"
-            with door_process(urls, key, lag_file, proxy_cpus, args.uvloop, args.profile_door) as (
-                url,
-                proc,
-                lines,
-            ):
+            lag_file = workdir / f"{arm}-lag.json"
+            with door_process(
+                urls, key, lag_file, proxy_cpus, args.uvloop, args.profile_door, arm == "bare"
+            ) as (url, proc, lines):
                 for line in lines:
-                    print(f"  door: {line}")
+                    print(f"  {arm}: {line}")
                 door = psutil.Process(proc.pid)
                 run = go([url], key, door)
-                report("door (alone)", run)
+                report(f"{arm} (alone)", run)
                 proc.send_signal(signal.SIGUSR1)  # the lag ticker, for the second run only
                 lag_run = go([url], key, door)
                 lag = _lag_of(proc, lag_file)
-                report("door (lag ticker on)", lag_run)
-            result = ArmResult("door", run, ideal, lag=lag, lag_run=lag_run)
+                report(f"{arm} (lag ticker on)", lag_run)
+            result = ArmResult(arm, run, ideal, lag=lag, lag_run=lag_run)
             result.notes.append(
                 f"lag run: p50 {_f(lag['lag_p50_ms'])} ms, max {_f(lag['lag_max_ms'])} ms over "
                 f"{lag['ticks']} ticks; engine waiting peak {lag['waiting_peak']}, "

@@ -416,3 +416,68 @@ async def test_an_engine_that_cannot_start_fails_the_door_with_its_own_error(
     assert "cannot load the model" in str(failed.value)
     assert door.error is failed.value
     assert door.state == "closed"
+
+
+# ---------------------------------------------------------------------- any ASGI server
+
+
+class _Client:
+    """One request to an ASGI app, driven directly (no server): what any ASGI server does."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = msgspec.json.encode(body)
+        self.sent = False
+        self.gone = anyio.Event()  # set: the client disconnects
+        self.messages: list[dict[str, Any]] = []
+        self.first_body = anyio.Event()
+
+    async def receive(self) -> dict[str, Any]:
+        if not self.sent:
+            self.sent = True
+            return {"type": "http.request", "body": self.body, "more_body": False}
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.messages.append(message)
+        if message["type"] == "http.response.body":
+            self.first_body.set()
+            if not message.get("more_body"):
+                self.gone.set()  # ASGI: receive() says disconnect once the response is done
+
+    async def call(self, app: Any) -> None:
+        headers = [(b"authorization", f"Bearer {KEY}".encode()), (b"host", b"door")]
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+            "scheme": "http", "path": CHAT, "raw_path": CHAT.encode(), "root_path": "",
+            "query_string": b"", "headers": headers, "server": ("127.0.0.1", 80),
+            "client": ("127.0.0.1", 5000),
+        }  # fmt: skip
+        await app(scope, self.receive, self.send)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_the_door_relays_and_notices_disconnects_under_any_asgi_server(
+    tiny_model: Path, anyio_backend: str
+) -> None:
+    engine = AsyncEngine(
+        tiny_model, placement=Placement.cpu(1), server=ServerConfig(n_parallel=1, ctx_size=4096)
+    )
+    async with FrontDoor(engine, api_keys=[KEY]) as door:
+        await door.wait_ready()
+        whole = _Client(_chat(5))
+        with anyio.fail_after(30):
+            await whole.call(door)
+        assert whole.messages[0]["status"] == 200
+        events = b"".join(m.get("body", b"") for m in whole.messages[1:]).split(b"\n\n")
+        assert events[-2] == b"data: [DONE]"
+        # A client that leaves mid-stream: the relay ends and the server's slot is free.
+        leaving = _Client(_chat(3000))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(leaving.call, door)
+            with anyio.fail_after(30):
+                await leaving.first_body.wait()
+            assert await _busy_slots(engine) == 1
+            leaving.gone.set()
+        assert door.in_flight == 0
+        await _until_slots_free(engine)
