@@ -394,6 +394,7 @@ def test_serve_puts_one_front_door_before_its_servers_and_stops_them(
     url = _door_url(out)
     out.until("ready: 2 server")
     assert f"api key: 2 from {keys}" in out.data
+    assert "on the uvloop loop" in out.data  # a dependency: the fast loop for the relay
     pids = [int(p) for p in re.findall(r"server cpu\d: http://\S+  \(pid (\d+), CPU", out.data)]
     assert len(pids) == 2
     assert httpx.get(f"{url}/health", timeout=10).status_code == 200  # open

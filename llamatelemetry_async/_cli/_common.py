@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import re
 import signal
@@ -12,7 +13,7 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 import anyio
 
@@ -50,9 +51,21 @@ EXIT_USAGE: Final = 2  # a usage error: bad options or arguments (argparse's cod
 EXIT_INTERRUPTED: Final = 130  # Ctrl-C, outside the commands that treat it as "stop"
 
 
-def run(fn: Callable[[argparse.Namespace], Awaitable[T]], args: argparse.Namespace) -> T:
-    """Run one command's coroutine on asyncio (the library's target loop)."""
-    return anyio.run(fn, args, backend="asyncio")
+def run(
+    fn: Callable[[argparse.Namespace], Awaitable[T]],
+    args: argparse.Namespace,
+    *,
+    fast_loop: bool = False,
+) -> T:
+    """Run one command's coroutine on asyncio (the library's target loop).
+
+    ``fast_loop``: on uvloop when it is installed (a dependency on Linux and macOS), as
+    uvicorn would run a server; the front door relays every token through the loop.
+    """
+    options: dict[str, Any] = {}
+    if fast_loop and importlib.util.find_spec("uvloop") is not None:
+        options["use_uvloop"] = True
+    return anyio.run(fn, args, backend="asyncio", backend_options=options)
 
 
 # ---------------------------------------------------------------------- placement

@@ -9,6 +9,7 @@ stop, so no response is cut without a word.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import ipaddress
 import secrets
@@ -42,10 +43,10 @@ def serve_door(args: argparse.Namespace) -> int:
     if args.no_auth:
         keys: list[str] = []
         source = "none (--no-auth): anyone who reaches the port may use it"
-        return run(lambda a: _run(a, keys, source), args)
+        return run(lambda a: _run(a, keys, source), args, fast_loop=True)
     with private_dir("llamatelemetry-serve-") as tmp:
         keys, source = _keys(args, tmp)
-        return run(lambda a: _run(a, keys, source), args)
+        return run(lambda a: _run(a, keys, source), args, fast_loop=True)
 
 
 def _keys(args: argparse.Namespace, tmp: Path) -> tuple[list[str], str]:
@@ -145,7 +146,14 @@ async def _run(args: argparse.Namespace, keys: list[str], key_source: str) -> in
     if warning is not None:
         stderr(warning)
     server = _Uvicorn(
-        uvicorn.Config(door, lifespan="off", log_config=None, access_log=False, log_level="warning")
+        uvicorn.Config(
+            door,
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            log_level="warning",
+            proxy_headers=False,  # trust no X-Forwarded-* from clients by default
+        )
     )
     stopping = anyio.Event()
 
@@ -161,7 +169,9 @@ async def _run(args: argparse.Namespace, keys: list[str], key_source: str) -> in
         ):
             tg.start_soon(server.serve, [sock])
             print(f"front door: http://{shown}:{port}  (OpenAI base URL: http://{shown}:{port}/v1)")
-            print(f"api key: {key_source}", flush=True)
+            print(f"api key: {key_source}")
+            loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+            print(f"http: uvicorn {uvicorn.__version__} on the {loop} loop", flush=True)
             async with door:
                 tg.start_soon(_announce, door)
                 await stopping.wait()
