@@ -115,10 +115,10 @@ def test_presets_quick(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(200)
 def test_front_door_quick(tmp_path: Path) -> None:
-    """The front-door benchmark: direct and door arms (LiteLLM left out: a separate install)."""
-    stdout, report = _run("front_door.py", tmp_path / "door.json", "--arms", "direct,door")
+    """The front-door benchmark: direct, bare and door arms (LiteLLM: a separate install)."""
+    stdout, report = _run("front_door.py", tmp_path / "door.json", "--arms", "direct,bare,door")
     arms = {a["arm"]: a for a in report["arms"]}
-    assert set(arms) == {"direct", "door"}
+    assert set(arms) == {"direct", "bare", "door"}
     for arm in arms.values():
         assert arm["errors"] == {}, arm
         assert arm["tokens"] == arm["expected_tokens"] == 16 * 10
