@@ -16,6 +16,7 @@ import httpx
 import msgspec
 import pytest
 from _door import running_door
+from _procs import gone
 
 from llamatelemetry_async import (
     AsyncEngine,
@@ -481,3 +482,21 @@ async def test_the_door_relays_and_notices_disconnects_under_any_asgi_server(
             leaving.gone.set()
         assert door.in_flight == 0
         await _until_slots_free(engine)
+
+
+async def test_start_and_aclose_drain_without_async_with(tiny_model: Path) -> None:
+    # A notebook: the door (and its engine) live across cells.
+    engine = AsyncEngine(tiny_model, placement=Placement.cpu(1))
+    door = await FrontDoor(engine, api_keys=[KEY]).start()
+    assert door.state == "starting"  # the door answers (503) while the servers load
+    await door.wait_ready()
+    pids = [info.pid for info in engine.servers if info.pid is not None]
+    assert str(door.state) == "ready"  # (str: mypy narrowed the literal above)
+    assert engine.running
+    with pytest.raises(UsageError, match="already started"):
+        await door.start()
+    await door.aclose()
+    await door.aclose()
+    assert door.state == "closed"
+    assert not engine.running
+    assert gone(pids)

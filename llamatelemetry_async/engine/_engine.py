@@ -10,7 +10,6 @@ cancels the backends, and each ``LlamaServer.run`` stops and reaps its process.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import functools
@@ -24,7 +23,6 @@ from typing import Any, Self, TypeVar
 import anyio
 import anyio.abc
 import httpx
-import sniffio
 from opentelemetry import trace
 
 from .._errors import (
@@ -34,7 +32,7 @@ from .._errors import (
     ServerUnavailableError,
     UsageError,
 )
-from .._groups import single_error
+from .._groups import Background, single_error
 from .._placement import Placement
 from ..client import DEFAULT_TIMEOUT, AsyncLlamaClient, RequestMethods, TimeoutTypes, lora_body
 from ..gpu import GPUSampler, visible_gpus
@@ -210,8 +208,7 @@ class AsyncEngine(RequestMethods, anyio.AsyncContextManagerMixin):
         self._backends: list[Backend] = []
         self._api_key = self.config.api_key or secrets.token_urlsafe(24)
         self._open = False
-        self._runner: asyncio.Task[None] | None = None
-        self._stop: asyncio.Event | None = None
+        self._background = Background(self)
         self._ctx = BackendContext(
             router=self._router,
             client=self._client_for,
@@ -439,35 +436,12 @@ class AsyncEngine(RequestMethods, anyio.AsyncContextManagerMixin):
 
     async def start(self) -> Self:
         """Start without ``async with`` (a notebook cell): ``await engine.aclose()`` later."""
-        if sniffio.current_async_library() != "asyncio":
-            raise UsageError("start() needs asyncio; under trio use `async with AsyncEngine(...)`")
-        if self._runner is not None:
-            raise UsageError("this engine was already started")
-        started = asyncio.Event()
-        self._stop = stop = asyncio.Event()
-
-        async def run() -> None:
-            async with self:
-                started.set()
-                await stop.wait()
-
-        # The task group must be entered and left in one task, and a notebook runs each
-        # cell in its own: so the engine lives in a task of its own.
-        self._runner = runner = asyncio.get_running_loop().create_task(run())
-        waiter = asyncio.ensure_future(started.wait())
-        await asyncio.wait({runner, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        if runner.done():
-            runner.result()  # raises why it could not start
+        await self._background.start("AsyncEngine(...)")
         return self
 
     async def aclose(self) -> None:
         """Stop every server and wait until each is reaped; calling it again does nothing."""
-        runner, self._runner = self._runner, None
-        if runner is None or self._stop is None:
-            return
-        self._stop.set()
-        await runner
+        await self._background.stop()
 
     # ----------------------------------------------------------------- introspection
     @property

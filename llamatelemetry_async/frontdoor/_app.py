@@ -36,7 +36,7 @@ from .._errors import (
     TransportError,
     UsageError,
 )
-from .._groups import single_error
+from .._groups import Background, single_error
 from ..engine import AsyncEngine
 from ._prometheus import exposition
 from ._relay import error_body, extras, relay, splice
@@ -149,6 +149,7 @@ class FrontDoor(anyio.AsyncContextManagerMixin):
         self._stop: anyio.Event | None = None
         self._idle: anyio.Event | None = None
         self._starting: anyio.CancelScope | None = None
+        self._background = Background(self)
         self._http = HttpTelemetry.of(engine)
         routes = [
             Route("/health", self._health, methods=["GET"]),
@@ -185,6 +186,15 @@ class FrontDoor(anyio.AsyncContextManagerMixin):
                     self.state = "closed"
                     self._stop.set()
                     self._ready.set()  # nobody waits for a start that will not come
+
+    async def start(self) -> Self:
+        """Start without ``async with`` (a notebook cell; asyncio): ``await door.aclose()``."""
+        await self._background.start("FrontDoor(...)")
+        return self
+
+    async def aclose(self) -> None:
+        """Drain, then stop the engine (if the door started it); again: nothing."""
+        await self._background.stop()
 
     async def _run_engine(self) -> None:
         assert self._stop is not None
