@@ -129,6 +129,7 @@ if TYPE_CHECKING:
         detect_environment as detect_environment,
         load_secrets as load_secrets,
     )
+    from .frontdoor import FrontDoor as FrontDoor
     from .gpu import (
         GPUSample as GPUSample,
         GPUSampler as GPUSampler,

@@ -33,6 +33,7 @@ EXPECTED = [
     "EngineBusyError",
     "EngineError",
     "Environment",
+    "FrontDoor",
     "GPUSample",
     "GPUSampler",
     "GPUSpec",

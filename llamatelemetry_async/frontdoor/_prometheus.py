@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+# prometheus_client loads on the first scrape (it is heavy for an import of the package).
 import anyio
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.parser import text_string_to_metric_families
 
 from .._errors import LlamaError
 from ..client import AsyncLlamaClient
 
 if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+
     from ._app import FrontDoor
 
 __all__ = ["exposition"]
@@ -33,6 +33,8 @@ class _Snapshot:
 
 async def exposition(door: FrontDoor) -> bytes:
     """The whole ``/metrics`` page."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
     families = _own(door)
     if door.engine.running:
         families += await _servers(door)
@@ -42,6 +44,8 @@ async def exposition(door: FrontDoor) -> bytes:
 
 
 def _own(door: FrontDoor) -> list[Metric]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
     engine = door.engine
     in_flight = GaugeMetricFamily(
         "llamatelemetry_frontdoor_requests_in_flight",
@@ -102,6 +106,8 @@ def _own(door: FrontDoor) -> list[Metric]:
 
 async def _servers(door: FrontDoor) -> list[Metric]:
     """Each ready server's llama.cpp metrics, one family per name, labelled by server."""
+    from prometheus_client.core import Metric
+    from prometheus_client.parser import text_string_to_metric_families
 
     async def scrape(client: AsyncLlamaClient) -> Any:
         try:
