@@ -114,6 +114,12 @@ async def test_keys_are_required_except_for_health(
                     assert answer.json()["error"]["code"] == "invalid_api_key"
         lower = {"authorization": f"bearer {KEY}"}  # header and scheme names are case-blind
         assert (await http.get("/v1/models", headers=lower)).status_code == 200
+        twice = [("Authorization", f"Bearer {KEY}"), ("Authorization", "Bearer wrong")]
+        assert (await http.get("/v1/models", headers=twice)).status_code == 401  # ambiguous
+        for path in ("/v1/models/", "/nope", "//v1/models"):  # JSON 404s, no redirects
+            missing = await http.get(path, headers=AUTH)
+            assert missing.status_code == 404, path
+            assert missing.json()["error"]["type"] == "not_found_error"
 
 
 async def test_bad_bodies_get_400_or_413_in_openai_shape(
@@ -121,7 +127,8 @@ async def test_bad_bodies_get_400_or_413_in_openai_shape(
 ) -> None:
     engine, door, url = one_slot
     async with httpx.AsyncClient(base_url=url, headers=AUTH) as http:
-        for body in (b"{bad", b"", b"[1, 2]", b"\xff\xfe", b'"text"'):
+        deep = b'{"a":' * 5000 + b"1" + b"}" * 5000  # a RecursionError in a decoder
+        for body in (b"{bad", b"", b"[1, 2]", b"\xff\xfe", b'"text"', deep):
             answer = await http.post(CHAT, content=body)
             assert answer.status_code == 400, body
             error = answer.json()["error"]
@@ -248,6 +255,52 @@ async def test_a_client_that_disconnects_mid_stream_frees_the_upstream_slot(
         assert done.status_code == 200
 
 
+async def test_a_whole_reply_request_that_leaves_while_waiting_never_runs(
+    one_slot: tuple[AsyncEngine, FrontDoor, str],
+) -> None:
+    engine, door, url = one_slot
+    async with (
+        httpx.AsyncClient(base_url=url, headers=AUTH, timeout=30) as http,
+        http.stream("POST", CHAT, json=_chat(3000)) as running,
+    ):
+        assert running.status_code == 200
+        served = engine.servers[0].served
+        with anyio.CancelScope() as scope:
+
+            async def wait_then_leave() -> None:
+                await _wait_for(lambda: engine.waiting == 1, "waiting for the slot")
+                scope.cancel()  # the client gives up: its connection closes
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait_then_leave)
+                await http.post(CHAT, json=_chat(2, stream=False))
+        await _wait_for(lambda: engine.waiting == 0, "the line emptied")
+        await _wait_for(lambda: door.answered[CHAT, 499] == 1, "counted as gone")
+        await running.aclose()
+    await _until_slots_free(engine)
+    # Counted as each request ends: the running stream, and not the one that left.
+    assert engine.servers[0].served == served + 1
+
+
+async def test_concurrent_drains_all_end_when_the_last_request_does(
+    one_slot: tuple[AsyncEngine, FrontDoor, str],
+) -> None:
+    _, door, url = one_slot
+    door.drain_timeout = 60
+    async with (
+        httpx.AsyncClient(base_url=url, headers=AUTH, timeout=30) as http,
+        http.stream("POST", CHAT, json=_chat(40)) as answer,
+    ):
+        lines = _data_lines(answer)
+        await anext(lines)
+        with anyio.fail_after(30):  # not the 60 s of drain_timeout
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(door.drain)
+                tg.start_soon(door.drain)
+                assert [line async for line in lines][-1] == "[DONE]"
+    assert door.in_flight == 0
+
+
 async def test_a_client_that_leaves_while_waiting_for_a_slot_leaves_the_line(
     one_slot: tuple[AsyncEngine, FrontDoor, str],
 ) -> None:
@@ -340,6 +393,27 @@ async def test_an_upstream_crash_mid_stream_ends_the_relay_with_an_error_event(
     assert "cpu0" in last["error"]["message"]
     # The engine restarts it; the door takes requests again.
     await _wait_for(lambda: engine.servers[0].state == "ready", "restarted", timeout=30)
+
+
+async def test_an_event_that_did_not_parse_is_not_relayed() -> None:
+    with replay_server(tokens=20) as upstream:
+        engine = AsyncEngine(placement=Placement.remote([upstream]))
+        door = FrontDoor(engine, api_keys=[KEY])
+        async with running_door(door) as url, httpx.AsyncClient(base_url=url, headers=AUTH) as http:
+            body = {**_chat(20), "_replay_fault": "malformed_json"}
+            async with http.stream("POST", CHAT, json=body) as answer:
+                lines = [line async for line in _data_lines(answer)]
+    decoded = [msgspec.json.decode(line) for line in lines]  # every relayed event parses
+    assert set(decoded[-1]) == {"error"}
+    assert "not a valid chunk" in decoded[-1]["error"]["message"]
+
+
+def test_servers_page_entries_carry_no_logs_and_no_credentials() -> None:
+    from llamatelemetry_async.frontdoor._app import _without_userinfo
+
+    assert _without_userinfo("http://user:hunter2@10.0.0.5:8080") == "http://10.0.0.5:8080"
+    assert _without_userinfo("http://10.0.0.5:8080") == "http://10.0.0.5:8080"
+    assert _without_userinfo(None) is None
 
 
 async def test_an_error_event_from_the_server_is_relayed_as_it_was_sent() -> None:

@@ -487,22 +487,26 @@ class TokenStream(Generic[ChunkT]):
             raise
 
     def _handle(self, payload: bytes) -> ChunkT | None:
+        try:
+            chunk = self._decode(payload)
+        except msgspec.DecodeError as exc:
+            if payload.startswith(b'{"error"') or (self._done_marker and payload == b"[DONE]"):
+                chunk = None  # not a chunk, but a valid event: handled below
+            else:
+                # Not the payload itself: it may hold completion text, and errors reach spans.
+                # Nor is it kept in raw: a relay must not pass on what did not parse.
+                raise RemoteProtocolError(
+                    f"{self.url} sent an event of {len(payload)} bytes that is not a valid "
+                    f"chunk ({exc})",
+                    url=self.url,
+                ) from exc
         if self.raw is not None:
             self.raw.append(payload)
         if payload.startswith(b'{"error"'):
             raise _stream_error(payload, self.url)
-        if self._done_marker and payload == b"[DONE]":
+        if chunk is None:  # [DONE]
             self._final_seen = True
             return None
-        try:
-            chunk = self._decode(payload)
-        except msgspec.DecodeError as exc:
-            # Not the payload itself: it may hold completion text, and errors reach spans.
-            raise RemoteProtocolError(
-                f"{self.url} sent an event of {len(payload)} bytes that is not a valid "
-                f"chunk ({exc})",
-                url=self.url,
-            ) from exc
         if isinstance(chunk, CompletionChunk):
             if chunk.stop:
                 self._final_seen = True

@@ -37,9 +37,10 @@ from .._errors import (
     UsageError,
 )
 from .._groups import Background, single_error
+from ..client import Reply
 from ..engine import AsyncEngine
 from ._prometheus import exposition
-from ._relay import error_body, extras, relay, splice
+from ._relay import error_body, extras, relay, splice, watching
 from ._telemetry import HttpTelemetry
 
 __all__ = ["FrontDoor"]
@@ -49,6 +50,7 @@ logger = logging.getLogger("llamatelemetry_async.frontdoor")
 State = Literal["starting", "ready", "draining", "closed", "failed"]
 
 _JSON: Final = "application/json"
+_CLIENT_GONE: Final = 499  # counted as nginx does: the client closed the request
 # POST paths relayed to the engine, and those of them that stream when the body says so.
 _FORWARDED: Final = (
     "/v1/chat/completions",
@@ -77,19 +79,22 @@ class FrontDoor(anyio.AsyncContextManagerMixin):
 
     ```python
     door = FrontDoor(engine, api_keys=["s3cret"])
-    uvicorn.run(door, host="127.0.0.1", port=8080)  # starts the engine, drains on exit
+    uvicorn.run(door, host="127.0.0.1", port=8080)  # starts the engine, stops it on exit
     ```
 
     Every route but ``/health`` needs ``Authorization: Bearer KEY`` with one of
     ``api_keys`` (not the keys the engine gives its servers); ``auth=False`` serves without
     keys, and must be asked for. Requests go through the engine's router: slots, waiting
     line, retries, crash handling, telemetry. Errors are HTTP: 401 without a valid key, 400
-    for a body that is not a JSON object, 413 past ``max_body`` bytes, 429 with
+    for a body that is not a JSON object, 413 past ``max_body`` bytes (8 MiB; the body is decoded
+    on the event loop), 429 with
     ``Retry-After`` when the engine's waiting line is full, 503 with ``Retry-After`` while
     starting, draining or with no server able to serve, a server's own 4xx/5xx passed on
     with its body, 502 when the server broke, 504 past a deadline.
 
-    Run by an ASGI server, the door handles the lifespan itself. Mounted in an application
+    Run by an ASGI server, the door handles the lifespan itself (``uvicorn.run(door)``: uvicorn
+    waits for open connections before the lifespan ends, so set its
+    ``timeout_graceful_shutdown``; ``llamatelemetry-async serve`` drains first). Mounted in an application
     (``app.mount("/llm", door)``), it gets no lifespan: enter it from the application's own
     (``FastAPI(lifespan=door.lifespan)``, or ``async with door:``). An engine that is
     already running is used as it is, and left running on exit.
@@ -103,7 +108,7 @@ class FrontDoor(anyio.AsyncContextManagerMixin):
         auth: bool = True,
         drain_timeout: float = 30.0,
         retry_after: float = 1.0,
-        max_body: int = 32 * 1024 * 1024,
+        max_body: int = 8 * 1024 * 1024,
     ) -> None:
         if not isinstance(engine, AsyncEngine):
             raise ConfigError(
@@ -159,7 +164,7 @@ class FrontDoor(anyio.AsyncContextManagerMixin):
             Route("/v1/models", self._models, methods=["GET"]),
         ]
         routes += [Route(path, _Forward(self, path), methods=["POST"]) for path in _FORWARDED]
-        self._router = Router(routes=routes)
+        self._router = Router(routes=routes, redirect_slashes=False, default=_not_found)
 
     # ----------------------------------------------------------------- lifecycle
     @contextlib.asynccontextmanager
@@ -236,10 +241,11 @@ class FrontDoor(anyio.AsyncContextManagerMixin):
         """
         if self.state in ("starting", "ready"):
             self.state = "draining"
+        if self._idle is None:  # one event for every drain waiting (set at zero in flight)
+            self._idle = anyio.Event()
         if self.in_flight:
-            self._idle = idle = anyio.Event()
             with anyio.move_on_after(self.drain_timeout if timeout is None else timeout):
-                await idle.wait()
+                await self._idle.wait()
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: object) -> AsyncIterator[None]:
@@ -293,16 +299,16 @@ class FrontDoor(anyio.AsyncContextManagerMixin):
             raise _Refused(self._unavailable(f"{why}; retry shortly"))
 
     def _authorized(self, scope: Scope) -> bool:
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                token = token.strip()
-                # Every key is compared, in constant time each: no early exit to time.
-                found = False
-                for key in self._keys:
-                    found |= hmac.compare_digest(token, key)
-                return scheme.lower() == b"bearer" and found
-        return False
+        given = [value for name, value in scope["headers"] if name == b"authorization"]
+        if len(given) != 1:  # none, or several: which one counts would be a guess
+            return False
+        scheme, _, token = given[0].partition(b" ")
+        token = token.strip()
+        # Every key is compared, in constant time each: no early exit to time.
+        found = False
+        for key in self._keys:
+            found |= hmac.compare_digest(token, key)
+        return scheme.lower() == b"bearer" and found
 
     def _unavailable(self, message: str) -> Response:
         return error_response(
@@ -374,7 +380,14 @@ class FrontDoor(anyio.AsyncContextManagerMixin):
         except _Refused as refused:
             if refused.response.status_code == 401:
                 return refused.response
-        servers = [dataclasses.asdict(info) for info in self.engine.servers]
+        # Not the log lines (llama-server echoes parts of requests into them: one key
+        # holder's content for every other), nor any user:password in a server's URL.
+        servers = []
+        for info in self.engine.servers:
+            entry = dataclasses.asdict(info)
+            del entry["recent_logs"]
+            entry["url"] = _without_userinfo(info.url)
+            servers.append(entry)
         return Response(msgspec.json.encode({"servers": servers}), media_type=_JSON)
 
     async def _models(self, request: Request) -> Response:
@@ -419,7 +432,8 @@ class _Forward:
         try:
             body = await _read_json(receive, door.max_body)
         except _Refused as refused:
-            await refused.response(scope, receive, send)
+            if refused.response.status_code != _CLIENT_GONE:
+                await refused.response(scope, receive, send)
             return refused.response.status_code
         response: Response
         if self.streams and body.get("stream"):
@@ -438,18 +452,34 @@ class _Forward:
                 await relay(stream, receive, send, refuse)
                 return statuses[0] if statuses else 200
         else:
-            # Not cancelled when the client leaves: llama-server finishes a whole reply
-            # anyway (it stops only streams), and the engine's slot must say so meanwhile.
+            # A client that leaves takes its request out of the waiting line. One already
+            # sent runs on in llama-server (b11434 stops only streams), though nobody waits.
+            reply: Reply | None = None
             try:
-                reply = await engine.forward("POST", self.path, body)
+                with anyio.CancelScope() as waiting:
+
+                    async def gone() -> None:
+                        waiting.cancel()
+
+                    async with watching(receive, gone):
+                        reply = await engine.forward("POST", self.path, body)
             except LlamaError as exc:
                 response = door._refusal(exc)
             else:
+                if reply is None:
+                    return _CLIENT_GONE
                 gpu = extras(reply.gpu)
                 content = splice(reply.content, gpu) if gpu else reply.content
                 response = Response(content, reply.status, media_type=reply.content_type or _JSON)
         await response(scope, receive, send)
         return response.status_code
+
+
+def _without_userinfo(url: str | None) -> str | None:
+    if url is None or "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.rpartition('@')[2]}"
 
 
 async def _read_json(receive: Receive, limit: int) -> dict[str, Any]:
@@ -459,7 +489,7 @@ async def _read_json(receive: Receive, limit: int) -> dict[str, Any]:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise _Refused(error_response(400, "the client went away", "invalid_request_error"))
+            raise _Refused(Response(status_code=_CLIENT_GONE))  # counted; nobody to answer
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
@@ -473,9 +503,10 @@ async def _read_json(receive: Receive, limit: int) -> dict[str, Any]:
             break
     try:
         body = msgspec.json.decode(b"".join(parts))
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:  # RecursionError: nested too deep
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise _Refused(
-            error_response(400, f"the body is not valid JSON: {exc}", "invalid_request_error")
+            error_response(400, f"the body is not valid JSON: {why}", "invalid_request_error")
         ) from None
     if not isinstance(body, dict):
         raise _Refused(
@@ -486,6 +517,12 @@ async def _read_json(receive: Receive, limit: int) -> dict[str, Any]:
             )
         )
     return body
+
+
+async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] == "http":
+        message = f"no route {scope['path']}: see /v1/models, /v1/chat/completions, /health"
+        await error_response(404, message, "not_found_error")(scope, receive, send)
 
 
 def error_response(

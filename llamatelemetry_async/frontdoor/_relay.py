@@ -21,7 +21,7 @@ from starlette.types import Receive, Send
 from .._errors import LlamaError, StreamError
 from ..client import TokenStream
 
-__all__ = ["error_body", "extras", "relay", "splice"]
+__all__ = ["error_body", "extras", "relay", "splice", "watching"]
 
 _SSE_HEADERS: Final = [
     (b"content-type", b"text/event-stream"),
@@ -77,31 +77,32 @@ def _frame(payloads: list[bytes]) -> bytes:
 
 
 class _Watch:
-    """Closes the stream when the client goes away (its request body already read)."""
+    """Calls ``gone`` when the client goes away (its request body already read)."""
 
-    def __init__(self, receive: Receive, stream: TokenStream[Any]) -> None:
+    def __init__(self, receive: Receive, gone: Callable[[], Awaitable[None]]) -> None:
         self.receive = receive
-        self.stream = stream
+        self.gone = gone
         self.done = False
 
     async def run(self) -> None:
         try:
             while (await self.receive())["type"] != "http.disconnect":
                 pass
-            await self.stream.aclose()  # safe from any task
+            await self.gone()
         finally:
             self.done = True
 
 
 @contextlib.asynccontextmanager
-async def _watching(watch: _Watch) -> AsyncIterator[None]:
-    """Run ``watch`` beside the block, and stop it after.
+async def watching(receive: Receive, gone: Callable[[], Awaitable[None]]) -> AsyncIterator[None]:
+    """Call ``gone`` if the client goes away while the block runs.
 
     Per request, so asyncio gets a plain task (~4 us; an anyio task group with its cancel
     costs ~90 us: anyio puts the task's repr in every cancel reason); trio, a task group.
     ASGI servers answer ``receive()`` with ``http.disconnect`` once the response is
     complete, so the watch usually ends by itself.
     """
+    watch = _Watch(receive, gone)
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:  # trio
@@ -138,7 +139,8 @@ async def relay(
     """
     raw = stream.raw
     assert raw is not None, "relay() needs a stream from forward_stream()"
-    async with _watching(_Watch(receive, stream)):
+    sent = 0
+    async with watching(receive, stream.aclose):  # aclose: safe from any task
         try:
             try:
                 await stream.__aenter__()
@@ -151,6 +153,11 @@ async def relay(
                     data = _frame(raw)
                     raw.clear()
                     await send({"type": "http.response.body", "body": data, "more_body": True})
+                    sent += 1
+                    if not sent & 3:
+                        # Events already read are relayed without a wait; a client that
+                        # left is only noticed by the loop (asyncio warns past 5 writes).
+                        await anyio.lowlevel.checkpoint()
             except LlamaError as exc:
                 if not isinstance(exc, StreamError):  # the server's own error event is in raw
                     raw.append(error_body(_status_of(exc), str(exc), "server_error"))
