@@ -94,10 +94,10 @@ class FrontDoor(anyio.AsyncContextManagerMixin):
 
     Run by an ASGI server, the door handles the lifespan itself (``uvicorn.run(door)``: uvicorn
     waits for open connections before the lifespan ends, so set its
-    ``timeout_graceful_shutdown``; ``llamatelemetry-async serve`` drains first). Mounted in an application
-    (``app.mount("/llm", door)``), it gets no lifespan: enter it from the application's own
-    (``FastAPI(lifespan=door.lifespan)``, or ``async with door:``). An engine that is
-    already running is used as it is, and left running on exit.
+    ``timeout_graceful_shutdown``; ``llamatelemetry-async serve`` drains first). Mounted in an
+    application (``app.mount("/llm", door)``), it gets no lifespan: enter it from the
+    application's own (``FastAPI(lifespan=door.lifespan)``, or ``async with door:``). An
+    engine that is already running is used as it is, and left running on exit.
     """
 
     def __init__(
