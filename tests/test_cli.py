@@ -447,6 +447,31 @@ def test_serve_drains_a_stream_on_sigterm_and_refuses_new_requests(
         assert proc.wait(30) == 0, out.rest()
 
 
+def test_a_second_sigterm_cuts_the_drain_short(procs: list[subprocess.Popen[bytes]]) -> None:
+    # 400 tokens at 20/s: 20 s, and --drain-timeout 60; the second signal must not wait.
+    with replay_server(tokens=400, rate=20.0, slots=4) as upstream:
+        proc = spawn(["serve", "--remote", upstream, "--port", "0", "--no-auth",
+                      "--drain-timeout", "60"])  # fmt: skip
+        procs.append(proc)
+        out = Reader(proc)
+        url = _door_url(out)
+        out.until("ready: 1 server")
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 400, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as stream:
+            lines = (line for line in stream.iter_lines() if line.startswith("data: "))
+            next(lines)
+            proc.send_signal(signal.SIGTERM)
+            out.until("draining")
+            began = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            out.until("SIGTERM again: stopping now")
+            rest = list(lines)
+        assert proc.wait(30) == 0, out.rest()
+        assert time.monotonic() - began < 15  # not the 20 s stream, nor the 60 s drain
+        assert "error" in rest[-1]  # the stream ended with the error event, no [DONE]
+        assert "data: [DONE]" not in rest
+
+
 def test_the_front_door_warns_only_beyond_loopback_without_a_key() -> None:
     from llamatelemetry_async._cli._door import open_door_warning
 

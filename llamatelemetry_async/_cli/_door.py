@@ -161,6 +161,9 @@ async def _run(args: argparse.Namespace, keys: list[str], key_source: str) -> in
         if not stopping.is_set():
             print(f"{signum.name}: draining (new requests get 503), then stopping", flush=True)
             stopping.set()
+        else:  # a second signal: no more waiting for requests in flight
+            print(f"{signum.name} again: stopping now", flush=True)
+            door.cut_drain()
 
     with sock:  # the socket outlives the server that uses it
         async with (

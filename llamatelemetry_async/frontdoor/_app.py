@@ -247,6 +247,15 @@ class FrontDoor(anyio.AsyncContextManagerMixin):
             with anyio.move_on_after(self.drain_timeout if timeout is None else timeout):
                 await self._idle.wait()
 
+    def cut_drain(self) -> None:
+        """End a drain now: requests still in flight end when the engine stops (a second
+        Ctrl-C). From the event loop's thread."""
+        if self.state in ("starting", "ready"):
+            self.state = "draining"
+        if self._idle is None:
+            self._idle = anyio.Event()
+        self._idle.set()
+
     @contextlib.asynccontextmanager
     async def lifespan(self, app: object) -> AsyncIterator[None]:
         """The door's lifetime inside an application's: ``FastAPI(lifespan=door.lifespan)``."""
