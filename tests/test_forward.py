@@ -65,6 +65,8 @@ async def test_forward_sends_the_body_unchecked_and_returns_the_raw_reply(
         assert refused.value.status_code == 400
         with pytest.raises(UsageError, match="does not stream"):
             client.forward_stream("/tokenize", {"content": "x"})
+        with pytest.raises(UsageError, match="use forward_stream"):
+            await client.forward("POST", "/completion", {**body, "stream": True})
 
 
 async def test_an_error_event_stays_in_raw_for_the_relay(

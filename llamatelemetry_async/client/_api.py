@@ -577,6 +577,11 @@ class RequestMethods(abc.ABC):
         any ready server. A 4xx/5xx answer raises ``HTTPStatusError`` with the server's body.
         """
         route = _FORWARD.get(path)
+        if route is not None and route.chunk is not None and _streams(body):
+            raise UsageError(
+                f"the body asks {path} to stream: use forward_stream() (forward() reads a "
+                "whole reply)"
+            )
         options = request_options(timeout, None, extra_headers, None, retries)
         if route is None or not route.slot:
             return await self._send(method, path, body, options)
@@ -690,6 +695,10 @@ class RequestMethods(abc.ABC):
         slot: bool = False,
     ) -> T:
         return _decode(await self._send(method, path, body, options, slot=slot), result)
+
+
+def _streams(body: object) -> bool:
+    return isinstance(body, dict) and bool(body.get("stream"))
 
 
 def _decode(reply: Reply, result: type[T]) -> T:
