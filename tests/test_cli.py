@@ -239,8 +239,14 @@ def test_demo_streams_and_prints_the_trace_summary() -> None:
     assert out.count("finish_reason=length") == 2
     assert "tok/s" in out
     spans = re.findall(r"span '(\w+) [^']+': (\d+) gen_ai.token events, TTFT ([\d.]+) ms", out)
-    assert [name for name, _, _ in spans] == ["text_completion", "chat"]
+    # The third: the front door's request, its GenAI span a child of the door's SERVER span.
+    assert [name for name, _, _ in spans] == ["text_completion", "chat", "chat"]
     assert all(int(events) == 8 and float(ttft) > 0 for _, events, ttft in spans)
+    assert re.search(r"front door: http://127\.0\.0\.1:\d+/v1", out)
+    assert re.search(r"SSE events relayed; final chunk usage=\{[^}]*'completion_tokens': 8", out)
+    assert "GET /health -> 200" in out
+    assert "span 'POST /v1/chat/completions': 0 gen_ai.token events" in out
+    assert re.search(r"span 'chat [^']+': 8 gen_ai.token events.*under 'POST /v1/chat", out)
     # No NVML on this machine: the demo says so instead of printing figures.
     assert "GPUs: not sampled: NVML did not initialise" in out
 

@@ -99,6 +99,7 @@ async def _engine_demo(args: argparse.Namespace, tiny: Path | None) -> None:
                     f"server {info.name}: pid {info.pid} at {info.url} ({gpus}, {info.slots} slots)"
                 )
             await _requests(engine, args)
+            await _front_door(engine, args)
             if engine.gpu_sampler is not None:
                 await print_gpus(engine.gpu_sampler)
         if telemetry is not None and exporter is not None:
@@ -136,6 +137,49 @@ async def _requests(engine: AsyncEngine, args: argparse.Namespace) -> None:
     print(f"\nrequests served per server: {served}")
 
 
+async def _front_door(engine: AsyncEngine, args: argparse.Namespace) -> None:
+    """The same engine behind its front door: one OpenAI-style stream over HTTP."""
+    import json
+    import secrets
+
+    import httpx
+
+    from ..frontdoor import FrontDoor
+    from ._door import listen, serving
+
+    key = secrets.token_urlsafe(16)
+    door = FrontDoor(engine, api_keys=[key])  # the engine runs already: the door uses it
+    sock = listen("127.0.0.1", 0)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    body = {
+        "messages": [{"role": "user", "content": "Tell me a story about a dog."}],
+        "max_tokens": args.n_predict,
+        "seed": 42,
+        "stream": True,
+    }
+    print(f"\nfront door: {url}/v1  (one OpenAI-compatible URL for every server)")
+    print("POST /v1/chat/completions  stream=true, through HTTP and the engine's router\n")
+    events = 0
+    final: dict[str, Any] = {}
+    with sock:
+        async with (
+            serving(door, sock),
+            door,
+            httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}) as http,
+        ):
+            async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    events += 1
+                    final = json.loads(line.removeprefix("data: "))
+                    for choice in final.get("choices", []):
+                        print(choice.get("delta", {}).get("content") or "", end="", flush=True)
+            health = (await http.get("/health")).status_code
+    print(f"\n\n  {events} SSE events relayed; final chunk usage={final.get('usage')}")
+    print(f"  GET /health -> {health}")
+
+
 async def _in_memory_telemetry(
     args: argparse.Namespace,
 ) -> tuple[Telemetry, InMemorySpanExporter]:
@@ -163,6 +207,7 @@ def _print_trace(spans: tuple[ReadableSpan, ...]) -> None:
     if not spans:
         print("  no spans were recorded")
         return
+    names = {span.context.span_id: span.name for span in spans if span.context is not None}
     for span in spans:
         attrs = span.attributes or {}
         tokens = [e for e in span.events if e.name == "gen_ai.token"]
@@ -179,6 +224,9 @@ def _print_trace(spans: tuple[ReadableSpan, ...]) -> None:
         energy = attrs.get("llamatelemetry.gpu.energy_j")
         if isinstance(energy, float):
             line += f", GPU energy {energy:.2f} J"
+        parent = names.get(span.parent.span_id) if span.parent is not None else None
+        if parent is not None:
+            line += f", under {parent!r}"
         print(line)
 
 

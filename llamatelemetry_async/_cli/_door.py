@@ -15,8 +15,9 @@ import ipaddress
 import secrets
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import uvicorn
@@ -34,7 +35,7 @@ from ._common import (
     write_private,
 )
 
-__all__ = ["open_door_warning", "serve_door"]
+__all__ = ["listen", "open_door_warning", "serve_door", "serving"]
 
 _DEFAULT_PORT = 8080
 
@@ -86,7 +87,28 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
-def _listen(host: str, port: int) -> socket.socket:
+@contextlib.asynccontextmanager
+async def serving(app: Any, sock: socket.socket) -> AsyncIterator[None]:
+    """uvicorn serving ``app`` on ``sock`` while the block runs (lifespan off: the block
+    manages the app), then stopped."""
+    config = uvicorn.Config(
+        app,
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        log_level="warning",
+        proxy_headers=False,  # trust no X-Forwarded-* from clients by default
+    )
+    server = _Uvicorn(config)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve, [sock])
+        try:
+            yield
+        finally:
+            server.should_exit = True
+
+
+def listen(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -139,22 +161,12 @@ async def _run(args: argparse.Namespace, keys: list[str], key_source: str) -> in
         engine, api_keys=keys or None, auth=bool(keys), drain_timeout=args.drain_timeout
     )
     port = _DEFAULT_PORT if args.port is None else args.port
-    sock = _listen(args.host, port)
+    sock = listen(args.host, port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     warning = open_door_warning(args.host, port, keys)
     if warning is not None:
         stderr(warning)
-    server = _Uvicorn(
-        uvicorn.Config(
-            door,
-            lifespan="off",
-            log_config=None,
-            access_log=False,
-            log_level="warning",
-            proxy_headers=False,  # trust no X-Forwarded-* from clients by default
-        )
-    )
     stopping = anyio.Event()
 
     def stop(signum: signal.Signals) -> None:
@@ -169,8 +181,8 @@ async def _run(args: argparse.Namespace, keys: list[str], key_source: str) -> in
         async with (
             stop_on_signals(stop, signal.SIGINT, signal.SIGTERM),
             anyio.create_task_group() as tg,
+            serving(door, sock),
         ):
-            tg.start_soon(server.serve, [sock])
             print(f"front door: http://{shown}:{port}  (OpenAI base URL: http://{shown}:{port}/v1)")
             print(f"api key: {key_source}")
             loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
@@ -179,7 +191,6 @@ async def _run(args: argparse.Namespace, keys: list[str], key_source: str) -> in
                 tg.start_soon(_announce, door)
                 await stopping.wait()
                 print(f"draining: {door.in_flight} request(s) in flight", flush=True)
-            server.should_exit = True
     print("stopped: every server exited and was reaped")
     return EXIT_OK
 
