@@ -301,6 +301,33 @@ async def test_traceparent_is_continued_by_the_server_span(tiny_model: Path) -> 
     assert len(token_events) == 6
 
 
+async def test_a_mounted_doors_spans_name_the_whole_route(tiny_model: Path) -> None:
+    exporter = InMemorySpanExporter()
+    telemetry = setup_telemetry("test", span_exporters=[exporter], metric_readers=[])
+    try:
+        engine = AsyncEngine(tiny_model, placement=Placement.cpu(1), telemetry=telemetry)
+        door = FrontDoor(engine, api_keys=[KEY])
+        app = FastAPI(lifespan=door.lifespan)
+        app.mount("/llm", door)
+        server_ended = _ServerSpanEnded()
+        telemetry.tracer_provider.add_span_processor(server_ended)
+        async with serve_asgi(app) as url, app.router.lifespan_context(app):
+            await door.wait_ready()
+            async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=30) as http:
+                reply = await http.post("/llm/v1/chat/completions", json={
+                    "messages": _messages("hi"), "max_tokens": 2})  # fmt: skip
+                assert reply.status_code == 200
+            with anyio.fail_after(10):
+                await server_ended.event.wait()
+        telemetry.tracer_provider.force_flush()
+        spans = list(exporter.get_finished_spans())
+    finally:
+        telemetry.shutdown()
+    [server] = [s for s in spans if s.kind is SpanKind.SERVER]
+    assert server.name == "POST /llm/v1/chat/completions"
+    assert dict(server.attributes or {})["http.route"] == "/llm/v1/chat/completions"
+
+
 # --------------------------------------------------------------------- the benchmark
 async def test_bench_runs_against_the_door(door_url: tuple[FrontDoor, str]) -> None:
     door, url = door_url
