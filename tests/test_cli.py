@@ -497,7 +497,7 @@ def test_serve_writes_a_random_key_to_a_missing_key_file_and_keeps_it(
     keys = tmp_path / "new-key"
     with replay_server(tokens=2) as upstream:
         proc = spawn(["serve", "--remote", upstream, "--port", "0",
-                      "--api-key-file", str(keys)])  # fmt: skip
+                      "--api-key-file", str(keys), "--max-body", "0.01"])  # fmt: skip
         procs.append(proc)
         out = Reader(proc)
         url = _door_url(out)
@@ -505,6 +505,8 @@ def test_serve_writes_a_random_key_to_a_missing_key_file_and_keeps_it(
         assert stat.S_IMODE(keys.stat().st_mode) == 0o600
         auth = {"Authorization": f"Bearer {keys.read_text().strip()}"}
         assert httpx.get(f"{url}/v1/models", headers=auth, timeout=10).status_code == 200
+        big = {"prompt": "x" * 20_000, "n_predict": 1}  # past --max-body 0.01 MiB
+        assert httpx.post(f"{url}/completion", json=big, headers=auth).status_code == 413
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0, out.rest()
     assert keys.exists()

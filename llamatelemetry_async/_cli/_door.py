@@ -157,8 +157,14 @@ async def _run(args: argparse.Namespace, keys: list[str], key_source: str) -> in
         ctx_size=args.ctx_size, n_parallel=args.parallel, n_gpu_layers=args.n_gpu_layers
     )  # on free loopback ports, each with a random key of the engine's
     engine = engine_for(args, model, placement, config)
+    if not args.max_body > 0:
+        raise UsageError(f"--max-body must be a positive number of MiB, got {args.max_body}")
     door = FrontDoor(
-        engine, api_keys=keys or None, auth=bool(keys), drain_timeout=args.drain_timeout
+        engine,
+        api_keys=keys or None,
+        auth=bool(keys),
+        drain_timeout=args.drain_timeout,
+        max_body=int(args.max_body * 1024 * 1024),
     )
     port = _DEFAULT_PORT if args.port is None else args.port
     sock = listen(args.host, port)

@@ -107,6 +107,13 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         help="seconds requests in flight may take to finish on SIGTERM (default 30)",
     )
     net.add_argument(
+        "--max-body",
+        type=float,
+        default=8.0,
+        metavar="MIB",
+        help="largest request body in MiB, beyond: 413 (default 8; images in chat need more)",
+    )
+    net.add_argument(
         "--max-waiting",
         type=int,
         default=10_000,
