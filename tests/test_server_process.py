@@ -150,3 +150,27 @@ async def test_a_real_server_starts_answers_and_is_reaped_on_every_spawn_path(
     assert server.exit_code is not None
     assert pid is not None
     assert gone([pid], timeout=10.0)
+
+
+def test_a_test_fixtures_server_dies_with_the_test_process(tiny_model: Path) -> None:
+    # run_llama_server (the sync helper behind the session fixtures): a test run that is
+    # SIGKILLed (or SIGTERMed: no fixture teardown runs) must not leave its servers behind.
+    code = (
+        "import sys, time\n"
+        "from llamatelemetry_async.testing._server import run_llama_server\n"
+        "with run_llama_server(sys.argv[1]) as server:\n"
+        "    print(server.pid, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", code, str(tiny_model)], stdout=subprocess.PIPE, text=True
+    ) as holder:
+        try:
+            assert holder.stdout is not None
+            pid = int(holder.stdout.readline())
+            holder.kill()
+            holder.wait(10)
+            assert gone([pid], timeout=5.0)
+        finally:
+            if holder.poll() is None:
+                holder.kill()

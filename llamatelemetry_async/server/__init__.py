@@ -25,7 +25,7 @@ from ._config import (
     ServerPlan,
     server_command,
 )
-from ._process import LlamaServer, ServerState, open_process
+from ._process import LlamaServer, ServerState, dies_with_this_process, open_process
 
 __all__ = [
     "CACHE_TYPES",
@@ -37,6 +37,7 @@ __all__ = [
     "ServerState",
     "build_llama_server",
     "cached_builds",
+    "dies_with_this_process",
     "find_llama_quantize",
     "find_llama_server",
     "llama_server_version",

@@ -47,7 +47,7 @@ from .._errors import HTTPStatusError, LlamaError, ServerStartError, TransportEr
 from .._groups import single_error
 from ..client import AsyncLlamaClient
 
-__all__ = ["LlamaServer", "ServerState", "open_process"]
+__all__ = ["LlamaServer", "ServerState", "dies_with_this_process", "open_process"]
 
 logger = logging.getLogger("llamatelemetry_async.server")
 
@@ -300,12 +300,16 @@ def _pdeath_argv(argv: list[str]) -> list[str]:
     return [sys.executable, "-I", "-S", "-c", _PDEATH_SHIM, str(os.getpid()), *argv]
 
 
-def _with_parent_death(argv: list[str]) -> list[str]:
-    """``argv`` behind the shim when the caller spawns from asyncio's loop thread on Linux;
-    unchanged elsewhere (a trio worker thread would fire the signal when it retires)."""
-    if not sys.platform.startswith("linux") or sniffio.current_async_library() != "asyncio":
-        return argv
-    return _pdeath_argv(argv)
+def dies_with_this_process(argv: Sequence[str]) -> list[str]:
+    """``argv`` that a synchronous caller spawns (``subprocess.Popen``) so that the child is
+    SIGKILLed when this process dies, however it dies (Linux; unchanged elsewhere).
+
+    The parent-death signal follows the spawning *thread*: spawn from one that lives as long
+    as the process (the main thread).
+    """
+    if not sys.platform.startswith("linux"):
+        return list(argv)
+    return _pdeath_argv(list(argv))
 
 
 async def open_process(argv: list[str], env: Mapping[str, str] | None = None) -> anyio.abc.Process:

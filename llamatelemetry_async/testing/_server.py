@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .._errors import LlamaServerError
-from ..server import find_llama_server
+from ..server import dies_with_this_process, find_llama_server
 
 __all__ = ["RunningServer", "run_llama_server"]
 
@@ -101,7 +101,7 @@ def run_llama_server(
     exe = find_llama_server(binary)
     argv = [str(exe), "-m", str(Path(model)), "--host", "127.0.0.1", "--port", "0", *args]
     process = subprocess.Popen(
-        argv,
+        dies_with_this_process(argv),  # a test run that is killed leaves no server behind
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
