@@ -453,6 +453,32 @@ def test_serve_drains_a_stream_on_sigterm_and_refuses_new_requests(
         assert proc.wait(30) == 0, out.rest()
 
 
+def test_sigterm_during_a_local_stream_lets_it_finish_then_reaps_every_server(
+    tiny_model: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    proc = spawn(["serve", str(tiny_model), "--placement", "cpu:1", "--ctx-size", "4096",
+                  "--port", "0", "--no-auth", "--drain-timeout", "60"])  # fmt: skip
+    procs.append(proc)
+    out = Reader(proc)
+    url = _door_url(out)
+    out.until("ready: 1 server")
+    pids = [int(p) for p in re.findall(r"server cpu0: http://\S+  \(pid (\d+), CPU", out.data)]
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3000,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as stream:
+        lines = (line for line in stream.iter_lines() if line.startswith("data: "))
+        next(lines)
+        proc.send_signal(signal.SIGTERM)
+        out.until("draining")
+        late = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": False})
+        assert late.status_code == 503  # while the stream still runs
+        rest = list(lines)
+    assert rest[-1] == "data: [DONE]"  # the stream in flight finished
+    assert len(rest) > 3000
+    assert proc.wait(30) == 0, out.rest()
+    assert gone(pids, timeout=2.0)  # no llama-server left
+
+
 def test_a_second_sigterm_cuts_the_drain_short(procs: list[subprocess.Popen[bytes]]) -> None:
     # 400 tokens at 20/s: 20 s, and --drain-timeout 60; the second signal must not wait.
     with replay_server(tokens=400, rate=20.0, slots=4) as upstream:
