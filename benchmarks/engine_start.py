@@ -227,14 +227,14 @@ def main() -> int:
         args.threads = max(1, (os.cpu_count() or 1) // max(args.servers))
 
     _bootstrap_path()
-    from llamatelemetry_async.server._process import _with_parent_death
+    from llamatelemetry_async.server import dies_with_this_process
     from llamatelemetry_async.testing import write_tiny_model
 
     # The shim is what the engine puts in front of llama-server; /bin/true isolates its cost.
     exec_rows = {
         "/bin/true (fork + exec + reap baseline)": ["/bin/true"],
         "python -I -S -c pass": [sys.executable, "-I", "-S", "-c", "pass"],
-        "parent-death shim, then exec /bin/true": _with_parent_death(["/bin/true"]),
+        "parent-death shim, then exec /bin/true": dies_with_this_process(["/bin/true"]),
     }
     execs = {label: time_exec(argv, args.exec_reps) for label, argv in exec_rows.items()}
     baseline = statistics.median(execs["/bin/true (fork + exec + reap baseline)"])
