@@ -47,12 +47,12 @@ def splice(payload: bytes, fields: Mapping[str, Any]) -> bytes:
     return body[:-1] + (b"," if body != b"{}" else b"") + extra + b"}"
 
 
-def extras(stream_or_reply_gpu: Mapping[str, Any] | None) -> dict[str, Any]:
+def extras(gpu: Mapping[str, Any] | None) -> dict[str, Any]:
     """The request's GPU figures, as the extra field OpenAI clients ignore."""
-    if not stream_or_reply_gpu:
+    if not gpu:
         return {}
-    gpu = {key.removeprefix(_GPU_PREFIX): value for key, value in stream_or_reply_gpu.items()}
-    return {"llamatelemetry": {"gpu": gpu}}
+    figures = {key.removeprefix(_GPU_PREFIX): value for key, value in gpu.items()}
+    return {"llamatelemetry": {"gpu": figures}}
 
 
 def _final_fields(stream: TokenStream[Any], payload: bytes) -> dict[str, Any]:
