@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Final, Literal, TypeAlias
+from typing import Final, Literal, Protocol, TypeAlias
 
 from ._errors import ConfigError
 from .server import ServerPlan
@@ -48,6 +48,16 @@ def _gpu_id(field: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise _fail(field, f"GPU ids are ints >= 0, got {value!r}")
     return value
+
+
+class ServerProvider(Protocol):
+    """Places servers somewhere the engine does not spawn them itself (a Ray cluster).
+
+    ``backends`` returns engine backends (``llamatelemetry_async.engine.Backend``); this
+    module, low in the package, knows them only as objects.
+    """
+
+    def backends(self, model: str | None, config: object, binary: str | None) -> list[object]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,11 +104,12 @@ class Placement:
     split_mode: PairSplitMode = "layer"
     n: int = 1
     remotes: tuple[RemoteServer, ...] = ()
+    providers: tuple[ServerProvider, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in ("per_gpu", "pairs", "cpu", "auto", "remote"):
             raise _fail("kind", f"must be per_gpu, pairs, cpu, auto or remote, got {self.kind!r}")
-        if self.kind == "remote" and not self.remotes:
+        if self.kind == "remote" and not (self.remotes or self.providers):
             raise _fail("remote", "Placement.remote needs at least one URL")
         if self.gpus is not None:
             gpus = tuple(_gpu_id("gpus", gpu) for gpu in self.gpus)
@@ -198,6 +209,15 @@ class Placement:
         )
         return cls(kind="remote", remotes=remotes)
 
+    @classmethod
+    def provided(cls, provider: ServerProvider) -> Placement:
+        """Servers that ``provider`` places elsewhere (a cluster scheduler), as engine backends.
+
+        The engine calls ``provider.backends(...)`` once it knows its model and server
+        settings; ``llamatelemetry_async.cluster.ray_servers`` is one such provider.
+        """
+        return cls(kind="remote", providers=(provider,))
+
     @property
     def has_local(self) -> bool:
         """True if the engine starts servers of its own with this placement."""
@@ -210,7 +230,11 @@ class Placement:
         if self.has_local and other.has_local:
             raise _fail("placement", "two local placements cannot be added; add remote ones")
         local = self if self.has_local else other
-        return replace(local, remotes=self.remotes + other.remotes)
+        return replace(
+            local,
+            remotes=self.remotes + other.remotes,
+            providers=self.providers + other.providers,
+        )
 
     @classmethod
     def coerce(cls, value: Placement | str) -> Placement:

@@ -71,7 +71,10 @@ class ServerInfo:
     last_error: str | None = None
     """Why its last start or probe failed (``None``: no problem)."""
     kind: str = "local"
-    """``"local"`` (a process the engine runs) or ``"remote"`` (a server it only watches)."""
+    """``"local"`` (a process the engine runs), ``"remote"`` (a server it only watches) or
+    ``"ray"`` (a server in a Ray actor)."""
+    node: str | None = None
+    """The cluster node it runs on (Ray's node id), for servers placed on a cluster."""
 
 
 @dataclasses.dataclass(frozen=True)

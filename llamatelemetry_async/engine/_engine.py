@@ -364,6 +364,17 @@ class AsyncEngine(RequestMethods, anyio.AsyncContextManagerMixin):
                 )
         for i, remote in enumerate(self.placement.remotes):
             backends.append(RemoteBackend(f"remote{i}", remote.url, remote.api_key))
+        model_spec = None if self._spec is None else str(self._spec)
+        binary_path = None if self._binary is None else str(self._binary)
+        for provider in self.placement.providers:
+            for backend in provider.backends(model_spec, self.config, binary_path):
+                if not isinstance(backend, Backend):
+                    raise ConfigError(
+                        f"{type(provider).__name__}.backends() must return engine Backends, "
+                        f"got {type(backend).__name__}",
+                        field="placement",
+                    )
+                backends.append(backend)
         self._backends[:] = backends
         self._router.members[:] = [b.member for b in backends]
         return backends

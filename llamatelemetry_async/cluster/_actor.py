@@ -1,0 +1,92 @@
+"""``ServerActor``: one llama-server on a Ray node, run by the library's own ``LlamaServer``.
+
+A Ray actor (``ray.remote(ServerActor)``, async): ``start()`` resolves the model and the
+binary on its node, starts llama-server on the node's address with a free port and a fresh
+random key, and returns where it listens. The key travels back over Ray only, never on a
+command line (the server reads it from its environment) or in a log.
+
+When llama-server exits, the actor process exits too, so that Ray restarts the actor (its
+``max_restarts`` bound the restarts) on a node with room; the engine's backend then calls
+``start()`` on the new actor. The server is tied to the actor's process by the parent-death
+signal: killing the actor (or its node) leaves no llama-server behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ServerActor"]
+
+
+class ServerActor:
+    """Runs one llama-server on the node Ray placed this actor on (see the module)."""
+
+    def __init__(self, name: str, model: str, config: Any, binary: str | None) -> None:
+        self._name = name
+        self._model = model
+        self._config = config
+        self._binary = binary
+        self._info: dict[str, Any] | None = None
+        self._exited = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> dict[str, Any]:
+        """Start llama-server (once per actor life); where it listens, its key, its node."""
+        if self._exited.is_set():  # between the server's exit and this actor's own
+            raise RuntimeError(f"{self._name}: the server exited; the actor restarts")
+        if self._info is not None:
+            return self._info
+        import anyio
+        import ray
+
+        from ..models import resolve_model
+        from ..server import LlamaServer, ServerPlan, find_llama_server, server_command
+
+        model = Path(self._model)
+        if not await anyio.Path(model).is_file():
+            model = await resolve_model(self._model)  # into this node's own cache
+        binary = find_llama_server(self._binary)
+        key = secrets.token_urlsafe(24)
+        gpus = tuple(int(g) for g in ray.get_gpu_ids())
+        config = dataclasses.replace(
+            self._config, host=ray.util.get_node_ip_address(), port=0, api_key=key
+        )
+        plan = ServerPlan(name=self._name, gpus=gpus)
+        argv, env = server_command(config, binary=binary, model=model, plan=plan)
+        server = LlamaServer(argv, env, name=self._name, gpus=gpus)
+        started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def supervise() -> None:
+            try:
+                async with anyio.create_task_group() as tg:
+                    await tg.start(server.run)
+                    started.set_result(None)
+            except BaseException as exc:
+                if not started.done():
+                    started.set_exception(exc)
+                    return
+            self._exited.set()
+            await asyncio.sleep(0.2)  # wait_exit() answers first: the engine learns it now
+            # The server is gone: so is this actor, and Ray restarts it where there is room.
+            os._exit(70)
+
+        self._task = asyncio.create_task(supervise())
+        await started
+        self._info = {
+            "url": server.url,
+            "api_key": key,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "node_ip": config.host,
+            "pid": server.pid,
+            "gpus": gpus,
+        }
+        return self._info
+
+    async def wait_exit(self) -> None:
+        """Returns only if the server exits; raises (Ray's actor error) if the actor dies."""
+        await self._exited.wait()
