@@ -32,7 +32,7 @@ def _install(session: nox.Session, *groups: str, extras: str = "") -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """The test suite, on the interpreter running nox (Arize Phoenix included)."""
-    _install(session, "test", "phoenix")
+    _install(session, "test", "phoenix", extras="ray")
     session.run("python", "-m", "llamatelemetry_async", "build-server")
     session.run("pytest", *session.posargs)
 
@@ -62,7 +62,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict (configured in pyproject.toml)."""
-    _install(session, "typecheck", extras="bench")
+    _install(session, "typecheck", extras="bench,ray")
     session.run("mypy")
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from llamatelemetry_async.client._connection import Backend
 from llamatelemetry_async.testing import write_tiny_model
+from llamatelemetry_async.testing._ray import LoopbackRayCluster
 from llamatelemetry_async.testing._replay import replay_server
 from llamatelemetry_async.testing._server import RunningServer, run_llama_server
 
@@ -70,3 +71,12 @@ def replay_url() -> Iterator[str]:
     """The loopback SSE replay server (llama-server's wire format), unpaced."""
     with replay_server(tokens=20) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[LoopbackRayCluster]:
+    """Two Ray nodes (``node_a``, ``node_b``), each with one GPU as Ray counts them (Ray only
+    counts: the servers run on the CPU), in a loopback-only namespace (see ``_ray``)."""
+    with LoopbackRayCluster({"node_a": 1}, num_gpus=1) as cluster:
+        cluster.add_node({"node_b": 1}, num_gpus=1)
+        yield cluster

@@ -1,18 +1,17 @@
-"""Servers on a Ray cluster: a real two-node Ray cluster in a network namespace (see
-``_ray_cluster``), real llama-servers in Ray actors, drivers run inside the namespace."""
+"""Servers on a Ray cluster: a real two-node Ray cluster in a loopback-only network namespace
+(``ray_cluster`` in conftest; see ``llamatelemetry_async.testing._ray`` for why), real
+llama-servers in Ray actors, each test's driver run as a script inside the namespace."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from _ray_cluster import Cluster, model_path, two_node_cluster
 
-pytest.importorskip("ray")  # WIP on this branch: CI must install the [ray] extra instead
+from llamatelemetry_async.testing._ray import LoopbackRayCluster
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 
 _SETUP = """
 import json, os, signal, sys, time
@@ -27,15 +26,14 @@ CONFIG = ServerConfig(n_parallel=2, ctx_size=2048)
 """
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    with two_node_cluster() as running:
-        yield running
+@pytest.fixture
+def cluster(ray_cluster: LoopbackRayCluster) -> LoopbackRayCluster:
+    return ray_cluster
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return model_path(tmp_path_factory.mktemp("ray-model"))
+@pytest.fixture
+def model(tiny_model: Path) -> str:
+    return str(tiny_model)
 
 
 def _llama_servers() -> set[int]:
@@ -43,7 +41,7 @@ def _llama_servers() -> set[int]:
 
 
 def test_servers_spread_over_both_nodes_and_answer_like_a_local_one(
-    cluster: Cluster, model: str
+    cluster: LoopbackRayCluster, model: str
 ) -> None:
     before = _llama_servers()
     out = cluster.driver(
@@ -81,7 +79,7 @@ anyio.run(main)
 
 
 def test_a_dead_server_fails_its_streams_as_crashes_and_comes_back(
-    cluster: Cluster, model: str
+    cluster: LoopbackRayCluster, model: str
 ) -> None:
     out = cluster.driver(
         _SETUP
