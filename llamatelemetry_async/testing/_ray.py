@@ -50,13 +50,13 @@ class LoopbackRayCluster:
         self,
         head_resources: Mapping[str, float] | None = None,
         *,
-        port: int = 6380,
+        port: int | None = None,
         num_cpus: int = 2,
         num_gpus: int = 0,
         python: str = sys.executable,
     ) -> None:
-        self.port = port
-        self.address = f"127.0.0.1:{port}"
+        self.port = port if port is not None else _free_gcs_port()
+        self.address = f"127.0.0.1:{self.port}"
         self.python = python
         self._ray = shutil.which("ray", path=os.path.dirname(python)) or "ray"
         self._head = (dict(head_resources or {"node_a": 1}), num_cpus, num_gpus)
@@ -95,13 +95,31 @@ class LoopbackRayCluster:
         if holder is None:
             return
         try:
-            self.run([self._ray, "stop", "--force"], timeout=60)
+            self._kill_namespace(holder.pid)
         finally:
             self._holder = None
-            assert holder.stdin is not None and holder.stdout is not None
+            assert holder.stdin is not None
+            assert holder.stdout is not None
             holder.stdin.close()
             holder.wait()
             holder.stdout.close()
+
+    @staticmethod
+    def _kill_namespace(holder: int) -> None:
+        """SIGKILL every process in the holder's namespace: this cluster's, and no other
+        (``ray stop`` would stop every Ray cluster on the machine)."""
+        import psutil
+
+        netns = os.stat(f"/proc/{holder}/ns/net").st_ino
+        procs = []
+        for proc in psutil.process_iter():
+            try:
+                if proc.pid != holder and os.stat(f"/proc/{proc.pid}/ns/net").st_ino == netns:
+                    proc.kill()
+                    procs.append(proc)
+            except (OSError, psutil.Error):  # gone meanwhile
+                continue
+        psutil.wait_procs(procs, timeout=30)
 
     def add_node(self, resources: Mapping[str, float], *, num_cpus: int = 2,
                  num_gpus: int = 0) -> None:  # fmt: skip
@@ -153,3 +171,16 @@ class LoopbackRayCluster:
         if result.returncode != 0:
             raise AssertionError(f"driver failed ({result.returncode}):\n{result.stderr[-4000:]}")
         return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _free_gcs_port() -> int:
+    """A GCS port no other cluster on this machine uses: ``ray start`` refuses a port that a
+    running GCS has on its command line, whatever namespace that GCS is in."""
+    import psutil
+
+    used = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        for arg in proc.info["cmdline"] or ():
+            if arg.startswith("--gcs_server_port="):
+                used.add(int(arg.split("=", 1)[1]))
+    return next(p for p in range(6380, 7380) if p not in used)
