@@ -4,21 +4,31 @@ Routing treats it as a remote server (``RemoteBackend``: probes, cool-down, slot
 ``/props``); what it adds is the actor's life. It asks the actor to start its server, learns
 the URL and key over Ray, and serves; a second task waits on the actor, and when the actor
 (or its node) dies, serving stops, requests in flight fail as ``ServerCrashedError``, and the
-backend asks Ray's restarted actor for its new URL.
+backend asks Ray's restarted actor for its new URL. A third task mirrors the actor's GPU
+samples, so that the engine measures each request's energy on the node that served it.
+
+The servers of one ``ray_servers`` placement share a Ray placement group (``_Group``): the
+first backend to run creates it, the last to stop removes it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import anyio
 import anyio.abc
 
-from .._errors import LlamaError, ServerCrashedError
+from .._errors import LlamaError, ServerCrashedError, ServerStartError
 from ..engine import BackendContext, RemoteBackend, ServerInfo
+from ..engine._energy_book import EnergyBook
+from ..gpu import GPUSample
+from ._actor import SamplesReply
 
 __all__ = ["RayBackend", "ensure_ray", "ray_result"]
 
@@ -33,7 +43,7 @@ def ensure_ray(address: str | None) -> None:
         if not ray.is_initialized():
             ray.init(
                 address=address or "auto",
-                logging_level="ERROR",
+                logging_level=logging.ERROR,
                 log_to_driver=False,
                 configure_logging=False,
             )
@@ -50,17 +60,111 @@ async def ray_result(ref: Any) -> Any:
     return await asyncio.wrap_future(ref.future())
 
 
+class _Group:
+    """The placement group the servers of one placement share (see the module)."""
+
+    def __init__(
+        self, bundles: list[dict[str, float]], strategy: str, address: str | None, timeout: float
+    ) -> None:
+        self.bundles = bundles
+        self.strategy = strategy
+        self.address = address
+        self.timeout = timeout
+        self.pg: Any = None
+        self._users = 0
+        self._ready: anyio.Event | None = None
+
+    async def enter(self) -> Any:
+        """The placement group, created (and waited for) by the first caller."""
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        self._users += 1
+        if self._ready is None:
+            self._ready = anyio.Event()
+            try:
+                await anyio.to_thread.run_sync(ensure_ray, self.address)
+                pg = placement_group(self.bundles, strategy=self.strategy)
+                with anyio.move_on_after(self.timeout):
+                    await ray_result(pg.ready())
+                    self.pg = pg
+                if self.pg is None:
+                    remove_placement_group(pg)
+            finally:
+                self._ready.set()
+        await self._ready.wait()
+        if self.pg is None:
+            raise ServerStartError(
+                f"the Ray cluster had no room for {len(self.bundles)} server(s) "
+                f"{self.bundles} ({self.strategy}) within {self.timeout:g} s: add nodes, "
+                "lower count or gpus_per_server, or use a softer strategy ('SPREAD', 'PACK')",
+                server="ray",
+                exit_code=None,
+            )
+        return self.pg
+
+    def leave(self) -> None:
+        """The last user removes the placement group (Ray frees its resources)."""
+        self._users -= 1
+        if self._users == 0:
+            self._ready = None
+        if self._users == 0 and self.pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            pg, self.pg = self.pg, None
+            try:
+                remove_placement_group(pg)
+            except Exception:  # the cluster is gone: nothing is held any more
+                pass
+
+
+class _RemoteSamples:
+    """A mirror of the ``GPUSampler`` in a server's actor (what an ``EnergyBook`` reads)."""
+
+    def __init__(self, capacity: int = 3600) -> None:
+        self.available = False
+        self.interval = 0.5
+        self.reason: str | None = "not started"
+        self._rings: dict[int, collections.deque[GPUSample]] = {}
+        self._capacity = capacity
+        self.newest = 0.0  # wall-clock time of the newest sample
+
+    def samples(self, gpu: int) -> list[GPUSample]:
+        return list(self._rings.get(gpu, ()))
+
+    def add(self, reply: SamplesReply) -> None:
+        """Samples from the node, their wall-clock times moved onto this process's clock."""
+        self.available, self.reason = reply.available, reply.reason
+        if reply.interval:
+            self.interval = reply.interval
+        offset = time.monotonic() - time.time()
+        for sample in reply.samples:
+            ring = self._rings.setdefault(sample.index, collections.deque(maxlen=self._capacity))
+            ring.append(_moved(sample, offset))
+            self.newest = max(self.newest, sample.t)
+
+
+def _moved(sample: GPUSample, offset: float) -> GPUSample:
+    import dataclasses
+
+    return dataclasses.replace(sample, t=sample.t + offset)
+
+
 class RayBackend(RemoteBackend):
     """One llama-server in a Ray actor (see the module)."""
 
     kind = "ray"
 
-    def __init__(self, name: str, make_actor: Callable[[], Any], address: str | None) -> None:
+    def __init__(
+        self, name: str, make_actor: Callable[[Any, int], Any], group: _Group, index: int
+    ) -> None:
         super().__init__(name, "", None)
         self._make_actor = make_actor
-        self._address = address
+        self._group = group
+        self._index = index  # the bundle of the placement group it runs in
         self._actor: Any = None
         self._died = anyio.Event()
+        self._gpu = _RemoteSamples()
+        self.energy = EnergyBook(self._gpu)
         self.node_id: str | None = None
         self.pid: int | None = None
         self.starts = 0
@@ -74,11 +178,11 @@ class RayBackend(RemoteBackend):
         """Start the actor's server, serve it, and again after each actor restart."""
         import ray
 
-        await anyio.to_thread.run_sync(ensure_ray, self._address)
-        self._actor = self._make_actor()
-        started = False
-        delay = 0.1
         try:
+            pg = await self._group.enter()
+            self._actor = self._make_actor(pg, self._index)
+            started = False
+            delay = 0.1
             while True:
                 try:
                     info = await ray_result(self._actor.start.remote())
@@ -88,7 +192,7 @@ class RayBackend(RemoteBackend):
                     if not started:
                         started = True
                         task_status.started()
-                    await anyio.sleep(delay)
+                    await anyio.sleep(delay)  # a backoff: Ray may still be restarting it
                     delay = min(delay * 2, 2.0)
                     continue
                 delay = 0.1
@@ -107,16 +211,31 @@ class RayBackend(RemoteBackend):
                         tg.cancel_scope.cancel()
 
                     tg.start_soon(watch)
+                    tg.start_soon(self._mirror)
                     await tg.start(super().run, ctx)
                     if not started:
                         started = True
                         task_status.started()
                 self.state_text = "restarting"  # Ray brings the actor back; start() again
         finally:
+            actor, self._actor = self._actor, None
             try:
-                ray.kill(self._actor, no_restart=True)  # its server dies with it
+                if actor is not None:
+                    ray.kill(actor, no_restart=True)  # its server dies with it
             except Exception:  # already gone
                 pass
+            self._group.leave()
+
+    async def _mirror(self) -> None:
+        """Keep asking the actor for its GPU samples (it answers once per sampling period)."""
+        while True:
+            try:
+                reply = await ray_result(self._actor.gpu_samples.remote(self._gpu.newest))
+            except Exception:  # the actor died: watch() ends this life
+                return
+            self._gpu.add(reply)
+            if not reply.available:
+                return  # no NVML on that node (or a CPU server): nothing to mirror
 
     async def failure(self, exc: LlamaError) -> LlamaError:
         """A request broken because the actor died is a server crash."""

@@ -29,6 +29,7 @@ import anyio.abc
 from .._errors import LlamaError, ServerCrashedError
 from ..client import AsyncLlamaClient
 from ..server import LlamaServer
+from ._energy_book import EnergyBook
 from ._router import Member, Router
 
 __all__ = ["Backend", "BackendContext", "LocalBackend", "RemoteBackend", "ServerInfo"]
@@ -108,6 +109,8 @@ class Backend(abc.ABC):
         """A client for this server while it can take requests."""
         self.failures = 0  # consecutive starts (or probes, remote) that failed
         self.last_error: str | None = None
+        self.energy: EnergyBook | None = None
+        """Its own GPU figures (a server on another node); ``None``: the engine's sampler."""
 
     @property
     @abc.abstractmethod

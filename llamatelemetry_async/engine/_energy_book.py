@@ -12,15 +12,25 @@ import collections
 import itertools
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
-from ..gpu import GPUSampler, RequestWindow, attribute_energy
+from ..gpu import GPUSample, RequestWindow, attribute_energy
 
-__all__ = ["EnergyBook"]
+__all__ = ["EnergyBook", "Samples"]
+
+
+class Samples(Protocol):
+    """Where an ``EnergyBook`` reads samples: a ``GPUSampler``, or a mirror of one elsewhere."""
+
+    @property
+    def available(self) -> bool: ...
+    @property
+    def interval(self) -> float: ...
+    def samples(self, gpu: int) -> list[GPUSample]: ...
 
 
 class EnergyBook:
-    def __init__(self, sampler: GPUSampler, *, keep: int = 4096) -> None:
+    def __init__(self, sampler: Samples, *, keep: int = 4096) -> None:
         self.sampler = sampler
         self._ids = itertools.count()
         self._active: dict[int, tuple[tuple[int, ...], float, Callable[[], int]]] = {}

@@ -224,7 +224,7 @@ class AsyncEngine(RequestMethods, anyio.AsyncContextManagerMixin):
             self._ctx,
             retries=retries,
             is_open=lambda: self._open,
-            energy=lambda: self._energy,
+            energy=lambda backend: self._energy if backend.energy is None else backend.energy,
         )
 
     @property

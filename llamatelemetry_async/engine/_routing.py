@@ -75,7 +75,7 @@ class RoutedDispatcher(Dispatcher):
         *,
         retries: int,
         is_open: Callable[[], bool],
-        energy: Callable[[], EnergyBook | None],
+        energy: Callable[[Backend], EnergyBook | None],
     ) -> None:
         self.backends = backends
         self._ctx = ctx
@@ -127,7 +127,7 @@ class RoutedDispatcher(Dispatcher):
             member = await router.acquire()
             backend = self._backend(member.name)
             release = router.releaser(member)
-            energy = self._energy()
+            energy = self._energy(backend)
             key = energy.begin(backend.gpus, lambda: 0) if energy is not None else None
             try:
                 client = _client_of(backend)
@@ -269,7 +269,7 @@ class _RoutedSource(Source):
             except BaseException:
                 self._release()
                 raise
-            energy = routes._energy()
+            energy = routes._energy(backend)
             if energy is not None:
                 self._energy = energy.begin(backend.gpus, self._tokens)
             return
@@ -283,8 +283,10 @@ class _RoutedSource(Source):
     def _account(self) -> None:
         """The request's GPU figures onto its span (once, at the end)."""
         key, self._energy = self._energy, None
-        energy = self._routes._energy()
-        if key is None or energy is None:
+        if key is None or self._backend is None:
+            return
+        energy = self._routes._energy(self._backend)
+        if energy is None:
             return
         stream = self._stream() if self._stream is not None else None
         usage = stream.usage if stream is not None else None
