@@ -1,28 +1,75 @@
 """Servers on a Ray cluster: a real two-node Ray cluster in a loopback-only network namespace
 (``ray_cluster`` in conftest; see ``llamatelemetry_async.testing._ray`` for why), real
-llama-servers in Ray actors, each test's driver run as a script inside the namespace."""
+llama-servers in Ray actors, each test's driver run as a script inside the namespace.
+
+Every driver ends by checking, from Ray's own records, that the engine left nothing behind:
+no actor of ours alive, every placement group removed, no llama-server process left.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import psutil
 import pytest
 
+from llamatelemetry_async import ConfigError, Placement
+from llamatelemetry_async.cluster import RayServers, ray_servers
 from llamatelemetry_async.testing._ray import LoopbackRayCluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 
 _SETUP = """
 import json, os, signal, sys, time
-import anyio
+import anyio, psutil, ray
 from llamatelemetry_async import AsyncEngine, ServerConfig, ServerCrashedError
-from llamatelemetry_async.cluster import ray_servers
+from llamatelemetry_async.cluster import NAMESPACE, ray_servers
+from llamatelemetry_async.testing._fake_nvml import FakeGPU, FakeNVML
+from llamatelemetry_async.testing._ray import kill_raylet
 
 ADDRESS, MODEL = sys.argv[1], sys.argv[2]
-PLACEMENT = ray_servers(2, gpus_per_server=0, resources=[{"node_a": 0.01}, {"node_b": 0.01}],
-                        address=ADDRESS)
 CONFIG = ServerConfig(n_parallel=2, ctx_size=2048)
+ONE_SLOT = ServerConfig(n_parallel=1, ctx_size=2048)  # two streams land on two servers
+PINNED = dict(resources=[{"node_a": 0.01}, {"node_b": 0.01}], address=ADDRESS)
+
+def llama_servers():
+    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "llama-server"}
+
+BEFORE = llama_servers()
+
+def node_with(resource):
+    [node] = [n["NodeID"] for n in ray.nodes() if n["Alive"] and resource in n["Resources"]]
+    return node
+
+async def nothing_left():
+    # ray.kill and placement-group removal are asynchronous: wait (bounded) for Ray's records.
+    with anyio.fail_after(30):
+        while True:
+            actors = ray.util.list_named_actors(all_namespaces=True)
+            ours = [a for a in actors if a["namespace"] == NAMESPACE]
+            groups = [g["state"] for g in ray.util.placement_group_table().values()]
+            servers = llama_servers() - BEFORE
+            if not ours and set(groups) <= {"REMOVED"} and not servers:
+                return {"actors": ours, "groups": groups, "servers": sorted(servers)}
+            await anyio.sleep(0.1)
+
+async def one(engine, i, tokens=6, **extra):
+    messages = [{"role": "user", "content": f"hi {i % 3}"}]
+    params = dict(max_tokens=tokens, temperature=0, seed=1, **extra)
+    async with engine.stream_chat(messages, **params) as s:
+        streamed = "".join([c.text async for c in s])
+    whole = await engine.chat(messages, **params)
+    return {"same": streamed == whole.text, "gpu": s.gpu}
+
+async def crash_or_finish(engine, tokens=1500):
+    try:
+        # (a prompt per length: the router keeps a prompt on the server that cached it)
+        async with engine.stream_chat([{"role": "user", "content": f"x {tokens}"}],
+                                      max_tokens=tokens, ignore_eos=True) as s:
+            async for _ in s:
+                pass
+        return "finished"
+    except ServerCrashedError:
+        return "crashed"
 """
 
 
@@ -36,46 +83,80 @@ def model(tiny_model: Path) -> str:
     return str(tiny_model)
 
 
-def _llama_servers() -> set[int]:
-    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "llama-server"}
-
-
 def test_servers_spread_over_both_nodes_and_answer_like_a_local_one(
     cluster: LoopbackRayCluster, model: str
 ) -> None:
-    before = _llama_servers()
     out = cluster.driver(
         _SETUP
         + """
 async def main():
-    async with AsyncEngine(MODEL, placement=PLACEMENT, server=CONFIG) as engine:
-        async def one(i):
-            messages = [{"role": "user", "content": f"hi {i % 3}"}]
-            async with engine.stream_chat(messages, max_tokens=6, temperature=0, seed=1) as s:
-                streamed = "".join([c.text async for c in s])
-            whole = await engine.chat(messages, max_tokens=6, temperature=0, seed=1)
-            return streamed == whole.text
-        same = []
+    placement = ray_servers(2, gpus_per_server=0, **PINNED)
+    async with AsyncEngine(MODEL, placement=placement, server=CONFIG) as engine:
+        results = []
         async with anyio.create_task_group() as tg:
             for i in range(8):
-                async def run(i=i): same.append(await one(i))
+                async def run(i=i): results.append(await one(engine, i))
                 tg.start_soon(run)
         servers = engine.servers
-        print(json.dumps({"same": same, "nodes": [s.node for s in servers],
-                          "kinds": [s.kind for s in servers],
-                          "served": [s.served for s in servers]}))
+        out = {"results": results, "nodes": [s.node for s in servers],
+               "placed": [node_with("node_a"), node_with("node_b")],
+               "kinds": [s.kind for s in servers], "served": [s.served for s in servers],
+               "gpus": [list(s.gpus) for s in servers],
+               "named": sorted(a["name"] for a in ray.util.list_named_actors(True))}
+    out["left"] = await nothing_left()
+    print(json.dumps(out))
 anyio.run(main)
 """,
         model,
     )
-    assert out["same"] == [True] * 8
-    assert len(set(out["nodes"])) == 2  # one per node
+    assert [r["same"] for r in out["results"]] == [True] * 8
+    # CPU servers, no NVML: no GPU figures.
+    assert [r["gpu"] for r in out["results"]] == [None] * 8
+    assert out["nodes"] == out["placed"]  # each server on the node it was pinned to
     assert out["kinds"] == ["ray", "ray"]
+    assert out["gpus"] == [[], []]
     assert all(served > 0 for served in out["served"])
-    # None left behind: ray.kill is asynchronous; each dies with its actor's process.
-    left = [psutil.Process(pid) for pid in _llama_servers() - before]
-    _, alive = psutil.wait_procs(left, timeout=15)
-    assert alive == []
+    assert len(out["named"]) == 2
+    assert all(name.startswith("llama-server.") for name in out["named"])
+    assert out["left"]["groups"]
+    assert out["left"]["servers"] == []
+
+
+def test_energy_of_requests_served_on_other_nodes_comes_from_their_nodes_sampler(
+    cluster: LoopbackRayCluster, model: str
+) -> None:
+    # Each node has one GPU as Ray counts it; each actor samples it through a fake NVML
+    # (the real one cannot run here) at a constant 300 W, and the engine's spans get energy.
+    out = cluster.driver(
+        _SETUP
+        + """
+async def main():
+    nvml = FakeNVML([FakeGPU(power_w=300.0)])
+    placement = ray_servers(2, gpus_per_server=1, strategy="STRICT_SPREAD", nvml=nvml,
+                            sampler_interval=0.05, address=ADDRESS)
+    async with AsyncEngine(MODEL, placement=placement, server=CONFIG) as engine:
+        results = []
+        async with anyio.create_task_group() as tg:
+            for i in range(4):
+                async def run(i=i): results.append(await one(engine, i, 48, ignore_eos=True))
+                tg.start_soon(run)
+        servers = engine.servers
+        out = {"results": results, "gpus": [list(s.gpus) for s in servers],
+               "nodes": len({s.node for s in servers})}
+    out["left"] = await nothing_left()
+    print(json.dumps(out))
+anyio.run(main)
+""",
+        model,
+    )
+    assert out["gpus"] == [[0], [0]]
+    assert out["nodes"] == 2
+    for result in out["results"]:
+        figures = result["gpu"]
+        assert figures["llamatelemetry.gpu.energy_j"] > 0
+        assert figures["llamatelemetry.gpu.mean_power_w"] == pytest.approx(300.0, rel=0.05)
+        assert figures["llamatelemetry.gpu.energy_j_per_token"] > 0
+    assert out["left"]["servers"] == []
 
 
 def test_a_dead_server_fails_its_streams_as_crashes_and_comes_back(
@@ -85,35 +166,145 @@ def test_a_dead_server_fails_its_streams_as_crashes_and_comes_back(
         _SETUP
         + """
 async def main():
-    async with AsyncEngine(MODEL, placement=PLACEMENT, server=CONFIG) as engine:
+    placement = ray_servers(2, gpus_per_server=0, **PINNED)
+    async with AsyncEngine(MODEL, placement=placement, server=ONE_SLOT) as engine:
         victim = engine.servers[0]
-        async def long():
-            try:
-                async with engine.stream_chat([{"role": "user", "content": "x"}],
-                                              max_tokens=1500, ignore_eos=True) as s:
-                    async for _ in s:
-                        pass
-                return "finished"
-            except ServerCrashedError:
-                return "crashed"
         results = []
         async with anyio.create_task_group() as tg:
-            async def run(): results.append(await long())
+            async def run(): results.append(await crash_or_finish(engine))
             tg.start_soon(run)
             tg.start_soon(run)
-            while engine.servers[0].outstanding == 0:
-                await anyio.sleep(0.02)
+            with anyio.fail_after(30):
+                while engine.servers[0].outstanding == 0 or engine.servers[1].outstanding == 0:
+                    await anyio.sleep(0.02)
             os.kill(victim.pid, signal.SIGKILL)
+            with anyio.fail_after(30):  # the engine learns of the death over Ray
+                while engine.servers[0].state == "ready":
+                    await anyio.sleep(0.02)
+            new = await engine.chat([{"role": "user", "content": "meanwhile"}], max_tokens=3)
         with anyio.fail_after(60):
             while engine.servers[0].state != "ready" or engine.servers[0].starts < 2:
                 await anyio.sleep(0.05)
         reply = await engine.chat([{"role": "user", "content": "after"}], max_tokens=3)
-        print(json.dumps({"results": sorted(results), "starts": engine.servers[0].starts,
-                          "after": reply.usage.completion_tokens}))
+        out = {"results": sorted(results), "starts": engine.servers[0].starts,
+               "meanwhile": new.usage.completion_tokens, "after": reply.usage.completion_tokens,
+               "pid_changed": engine.servers[0].pid != victim.pid}
+    out["left"] = await nothing_left()
+    print(json.dumps(out))
 anyio.run(main)
 """,
         model,
     )
-    assert out["results"][0] == "crashed"
+    # The stream on the killed server crashed; the one on the other server finished.
+    assert out["results"] == ["crashed", "finished"]
+    assert out["meanwhile"] == 3  # a new request went to the survivor meanwhile
     assert out["starts"] == 2
+    assert out["pid_changed"]
     assert out["after"] == 3
+    assert out["left"]["servers"] == []
+
+
+def test_a_cancelled_start_and_a_cancelled_stream_leave_no_actor_group_or_server(
+    cluster: LoopbackRayCluster, model: str
+) -> None:
+    out = cluster.driver(
+        _SETUP
+        + """
+async def main():
+    placement = ray_servers(2, gpus_per_server=0, **PINNED)
+    out = {}
+    # Cancelled while the actors start their servers.
+    with anyio.move_on_after(0.5) as scope:
+        async with AsyncEngine(MODEL, placement=placement, server=CONFIG) as engine:
+            await anyio.sleep_forever()
+    out["start_cancelled"] = scope.cancelled_caught
+    out["after_start"] = await nothing_left()
+    # Cancelled mid-stream, the stream never closed by the caller.
+    with anyio.move_on_after(60) as scope:
+        async with AsyncEngine(MODEL, placement=placement, server=CONFIG) as engine:
+            stream = await engine.stream_chat([{"role": "user", "content": "x"}],
+                                              max_tokens=1500, ignore_eos=True).__aenter__()
+            async for _ in stream:
+                scope.cancel()
+    out["stream_cancelled"] = scope.cancelled_caught
+    out["after_stream"] = await nothing_left()
+    print(json.dumps(out))
+anyio.run(main)
+""",
+        model,
+    )
+    assert out["start_cancelled"] is True
+    assert out["stream_cancelled"] is True
+    assert out["after_start"]["servers"] == []
+    assert out["after_stream"]["servers"] == []
+
+
+def test_a_lost_node_fails_its_streams_and_its_server_moves_to_the_other_node(
+    cluster: LoopbackRayCluster, model: str
+) -> None:
+    try:
+        out = cluster.driver(
+            _SETUP
+            + """
+async def main():
+    placement = ray_servers(2, gpus_per_server=0, address=ADDRESS)  # SPREAD: it may move
+    async with AsyncEngine(MODEL, placement=placement, server=ONE_SLOT) as engine:
+        node_b = node_with("node_b")
+        [lost] = [i for i, s in enumerate(engine.servers) if s.node == node_b]
+        results = []
+        async with anyio.create_task_group() as tg:
+            async def run(): results.append(await crash_or_finish(engine))
+            tg.start_soon(run)
+            tg.start_soon(run)
+            with anyio.fail_after(30):
+                while engine.servers[0].outstanding == 0 or engine.servers[1].outstanding == 0:
+                    await anyio.sleep(0.02)
+            kill_raylet("node_b")
+            with anyio.fail_after(30):  # the engine learns of the death over Ray
+                while engine.servers[lost].state == "ready":
+                    await anyio.sleep(0.02)
+            new = await engine.chat([{"role": "user", "content": "meanwhile"}], max_tokens=3)
+        with anyio.fail_after(90):
+            while engine.servers[lost].state != "ready" or engine.servers[lost].starts < 2:
+                await anyio.sleep(0.05)
+        reply = await engine.chat([{"role": "user", "content": "after"}], max_tokens=3)
+        out = {"results": sorted(results), "meanwhile": new.usage.completion_tokens,
+               "moved_to": engine.servers[lost].node, "node_a": node_with("node_a"),
+               "after": reply.usage.completion_tokens}
+    out["left"] = await nothing_left()
+    print(json.dumps(out))
+anyio.run(main)
+""",
+            model,
+        )
+    finally:
+        cluster.add_node({"node_b": 1}, num_gpus=1)  # the next tests get two nodes again
+    assert out["results"] == ["crashed", "finished"]  # the stream on node_b's server crashed
+    assert out["meanwhile"] == 3
+    assert out["moved_to"] == out["node_a"]  # restarted on the remaining node
+    assert out["after"] == 3
+    assert out["left"]["servers"] == []
+
+
+def test_bad_arguments_are_typed_errors_before_ray_is_touched() -> None:
+    with pytest.raises(ConfigError, match="gpus_per_server"):
+        ray_servers(2, gpus_per_server=3)
+    with pytest.raises(ConfigError, match="count"):
+        ray_servers(0)
+    with pytest.raises(ConfigError, match="strategy"):
+        ray_servers(2, strategy="EVERYWHERE")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="tensor_split"):
+        ray_servers(1, gpus_per_server=2, tensor_split=(1.0, -1.0))
+    with pytest.raises(ConfigError, match="cpus_per_server"):
+        ray_servers(1, gpus_per_server=0, cpus_per_server=0)
+    with pytest.raises(ConfigError, match="model"):
+        [provider] = ray_servers(1).providers
+        provider.backends(None, object(), None)
+    [provider] = ray_servers(3, gpus_per_server=2, resources=[{"a": 1}, {"b": 1}]).providers
+    assert isinstance(provider, RayServers)
+    assert provider.bundles() == [
+        {"CPU": 1, "GPU": 2, "a": 1},
+        {"CPU": 1, "GPU": 2, "b": 1},
+        {"CPU": 1, "GPU": 2, "a": 1},
+    ]
+    assert isinstance(ray_servers(1), Placement)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from llamatelemetry_async import NCCLError, NCCLUsageError, UsageError
+from llamatelemetry_async import NCCLUsageError, UsageError
 from llamatelemetry_async.cluster._rendezvous import ray_communicator, ray_unique_id
 from llamatelemetry_async.nccl import Result
 from llamatelemetry_async.testing._ray import LoopbackRayCluster
@@ -122,12 +122,15 @@ def test_rank_without_rank_0_times_out_typed_and_mismatched_nranks_is_refused(
     out = cluster.driver(_LONELY)
     lonely = out["lonely"]
     assert lonely is not None
-    assert lonely["type"] == "NCCLError" and not lonely["usage"]
-    assert "rank 0" in lonely["text"] and "timeout=" in lonely["text"]
+    assert lonely["type"] == "NCCLError"
+    assert not lonely["usage"]
+    assert "rank 0" in lonely["text"]
+    assert "timeout=" in lonely["text"]
     assert 0.9 < lonely["elapsed"] < 15
     mismatch = out["mismatch"]
     assert mismatch["other"]["type"] == "NCCLUsageError"
-    assert "nranks=3" in mismatch["other"]["text"] and "nranks=2" in mismatch["other"]["text"]
+    assert "nranks=3" in mismatch["other"]["text"]
+    assert "nranks=2" in mismatch["other"]["text"]
     assert mismatch["waiter"] == "NCCLError"  # its rank 0 never came either
 
 

@@ -16,6 +16,7 @@ library's own ``LlamaServer``; the engine routes to it as to a remote server
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -24,8 +25,21 @@ from .._errors import ConfigError
 from .._placement import PairSplitMode, Placement
 from ._actor import ServerActor as ServerActor
 from ._backend import RayBackend as RayBackend, _Group
+from ._rendezvous import ray_communicator, ray_unique_id
 
-__all__ = ["RayBackend", "RayServers", "ServerActor", "Strategy", "ray_servers"]
+__all__ = [
+    "NAMESPACE",
+    "RayBackend",
+    "RayServers",
+    "ServerActor",
+    "Strategy",
+    "ray_communicator",
+    "ray_servers",
+    "ray_unique_id",
+]
+
+NAMESPACE = "llamatelemetry"
+"""The Ray namespace of the library's actors (named ``llama-server.<token>.ray<i>``)."""
 
 Strategy = Literal["SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"]
 _STRATEGIES = ("SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK")
@@ -77,15 +91,20 @@ class RayServers:
             else {}
         )
         sampler = {"interval": self.sampler_interval, "nvml": self.nvml}
+        # Named actors (in the "llamatelemetry" namespace): `ray list actors`, the dashboard
+        # and ray.util.list_named_actors show whose they are; the token tells engines apart.
+        token = secrets.token_hex(4)
         backends: list[object] = []
         for i, bundle in enumerate(bundles):
             name = f"ray{i}"
             args = (name, model, config, binary, plan, sampler)
-            backends.append(RayBackend(name, _maker(args, bundle, self.max_restarts), group, i))
+            actor = f"llama-server.{token}.{name}"
+            make = _maker(actor, args, bundle, self.max_restarts)
+            backends.append(RayBackend(name, make, group, i))
         return backends
 
 
-def _maker(args: tuple[Any, ...], bundle: dict[str, float], max_restarts: int) -> Any:
+def _maker(name: str, args: tuple[Any, ...], bundle: dict[str, float], max_restarts: int) -> Any:
     def make(pg: Any, index: int) -> Any:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -94,6 +113,8 @@ def _maker(args: tuple[Any, ...], bundle: dict[str, float], max_restarts: int) -
         return (
             ray.remote(ServerActor)
             .options(
+                name=name,
+                namespace=NAMESPACE,
                 num_cpus=bundle.get("CPU", 0),
                 num_gpus=bundle.get("GPU", 0),
                 resources=custom,

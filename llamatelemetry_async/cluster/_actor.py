@@ -130,17 +130,19 @@ class ServerActor:
         """Returns only if the server exits; raises (Ray's actor error) if the actor dies."""
         await self._exited.wait()
 
-    async def gpu_samples(self, after: float) -> SamplesReply:
+    async def gpu_samples(self, after: float | None) -> SamplesReply:
         """The samples of this server's GPUs newer than ``after`` (wall-clock seconds),
-        answered once per sampling period, so that the caller can simply ask again."""
+        answered once per sampling period (the first call, ``after=None``, at once), so that
+        the caller can simply ask again."""
         await self._sampling.wait()
         sampler = self._sampler
         if sampler is None or not sampler.available or not self._gpus:
             reason = sampler.reason if sampler is not None else "not started"
             return SamplesReply(False, reason or "no GPU for this server", 0.0, ())
-        await asyncio.sleep(sampler.interval)  # the sampling period: one answer per tick
+        if after is not None:
+            await asyncio.sleep(sampler.interval)  # the sampling period: one answer per tick
         offset = time.time() - time.monotonic()
-        after = max(after, time.time() - _FIRST_SAMPLES_S)
+        after = max(after or 0.0, time.time() - _FIRST_SAMPLES_S)
         samples = tuple(
             dataclasses.replace(s, t=s.t + offset)
             for gpu in self._gpus

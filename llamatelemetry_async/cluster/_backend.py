@@ -211,7 +211,7 @@ class RayBackend(RemoteBackend):
                         tg.cancel_scope.cancel()
 
                     tg.start_soon(watch)
-                    tg.start_soon(self._mirror)
+                    await tg.start(self._mirror)  # whether it measures, before any request
                     await tg.start(super().run, ctx)
                     if not started:
                         started = True
@@ -226,16 +226,24 @@ class RayBackend(RemoteBackend):
                 pass
             self._group.leave()
 
-    async def _mirror(self) -> None:
-        """Keep asking the actor for its GPU samples (it answers once per sampling period)."""
+    async def _mirror(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Keep asking the actor for its GPU samples (it answers once per sampling period);
+        started once the first answer says whether its node can measure."""
+        import ray.exceptions
+
+        after: float | None = None  # the first call is answered at once
         while True:
             try:
-                reply = await ray_result(self._actor.gpu_samples.remote(self._gpu.newest))
-            except Exception:  # the actor died: watch() ends this life
-                return
-            self._gpu.add(reply)
-            if not reply.available:
+                reply = await ray_result(self._actor.gpu_samples.remote(after))
+            except ray.exceptions.RayActorError:  # it died: watch() ends this life
+                reply = None
+            if reply is not None:
+                self._gpu.add(reply)
+            if after is None:
+                task_status.started()
+            if reply is None or not reply.available:
                 return  # no NVML on that node (or a CPU server): nothing to mirror
+            after = self._gpu.newest
 
     async def failure(self, exc: LlamaError) -> LlamaError:
         """A request broken because the actor died is a server crash."""

@@ -98,17 +98,17 @@ class _Rendezvous:
         # A round whose rank 0 timeout passed: its missing ranks never came.
         self._rounds = [r for r in self._rounds if r.uid is None or now <= r.expires]
         if uid is not None:  # rank 0: the first round still without an id
-            rnd = next((r for r in self._rounds if r.uid is None), None)
+            # (or the one with this id: a call that Ray retried after a lost answer)
+            rnd = next((r for r in self._rounds if r.uid == uid), None) or next(
+                (r for r in self._rounds if r.uid is None), None
+            )
             if rnd is None:
                 rnd = _Round()
                 self._rounds.append(rnd)
             rnd.uid, rnd.expires = uid, now + timeout
             rnd.event.set()
-        else:  # the first round this rank has not been part of
-            rnd = next(
-                (r for r in self._rounds if rank not in r.served and rank not in r.waiting),
-                None,
-            )
+        else:  # the first round this rank has not been served in (or waits in: a retry)
+            rnd = next((r for r in self._rounds if rank not in r.served), None)
             if rnd is None:
                 rnd = _Round()
                 self._rounds.append(rnd)
@@ -146,6 +146,9 @@ def _check(group: str, nranks: int, rank: int, timeout: float) -> None:
 
 
 _actor_class: Any = None
+# Ray collects a non-detached actor, named or not, once no handle to it is left: each
+# process keeps its group's handle until the rendezvous is over (the last rank kills it).
+_handles: dict[str, Any] = {}
 
 
 def _get_actor(group: str, nranks: int) -> Any:
@@ -165,9 +168,11 @@ def _get_actor(group: str, nranks: int) -> Any:
     ).remote(group, nranks)
 
 
-def _kill(actor: Any) -> None:
+def _kill(group: str, actor: Any) -> None:
     import ray
 
+    if _handles.get(group) is actor:
+        del _handles[group]
     try:
         ray.kill(actor, no_restart=True)
     except Exception:  # already gone
@@ -210,12 +215,19 @@ async def ray_unique_id(
     from ray.exceptions import RayActorError
 
     while True:
-        actor = await anyio.to_thread.run_sync(_get_actor, group, nranks)
+        actor = _handles[group] = await anyio.to_thread.run_sync(_get_actor, group, nranks)
         ref = actor.join.remote(nranks, rank, uid, remaining())
         try:
             status, got, last = await ray_result(ref)
-        except RayActorError:  # a finished actor died under us: make a new one
-            status, got, last = "finished", None, False
+        except RayActorError:
+            # Dead (a finished rendezvous being killed: its name frees soon) or briefly
+            # unreachable: ask again (join is safe to repeat), and never kill it here: a
+            # live one may hold rank 0's id.
+            if remaining() <= 0:
+                status = "timeout"
+            else:
+                await anyio.sleep(_RETRY_DELAY)
+                continue
         except BaseException as exc:
             import ray
 
@@ -229,10 +241,10 @@ async def ray_unique_id(
         if status == "ok":
             assert isinstance(got, bytes)
             if last:  # every rank has the id: the name is free for the next rendezvous
-                await anyio.to_thread.run_sync(_kill, actor)
+                await anyio.to_thread.run_sync(_kill, group, actor)
             return got
         if status == "finished":
-            await anyio.to_thread.run_sync(_kill, actor)
+            await anyio.to_thread.run_sync(_kill, group, actor)
             if remaining() <= 0:
                 status = "timeout"
             else:

@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
-__all__ = ["LoopbackRayCluster"]
+__all__ = ["LoopbackRayCluster", "kill_raylet"]
 
 # Brings ``lo`` up inside the new namespace (no iproute2 needed), then holds the namespace
 # until its stdin closes.
@@ -128,14 +128,7 @@ class LoopbackRayCluster:
 
     def kill_node(self, resource: str) -> int:
         """SIGKILL the raylet of the node that has ``resource`` (the node is lost); its pid."""
-        import psutil  # a test dependency, not the package's
-
-        for proc in psutil.process_iter(["name", "cmdline"]):
-            cmdline = " ".join(proc.info["cmdline"] or ())
-            if proc.info["name"] == "raylet" and f"{resource}," in cmdline:
-                proc.kill()
-                return proc.pid
-        raise LookupError(f"no raylet has the resource {resource!r}")
+        return kill_raylet(resource)
 
     def _start(self, args: list[str], resources: dict[str, float], cpus: int, gpus: int) -> None:
         argv = [self._ray, "start", *args, "--node-ip-address", "127.0.0.1",
@@ -165,12 +158,19 @@ class LoopbackRayCluster:
 
     def driver(self, code: str, *args: str, timeout: float = 120) -> Any:
         """Run ``code`` as a Python script in the namespace, with ``sys.argv[1]`` the cluster's
-        address and ``args`` after it; the JSON of its last printed line."""
+        address and ``args`` after it; the last JSON object it printed (alone on a line)."""
         script = textwrap.dedent(code)
         result = self.run([self.python, "-c", script, self.address, *args], timeout=timeout)
         if result.returncode != 0:
             raise AssertionError(f"driver failed ({result.returncode}):\n{result.stderr[-4000:]}")
-        return json.loads(result.stdout.strip().splitlines()[-1])
+        # Ray may print its own lines too (a lost node's notice): the last JSON object line.
+        for line in reversed(result.stdout.splitlines()):
+            if line.startswith("{"):
+                try:
+                    return json.loads(line)
+                except ValueError:
+                    continue
+        raise AssertionError(f"the driver printed no JSON line:\n{result.stdout[-4000:]}")
 
 
 def _free_gcs_port() -> int:
@@ -184,3 +184,17 @@ def _free_gcs_port() -> int:
             if arg.startswith("--gcs_server_port="):
                 used.add(int(arg.split("=", 1)[1]))
     return next(p for p in range(6380, 7380) if p not in used)
+
+
+def kill_raylet(resource: str) -> int:
+    """SIGKILL the raylet of the node that has the custom ``resource``; its pid."""
+    import psutil
+
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        args = proc.info["cmdline"] or ()
+        static = next((a for a in args if a.startswith("--static_resource_list=")), "=")
+        names = static.split("=", 1)[1].split(",")[0::2]  # name,amount,name,amount...
+        if proc.info["name"] == "raylet" and resource in names:
+            proc.kill()
+            return proc.pid
+    raise LookupError(f"no raylet has the resource {resource!r}")
