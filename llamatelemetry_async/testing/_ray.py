@@ -16,6 +16,7 @@ with LoopbackRayCluster() as cluster:          # head: node_a; cluster.add_node(
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -187,7 +188,9 @@ def _free_gcs_port() -> int:
 
 
 def kill_raylet(resource: str) -> int:
-    """SIGKILL the raylet of the node that has the custom ``resource``; its pid."""
+    """Lose the node that has the custom ``resource``: SIGKILL its raylet and every process
+    under it (workers, actors, their llama-servers) at once, as a machine's loss would; the
+    raylet's pid."""
     import psutil
 
     for proc in psutil.process_iter(["name", "cmdline"]):
@@ -195,6 +198,10 @@ def kill_raylet(resource: str) -> int:
         static = next((a for a in args if a.startswith("--static_resource_list=")), "=")
         names = static.split("=", 1)[1].split(",")[0::2]  # name,amount,name,amount...
         if proc.info["name"] == "raylet" and resource in names:
-            proc.kill()
+            tree = [proc, *proc.children(recursive=True)]
+            for member in tree:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    member.kill()
+            psutil.wait_procs(tree, timeout=10)
             return proc.pid
     raise LookupError(f"no raylet has the resource {resource!r}")
