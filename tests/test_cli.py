@@ -544,6 +544,9 @@ def test_serve_writes_a_random_key_to_a_missing_key_file_and_keeps_it(
         (["--port", "0"], "serve needs MODEL, or --remote URL"),
         (["m.gguf", "--servers-only", "--remote", "http://127.0.0.1:9"], "leave out --remote"),
         (["m.gguf", "--servers-only", "--no-auth"], "--no-auth is for the front door"),
+        (["--ray", "auto"], "--ray needs MODEL"),
+        (["m.gguf", "--servers-only", "--ray", "auto"], "leave out --ray"),
+        (["m.gguf", "--ray", "auto", "--ray-servers", "0"], "count must be an int >= 1"),
     ],
 )
 def test_serve_refuses_contradictory_options(args: list[str], message: str) -> None:

@@ -308,3 +308,46 @@ def test_bad_arguments_are_typed_errors_before_ray_is_touched() -> None:
         {"CPU": 1, "GPU": 2, "a": 1},
     ]
     assert isinstance(ray_servers(1), Placement)
+
+
+def test_serve_with_ray_puts_the_front_door_before_servers_on_the_cluster(
+    cluster: LoopbackRayCluster, model: str
+) -> None:
+    out = cluster.driver(
+        _SETUP
+        + """
+import re, subprocess, httpx
+ray.init(address=ADDRESS, logging_level="ERROR", log_to_driver=False)
+argv = [sys.executable, "-m", "llamatelemetry_async", "serve", MODEL, "--ray", ADDRESS,
+        "--ray-servers", "2", "--ray-gpus-per-server", "0", "--port", "0", "--no-auth",
+        "--parallel", "2", "--ctx-size", "2048"]
+proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+lines = []
+for line in proc.stdout:
+    lines.append(line.rstrip())
+    if line.startswith("ready:"):
+        break
+url = re.search(r"front door: (http://\\S+)", "\\n".join(lines)).group(1)
+reply = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+    "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+servers = httpx.get(f"{url}/servers", timeout=10).json()
+proc.send_signal(signal.SIGTERM)
+rest, err = proc.communicate(timeout=60)
+out = {"status": reply.status_code, "tokens": reply.json()["usage"]["completion_tokens"],
+       "kinds": [s["kind"] for s in servers["servers"]],
+       "nodes": len({s["node"] for s in servers["servers"]}),
+       "announced": [l for l in lines if l.startswith("server ")],
+       "rc": proc.returncode, "stopped": rest.strip().splitlines()[-1], "stderr": err[-2000:]}
+out["left"] = anyio.run(nothing_left)
+print(json.dumps(out))
+""",
+        model,
+    )
+    assert out["rc"] == 0, out["stderr"]
+    assert out["status"] == 200
+    assert out["tokens"] == 4
+    assert out["kinds"] == ["ray", "ray"]
+    assert out["nodes"] == 2  # SPREAD
+    assert all("Ray node" in line for line in out["announced"]), out["announced"]
+    assert out["stopped"].startswith("stopped:")
+    assert out["left"]["servers"] == []

@@ -13,6 +13,8 @@ public API) and ``bench``; ``_cli`` (reached only from ``__main__``).
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,10 @@ FORBIDDEN: dict[str, frozenset[str]] = {
     "bench": frozenset({"_cli"}),
     # The front door uses the engine's and the client's public faces only.
     "frontdoor": frozenset({"_cli", "bench", "server", "gpu", "models", "environment"}),
-    "_placement": frozenset({"engine", "models", "environment", "bench", "_cli"}),
+    "_placement": frozenset({"engine", "models", "environment", "bench", "_cli", "cluster"}),
+    # Servers on Ray: built on the engine's backend seam; nothing below knows of it.
+    "cluster": frozenset({"_cli", "bench", "frontdoor"}),
+    "engine": frozenset({"cluster", "frontdoor", "_cli"}),
 }
 
 # Cross-package imports of private modules or names that work running alongside this test's
@@ -194,3 +199,17 @@ def test_no_package_imports_another_packages_private_names() -> None:
 def test_known_exceptions_are_still_needed() -> None:
     present = {(_top(importer), target) for importer, target, _ in _private_crossings()}
     assert sorted(KNOWN - present) == [], "fixed: delete these from KNOWN"
+
+
+def test_the_core_and_the_cluster_package_import_without_ray() -> None:
+    # `pip install llamatelemetry_async` has no Ray; the [ray] extra brings it for those who
+    # place servers on a cluster, and only using the cluster package imports it.
+    code = (
+        "import sys, llamatelemetry_async, llamatelemetry_async.cluster, "
+        "llamatelemetry_async.engine; "
+        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]"

@@ -140,10 +140,15 @@ def open_door_warning(host: str, port: int, keys: list[str]) -> str | None:
 async def _run(args: argparse.Namespace, keys: list[str], key_source: str) -> int:
     from ..frontdoor import FrontDoor
     from ..server import ServerConfig
-    from ._serve import engine_for
+    from ._serve import engine_for, ray_model, ray_placement
 
-    model = await resolve(args.model) if args.model is not None else None
-    placement = placement_from(args) if model is not None else None
+    model: Path | str | None
+    placement: Placement | None
+    if args.ray is not None:  # the nodes resolve the model, each into its own cache
+        model, placement = ray_model(args.model), ray_placement(args)
+    else:
+        model = await resolve(args.model) if args.model is not None else None
+        placement = placement_from(args) if model is not None else None
     if args.remote:
         import os
 
@@ -214,6 +219,11 @@ async def _announce(door: object) -> None:
         print(f"model: {engine.model}")
     for info in engine.servers:
         where = "GPU " + ",".join(map(str, info.gpus)) if info.gpus else "CPU"
-        where = "remote" if info.kind == "remote" else f"pid {info.pid}, {where}"
+        if info.kind == "remote":
+            where = "remote"
+        elif info.kind == "ray":
+            where = f"Ray node {(info.node or '?')[:12]}, pid {info.pid}, {where}"
+        else:
+            where = f"pid {info.pid}, {where}"
         print(f"server {info.name}: {info.url}  ({where}, {info.slots} slots)")
     print(f"ready: {len(engine.servers)} server(s); Ctrl-C or SIGTERM drains and stops", flush=True)

@@ -37,6 +37,7 @@ examples:
   llamatelemetry-async serve model.gguf --preset kaggle-t4x2  one server per T4, one front door
   llamatelemetry-async serve model.gguf --placement cpu:2 --parallel 4 --ctx-size 8192
   llamatelemetry-async serve --remote http://10.0.0.5:8080 --remote-api-key-env REMOTE_KEY
+  llamatelemetry-async serve owner/repo:model.gguf --ray auto --ray-servers 4  on a Ray cluster
   FRONT_KEYS=k1,k2 llamatelemetry-async serve model.gguf --api-key-env FRONT_KEYS
   llamatelemetry-async serve model.gguf --servers-only        each server's own URL, no front door
 
@@ -77,6 +78,30 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         help="a running llama-server to route to as well (repeat for several)",
     )
     remote.add_argument("--remote-api-key-env", metavar="VAR", help="their API key, from $VAR")
+    ray = serve.add_argument_group("servers on a Ray cluster (pip install llamatelemetry_async[ray])")
+    ray.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="place the servers on the Ray cluster at ADDRESS (host:port, or auto: "
+        "$RAY_ADDRESS or the cluster on this machine) instead of starting them here; MODEL "
+        "is then a path every node has, or a spec each node resolves",
+    )
+    ray.add_argument(
+        "--ray-servers", type=int, default=1, metavar="N", help="servers to place (default 1)"
+    )
+    ray.add_argument(
+        "--ray-gpus-per-server",
+        type=int,
+        choices=(0, 1, 2),
+        default=1,
+        help="0: a CPU server, 1: one GPU each (default), 2: a tensor-split pair",
+    )
+    ray.add_argument(
+        "--ray-strategy",
+        choices=("SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"),
+        default="SPREAD",
+        help="how the servers spread over nodes (default SPREAD)",
+    )
     net = serve.add_argument_group("network and API keys")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
     net.add_argument(
@@ -138,9 +163,13 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 def _serve(args: argparse.Namespace) -> int:
     if args.port is not None and not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be 0..65535, got {args.port}")
+    if args.ray is not None and args.model is None:
+        raise UsageError("--ray needs MODEL: a path every node has, or a spec each resolves")
     if args.model is None and not args.remote:
         raise UsageError("serve needs MODEL, or --remote URL for servers already running")
     if args.servers_only:
+        if args.ray is not None:
+            raise UsageError("--servers-only starts servers here; leave out --ray")
         if args.remote:
             raise UsageError("--servers-only starts servers of its own; leave out --remote")
         if args.no_auth:
@@ -216,7 +245,10 @@ async def _run(args: argparse.Namespace, key: str, key_source: str) -> int:
 
 
 def engine_for(
-    args: argparse.Namespace, model: Path | None, placement: Placement, config: ServerConfig
+    args: argparse.Namespace,
+    model: Path | str | None,
+    placement: Placement,
+    config: ServerConfig,
 ) -> AsyncEngine:
     """The engine ``serve`` runs, from its options."""
     from ..engine import AsyncEngine
@@ -230,6 +262,25 @@ def engine_for(
         ready_timeout=args.ready_timeout,
         max_waiting=args.max_waiting,
     )
+
+
+def ray_placement(args: argparse.Namespace) -> Placement:
+    """The servers ``--ray`` and its options place on the Ray cluster."""
+    from ..cluster import ray_servers
+
+    address = None if args.ray == "auto" else args.ray
+    return ray_servers(
+        args.ray_servers,
+        gpus_per_server=args.ray_gpus_per_server,
+        strategy=args.ray_strategy,
+        address=address,
+    )
+
+
+def ray_model(spec: str) -> str:
+    """MODEL for the nodes: a file here as an absolute path (shared storage), else the spec."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.is_file() else spec
 
 
 def _describe(info: ServerInfo) -> str:

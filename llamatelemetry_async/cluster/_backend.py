@@ -25,8 +25,7 @@ import anyio
 import anyio.abc
 
 from .._errors import LlamaError, ServerCrashedError, ServerStartError
-from ..engine import BackendContext, RemoteBackend, ServerInfo
-from ..engine._energy_book import EnergyBook
+from ..engine import BackendContext, EnergyBook, RemoteBackend, ServerInfo
 from ..gpu import GPUSample
 from ._actor import SamplesReply
 

@@ -39,8 +39,7 @@ from typing import Any
 import anyio
 
 from .._errors import NCCLError, NCCLUsageError
-from ..nccl._comm import Communicator
-from ..nccl._lib import NCCLLibrary, load
+from ..nccl import Communicator, NCCLLibrary, load
 from ._backend import ensure_ray, ray_result
 
 __all__ = ["ray_communicator", "ray_unique_id"]

@@ -18,12 +18,14 @@ from ._backends import (
     LocalBackend as LocalBackend,
     RemoteBackend as RemoteBackend,
 )
+from ._energy_book import EnergyBook as EnergyBook
 from ._engine import AsyncEngine as AsyncEngine, ServerInfo as ServerInfo
 
 __all__ = [
     "AsyncEngine",
     "Backend",
     "BackendContext",
+    "EnergyBook",
     "LocalBackend",
     "Placement",
     "RemoteBackend",

@@ -30,6 +30,12 @@ class Samples(Protocol):
 
 
 class EnergyBook:
+    """The GPU figures of the requests on some GPUs, from one source of samples.
+
+    The engine keeps one over its own ``GPUSampler``; a backend whose server runs elsewhere
+    (a Ray actor on another node) sets ``Backend.energy`` to one over that node's samples.
+    """
+
     def __init__(self, sampler: Samples, *, keep: int = 4096) -> None:
         self.sampler = sampler
         self._ids = itertools.count()
