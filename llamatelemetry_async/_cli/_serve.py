@@ -78,7 +78,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         help="a running llama-server to route to as well (repeat for several)",
     )
     remote.add_argument("--remote-api-key-env", metavar="VAR", help="their API key, from $VAR")
-    ray = serve.add_argument_group("servers on a Ray cluster (pip install llamatelemetry_async[ray])")
+    ray = serve.add_argument_group("servers on a Ray cluster (the [ray] extra)")
     ray.add_argument(
         "--ray",
         metavar="ADDRESS",
