@@ -83,8 +83,9 @@ def model(tiny_model: Path) -> str:
     return str(tiny_model)
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
 def test_servers_spread_over_both_nodes_and_answer_like_a_local_one(
-    cluster: LoopbackRayCluster, model: str
+    cluster: LoopbackRayCluster, model: str, loop: str
 ) -> None:
     out = cluster.driver(
         _SETUP
@@ -105,9 +106,10 @@ async def main():
                "named": sorted(a["name"] for a in ray.util.list_named_actors(True))}
     out["left"] = await nothing_left()
     print(json.dumps(out))
-anyio.run(main)
+anyio.run(main, backend=sys.argv[3])
 """,
         model,
+        loop,
     )
     assert [r["same"] for r in out["results"]] == [True] * 8
     # CPU servers, no NVML: no GPU figures.
