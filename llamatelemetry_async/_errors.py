@@ -47,6 +47,7 @@ Dependency errors (httpx, OSError, msgspec) are translated at the edges with
 from __future__ import annotations
 
 import os
+from typing import Any
 from pathlib import Path
 
 __all__ = [
@@ -94,6 +95,18 @@ __all__ = [
 
 class LlamaError(Exception):
     """Base class of every error this library raises."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Picklable whatever a subclass's __init__ takes (keyword-only fields), so that an
+        # error raised in another process (a Ray actor) arrives as itself, fields and all.
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls: type[LlamaError], args: tuple[Any, ...], state: dict[str, Any]) -> LlamaError:
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class UsageError(LlamaError):

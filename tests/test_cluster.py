@@ -353,3 +353,34 @@ print(json.dumps(out))
     assert all("Ray node" in line for line in out["announced"]), out["announced"]
     assert out["stopped"].startswith("stopped:")
     assert out["left"]["servers"] == []
+
+
+def test_a_node_without_the_model_or_the_binary_fails_the_start_with_the_nodes_own_error(
+    cluster: LoopbackRayCluster, model: str
+) -> None:
+    out = cluster.driver(
+        _SETUP
+        + """
+from llamatelemetry_async import LlamaServerNotFoundError, ModelNotFoundError
+async def main():
+    placement = ray_servers(2, gpus_per_server=0, **PINNED)
+    out = {}
+    for name, kwargs in [("binary", {"binary": "/nonexistent/llama-server"}),
+                         ("model", {"model": "/nonexistent/model.gguf"})]:
+        try:
+            async with AsyncEngine(kwargs.pop("model", MODEL), placement=placement,
+                                   server=CONFIG, **kwargs):
+                out[name] = "started"
+        except (LlamaServerNotFoundError, ModelNotFoundError) as exc:
+            out[name] = [type(exc).__name__, str(exc).splitlines()[0]]
+        out[name + "_left"] = await nothing_left()
+    print(json.dumps(out))
+anyio.run(main)
+""",
+        model,
+    )
+    assert out["binary"][0] == "LlamaServerNotFoundError"
+    assert "/nonexistent/llama-server" in out["binary"][1]
+    assert out["model"][0] == "ModelNotFoundError"
+    assert out["binary_left"]["servers"] == []
+    assert out["model_left"]["servers"] == []

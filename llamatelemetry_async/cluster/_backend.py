@@ -31,6 +31,8 @@ from ._actor import SamplesReply
 
 __all__ = ["RayBackend", "ensure_ray", "ray_result"]
 
+logger = logging.getLogger("llamatelemetry_async.cluster")
+
 _init_lock = threading.Lock()
 
 
@@ -175,7 +177,7 @@ class RayBackend(RemoteBackend):
 
     async def run(self, ctx: BackendContext, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         """Start the actor's server, serve it, and again after each actor restart."""
-        import ray
+        import ray.exceptions
 
         try:
             pg = await self._group.enter()
@@ -186,11 +188,11 @@ class RayBackend(RemoteBackend):
                 try:
                     info = await ray_result(self._actor.start.remote())
                 except Exception as exc:  # Ray's errors: the start failed, or the actor died
+                    if not started:  # as a local server's first start: the engine's fails
+                        raise self._start_error(exc) from exc
+                    logger.warning("%s: its restarted Ray actor did not start: %s", self.name, exc)
                     self._failed(ctx, exc)
                     self.state_text = "starting"
-                    if not started:
-                        started = True
-                        task_status.started()
                     await anyio.sleep(delay)  # a backoff: Ray may still be restarting it
                     delay = min(delay * 2, 2.0)
                     continue
@@ -204,7 +206,7 @@ class RayBackend(RemoteBackend):
                     async def watch() -> None:
                         try:
                             await ray_result(self._actor.wait_exit.remote())
-                        except Exception:  # the actor (or its node) died
+                        except ray.exceptions.RayActorError:  # the actor (or its node) died
                             pass
                         self._died.set()
                         tg.cancel_scope.cancel()
@@ -224,6 +226,18 @@ class RayBackend(RemoteBackend):
             except Exception:  # already gone
                 pass
             self._group.leave()
+
+    def _start_error(self, exc: Exception) -> LlamaError:
+        """The error a failed first start raises: the library's own, raised in the actor
+        (model or binary not found on the node, llama-server exiting), when there is one."""
+        cause = getattr(exc, "cause", None)  # a RayTaskError carries the actor's exception
+        if isinstance(cause, LlamaError):
+            return cause
+        return ServerStartError(
+            f"{self.name}: its Ray actor could not start llama-server: {exc}",
+            server=self.name,
+            exit_code=None,
+        )
 
     async def _mirror(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         """Keep asking the actor for its GPU samples (it answers once per sampling period);
