@@ -47,8 +47,8 @@ Dependency errors (httpx, OSError, msgspec) are translated at the edges with
 from __future__ import annotations
 
 import os
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "APIError",
