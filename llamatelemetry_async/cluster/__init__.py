@@ -12,6 +12,11 @@ async with AsyncEngine("model.gguf", placement=placement) as engine:
 Each server is a Ray actor (``ServerActor``) that runs llama-server on its node with the
 library's own ``LlamaServer``; the engine routes to it as to a remote server
 (``RayBackend``). Importing this package does not import Ray; using it does.
+
+``ray_unique_id`` and ``ray_communicator`` form an NCCL communicator across Ray actors (rank
+0's unique id shared through Ray). ``Strategy`` names how a placement's servers spread over
+nodes (its Ray placement group's strategy); ``NAMESPACE`` is the Ray namespace of the
+library's actors.
 """
 
 from __future__ import annotations
