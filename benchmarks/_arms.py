@@ -91,9 +91,14 @@ class Arm:
 
 
 def bootstrap_path() -> None:
-    """Let ``python benchmarks/x.py`` import the package from a checkout that is not installed."""
+    """Let ``python benchmarks/x.py`` import the package from a checkout that is not
+    installed, here and in the processes it starts (servers' helpers, Ray workers)."""
     if importlib.util.find_spec("llamatelemetry_async") is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        root = str(Path(__file__).resolve().parents[1])
+        sys.path.insert(0, root)
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in (root, os.environ.get("PYTHONPATH")) if p
+        )
 
 
 def raise_fd_limit(wanted: int) -> int:
@@ -623,3 +628,13 @@ async def settle_llama(url: str, timeout: float = 30.0) -> None:
             if not any(slot.get("is_processing") for slot in response.json()):
                 return
             await asyncio.sleep(0.1)
+
+
+def installed_version(distribution: str) -> str:
+    """The installed version of ``distribution``, for a benchmark's header line."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return "not installed"

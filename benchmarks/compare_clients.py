@@ -91,6 +91,7 @@ from _arms import (
     SamplerSpec,
     bootstrap_path,
     idle_wake_cost,
+    installed_version,
     make_arms,
     measure,
     percentile,
@@ -654,8 +655,8 @@ def main(argv: Sequence[str] | None = None, *, defaults: dict[str, Any] | None =
     versions = {
         "python": platform.python_version(),
         "httpx": httpx.__version__,
-        "openai": _version("openai"),
-        "llamatelemetry_async": _version("llamatelemetry_async"),
+        "openai": installed_version("openai"),
+        "llamatelemetry_async": installed_version("llamatelemetry_async"),
     }
     print(
         f"compare_clients: {', '.join(f'{k} {v}' for k, v in versions.items())}; "
@@ -717,15 +718,6 @@ def main(argv: Sequence[str] | None = None, *, defaults: dict[str, Any] | None =
 
 def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # unwinds like Ctrl-C: servers stopped, partial results kept
-
-
-def _version(distribution: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(distribution)
-    except PackageNotFoundError:
-        return "not installed"
 
 
 if __name__ == "__main__":

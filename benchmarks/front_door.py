@@ -74,7 +74,15 @@ from typing import Any, Final
 
 import httpx
 import psutil
-from _arms import PROMPT, bootstrap_path, percentile, raise_fd_limit, run_loop, server_stats
+from _arms import (
+    PROMPT,
+    bootstrap_path,
+    installed_version,
+    percentile,
+    raise_fd_limit,
+    run_loop,
+    server_stats,
+)
 
 TARGET_WALL_VS_DIRECT: Final = 1.10
 TARGET_CPU_US: Final = 15.0
@@ -935,8 +943,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     http = "httptools" if importlib.util.find_spec("httptools") else "h11"
     print(
         f"front_door: python {platform.python_version()}, "
-        f"llamatelemetry_async {_version('llamatelemetry_async')}, "
-        f"uvicorn {_version('uvicorn')} ({http}), starlette {_version('starlette')}; "
+        f"llamatelemetry_async {installed_version('llamatelemetry_async')}, "
+        f"uvicorn {installed_version('uvicorn')} ({http}), "
+        f"starlette {installed_version('starlette')}; "
         f"{os.cpu_count()} CPUs ({len(allowed) or '?'} usable), load average "
         f"{os.getloadavg()[0]:.2f}; {'uvloop' if args.uvloop else 'asyncio'} loop"
     )
@@ -982,15 +991,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(out, indent=1, default=str) + "\n")
         print(f"wrote {args.json}")
     return 130 if interrupted else 0
-
-
-def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "not installed"
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ server runs with one thread (``--threads``) so that 4 of them fit a small machin
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -46,6 +45,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
+
+from _arms import bootstrap_path, installed_version
 
 GCS_PORT: Final = 6600
 ARMS: Final = ("ray", "local")
@@ -158,17 +159,6 @@ anyio.run(main)
 """
 
 
-def _bootstrap_path() -> None:
-    """Let ``python benchmarks/x.py`` import the package from a checkout that is not
-    installed, here and in the cluster's processes (the Ray workers import it too)."""
-    if importlib.util.find_spec("llamatelemetry_async") is None:
-        root = str(Path(__file__).resolve().parents[1])
-        sys.path.insert(0, root)
-        os.environ["PYTHONPATH"] = os.pathsep.join(
-            p for p in (root, os.environ.get("PYTHONPATH")) if p
-        )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Ray-placed servers against local ones: start-up rate and paced streams "
@@ -277,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--streams, --tokens, --rounds and --reps must be >= 1")
     if os.geteuid() != 0:
         parser.error("needs root: the Ray cluster runs in a network namespace (unshare -n)")
-    _bootstrap_path()
+    bootstrap_path()
 
     from llamatelemetry_async.server import find_llama_server
     from llamatelemetry_async.testing import write_tiny_model
@@ -285,8 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     binary = str(find_llama_server(args.llama_server))
     print(
-        f"ray_scale: python {platform.python_version()}, ray {_version('ray')}, "
-        f"llamatelemetry_async {_version('llamatelemetry_async')}; {os.cpu_count()} CPUs, "
+        f"ray_scale: python {platform.python_version()}, ray {installed_version('ray')}, "
+        f"llamatelemetry_async {installed_version('llamatelemetry_async')}; {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.2f}; llama-server {binary}"
     )
     print(
@@ -325,15 +315,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
-
-
-def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "not installed"
 
 
 if __name__ == "__main__":

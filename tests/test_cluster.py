@@ -60,6 +60,14 @@ async def one(engine, i, tokens=6, **extra):
     whole = await engine.chat(messages, **params)
     return {"same": streamed == whole.text, "gpu": s.gpu}
 
+async def until(done, timeout=30):
+    with anyio.fail_after(timeout):  # polling the engine's own view, bounded
+        while not done():
+            await anyio.sleep(0.02)
+
+def busy(engine):
+    return all(s.outstanding for s in engine.servers)
+
 async def crash_or_finish(engine, tokens=1500):
     try:
         # (a prompt per length: the router keeps a prompt on the server that cached it)
@@ -176,17 +184,11 @@ async def main():
             async def run(): results.append(await crash_or_finish(engine))
             tg.start_soon(run)
             tg.start_soon(run)
-            with anyio.fail_after(30):
-                while engine.servers[0].outstanding == 0 or engine.servers[1].outstanding == 0:
-                    await anyio.sleep(0.02)
+            await until(lambda: busy(engine))
             os.kill(victim.pid, signal.SIGKILL)
-            with anyio.fail_after(30):  # the engine learns of the death over Ray
-                while engine.servers[0].state == "ready":
-                    await anyio.sleep(0.02)
+            await until(lambda: engine.servers[0].state != "ready")  # learnt over Ray
             new = await engine.chat([{"role": "user", "content": "meanwhile"}], max_tokens=3)
-        with anyio.fail_after(60):
-            while engine.servers[0].state != "ready" or engine.servers[0].starts < 2:
-                await anyio.sleep(0.05)
+        await until(lambda: engine.servers[0].state == "ready" and engine.servers[0].starts == 2)
         reply = await engine.chat([{"role": "user", "content": "after"}], max_tokens=3)
         out = {"results": sorted(results), "starts": engine.servers[0].starts,
                "meanwhile": new.usage.completion_tokens, "after": reply.usage.completion_tokens,
@@ -258,17 +260,12 @@ async def main():
             async def run(): results.append(await crash_or_finish(engine))
             tg.start_soon(run)
             tg.start_soon(run)
-            with anyio.fail_after(30):
-                while engine.servers[0].outstanding == 0 or engine.servers[1].outstanding == 0:
-                    await anyio.sleep(0.02)
+            await until(lambda: busy(engine))
             kill_raylet("node_b")
-            with anyio.fail_after(30):  # the engine learns of the death over Ray
-                while engine.servers[lost].state == "ready":
-                    await anyio.sleep(0.02)
+            await until(lambda: engine.servers[lost].state != "ready")  # learnt over Ray
             new = await engine.chat([{"role": "user", "content": "meanwhile"}], max_tokens=3)
-        with anyio.fail_after(90):
-            while engine.servers[lost].state != "ready" or engine.servers[lost].starts < 2:
-                await anyio.sleep(0.05)
+        await until(lambda: engine.servers[lost].state == "ready"
+                    and engine.servers[lost].starts == 2, 90)
         reply = await engine.chat([{"role": "user", "content": "after"}], max_tokens=3)
         out = {"results": sorted(results), "meanwhile": new.usage.completion_tokens,
                "moved_to": engine.servers[lost].node, "node_a": node_with("node_a"),

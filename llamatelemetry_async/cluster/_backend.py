@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -145,8 +146,6 @@ class _RemoteSamples:
 
 
 def _moved(sample: GPUSample, offset: float) -> GPUSample:
-    import dataclasses
-
     return dataclasses.replace(sample, t=sample.t + offset)
 
 
@@ -273,20 +272,11 @@ class RayBackend(RemoteBackend):
 
     def info(self) -> ServerInfo:
         """A snapshot for ``AsyncEngine.servers`` (with the node's id)."""
-        base = super().info()
-        return ServerInfo(
-            name=base.name,
+        return dataclasses.replace(
+            super().info(),
             url=self.url or None,
             pid=self.pid,
             gpus=self.gpus,
-            state=base.state,
-            slots=base.slots,
-            outstanding=base.outstanding,
-            served=base.served,
             starts=self.starts,
-            exit_code=None,
-            recent_logs=(),
-            last_error=base.last_error,
-            kind=self.kind,
             node=self.node_id,
         )
