@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from llamatelemetry_async import ConfigError, Placement
+from llamatelemetry_async import AsyncEngine, ConfigError, Placement, ServerStartError
 from llamatelemetry_async.cluster import RayServers, ray_servers
 from llamatelemetry_async.testing._ray import LoopbackRayCluster
 
@@ -381,3 +381,17 @@ anyio.run(main)
     assert out["model"][0] == "ModelNotFoundError"
     assert out["binary_left"]["servers"] == []
     assert out["model_left"]["servers"] == []
+
+
+@pytest.mark.anyio
+async def test_no_cluster_at_the_address_is_a_typed_error_at_once(model: str) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    placement = ray_servers(1, gpus_per_server=0, address=f"127.0.0.1:{port}")
+    with pytest.raises(ServerStartError, match="no Ray cluster at") as info:
+        async with AsyncEngine(model, placement=placement):
+            pass
+    assert "ray start --head" in str(info.value)

@@ -17,6 +17,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -38,17 +39,34 @@ _init_lock = threading.Lock()
 
 
 def ensure_ray(address: str | None) -> None:
-    """Connect this process to the Ray cluster at ``address`` (once; blocking: a thread)."""
+    """Connect this process to the Ray cluster at ``address`` (once; blocking: a thread).
+
+    Raises ``ServerStartError`` saying what to do when there is no cluster there: at once
+    when nothing listens at ``host:port`` (Ray itself would retry for minutes).
+    """
     import ray
 
     with _init_lock:
-        if not ray.is_initialized():
+        if ray.is_initialized():
+            return
+        where = address or "auto"
+        try:
+            if ":" in where and "://" not in where:
+                host, _, port = where.rpartition(":")
+                socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
             ray.init(
-                address=address or "auto",
+                address=where,
                 logging_level=logging.ERROR,
                 log_to_driver=False,
                 configure_logging=False,
             )
+        except (OSError, ValueError, RuntimeError) as exc:  # ConnectionError is an OSError
+            raise ServerStartError(
+                f"no Ray cluster at {where!r} ({exc}): start one (`ray start --head`), or pass "
+                "the head's host:port as address= (--ray ADDRESS), or set RAY_ADDRESS",
+                server="ray",
+                exit_code=None,
+            ) from exc
 
 
 async def ray_result(ref: Any) -> Any:
