@@ -142,8 +142,9 @@ def test_energy_of_requests_served_on_other_nodes_comes_from_their_nodes_sampler
         + """
 async def main():
     nvml = FakeNVML([FakeGPU(power_w=300.0)])
+    # build=True: each node uses the library's build in its cache (here: already built).
     placement = ray_servers(2, gpus_per_server=1, strategy="STRICT_SPREAD", nvml=nvml,
-                            sampler_interval=0.05, address=ADDRESS)
+                            sampler_interval=0.05, address=ADDRESS, build=True)
     async with AsyncEngine(MODEL, placement=placement, server=CONFIG) as engine:
         results = []
         async with anyio.create_task_group() as tg:
@@ -151,8 +152,11 @@ async def main():
                 async def run(i=i): results.append(await one(engine, i, 48, ignore_eos=True))
                 tg.start_soon(run)
         servers = engine.servers
+        from llamatelemetry_async.server import cached_builds
         out = {"results": results, "gpus": [list(s.gpus) for s in servers],
-               "nodes": len({s.node for s in servers})}
+               "nodes": len({s.node for s in servers}),
+               "binaries": [psutil.Process(s.pid).exe() for s in servers],
+               "cache": [str(p) for p in cached_builds()]}
     out["left"] = await nothing_left()
     print(json.dumps(out))
 anyio.run(main)
@@ -160,6 +164,7 @@ anyio.run(main)
         model,
     )
     assert out["gpus"] == [[0], [0]]
+    assert all(binary in out["cache"] for binary in out["binaries"]), out
     assert out["nodes"] == 2
     for result in out["results"]:
         figures = result["gpu"]
@@ -296,6 +301,11 @@ def test_bad_arguments_are_typed_errors_before_ray_is_touched() -> None:
         ray_servers(1, gpus_per_server=2, tensor_split=(1.0, -1.0))
     with pytest.raises(ConfigError, match="cpus_per_server"):
         ray_servers(1, gpus_per_server=0, cpus_per_server=0)
+    with pytest.raises(ConfigError, match="build"):
+        ray_servers(1, build="")
+    with pytest.raises(ConfigError, match="not both"):
+        [provider] = ray_servers(1, build="90").providers
+        provider.backends("m.gguf", object(), "/usr/bin/llama-server")
     with pytest.raises(ConfigError, match="model"):
         [provider] = ray_servers(1).providers
         provider.backends(None, object(), None)

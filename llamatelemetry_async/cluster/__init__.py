@@ -66,6 +66,7 @@ class RayServers:
     placement_timeout: float = 60.0
     sampler_interval: float = 0.5
     nvml: Any = None
+    build: str | None = None
 
     def bundles(self) -> list[dict[str, float]]:
         """One placement-group bundle per server: its GPUs, CPUs and custom resources."""
@@ -88,6 +89,12 @@ class RayServers:
                 "resolves (owner/repo:file.gguf, a registry name)",
                 field="model",
             )
+        if self.build is not None and binary is not None:
+            raise ConfigError(
+                "give the engine a llama-server binary or ask the nodes to build one "
+                "(ray_servers(build=...)), not both",
+                field="build",
+            )
         bundles = self.bundles()
         group = _Group(bundles, self.strategy, self.address, self.placement_timeout)
         plan = (
@@ -102,7 +109,7 @@ class RayServers:
         backends: list[object] = []
         for i, bundle in enumerate(bundles):
             name = f"ray{i}"
-            args = (name, model, config, binary, plan, sampler)
+            args = (name, model, config, binary, plan, sampler, self.build)
             actor = f"llama-server.{token}.{name}"
             make = _maker(actor, args, bundle, self.max_restarts)
             backends.append(RayBackend(name, make, group, i))
@@ -149,6 +156,7 @@ def ray_servers(
     placement_timeout: float = 60.0,
     sampler_interval: float = 0.5,
     nvml: Any = None,
+    build: bool | str = False,
 ) -> Placement:
     """``count`` llama-servers as Ray actors on the cluster at ``address`` (``None``: the
     one this process is connected to, or ``RAY_ADDRESS``), as an engine placement.
@@ -164,6 +172,10 @@ def ray_servers(
     A server whose actor (or node) dies is restarted by Ray, at most ``max_restarts`` times.
     Each actor samples its GPUs every ``sampler_interval`` seconds with NVML (``nvml``: the
     binding, default ``pynvml``; tests pass a fake) for the engine's per-request energy.
+    Each node finds its llama-server (``find_llama_server``: ``$LLAMA_SERVER_PATH``, ``PATH``,
+    the build cache), or, with ``build``, uses the library's own build in its cache, built
+    there on first use (minutes, once per node and version): ``True`` for the CPU, or a CUDA
+    architecture (``"75"`` T4, ``"90"`` H100).
     """
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ConfigError(f"count must be an int >= 1, got {count!r}", field="count")
@@ -190,6 +202,11 @@ def ray_servers(
                         ("sampler_interval", sampler_interval)):  # fmt: skip
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise ConfigError(f"{name} must be > 0 seconds, got {value!r}", field=name)
+    if not isinstance(build, bool | str) or build == "":
+        raise ConfigError(
+            f'build must be False, True (CPU) or a CUDA architecture like "90", got {build!r}',
+            field="build",
+        )
     # The pair's split is checked as Placement.pairs checks it (one place for that rule).
     pairs = Placement.pairs([(0, 1)], tensor_split=tensor_split, split_mode=split_mode)
     return Placement.provided(
@@ -206,5 +223,6 @@ def ray_servers(
             float(placement_timeout),
             float(sampler_interval),
             nvml,
+            None if build is False else "" if build is True else build,
         )
     )

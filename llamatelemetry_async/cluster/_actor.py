@@ -1,8 +1,9 @@
 """``ServerActor``: one llama-server on a Ray node, run by the library's own ``LlamaServer``.
 
-A Ray actor (``ray.remote(ServerActor)``, async): ``start()`` resolves the model and the
-binary on its node, starts llama-server on the node's address with a free port and a fresh
-random key, and returns where it listens. The key travels back over Ray only, never on a
+A Ray actor (``ray.remote(ServerActor)``, async): ``start()`` resolves the model and finds
+(or builds, once, into the node's cache) the llama-server binary on its node, starts
+llama-server on the node's address with a free port and a fresh random key, and returns
+where it listens. The key travels back over Ray only, never on a
 command line (the server reads it from its environment) or in a log.
 
 The actor also runs a ``GPUSampler`` on its node; ``gpu_samples()`` hands the engine the
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import os
 import secrets
 import time
@@ -58,8 +60,10 @@ class ServerActor:
         binary: str | None,
         plan: dict[str, Any],
         sampler: dict[str, Any],
+        build: str | None = None,
     ) -> None:
         self._name = name
+        self._build = build  # None: find llama-server; "": build for the CPU; "90": CUDA
         self._model = model
         self._config = config
         self._binary = binary
@@ -82,12 +86,23 @@ class ServerActor:
         import ray
 
         from ..models import resolve_model
-        from ..server import LlamaServer, ServerPlan, find_llama_server, server_command
+        from ..server import (
+            LlamaServer,
+            ServerPlan,
+            build_llama_server,
+            find_llama_server,
+            server_command,
+        )
 
         model = Path(self._model)
         if not await anyio.Path(model).is_file():
             model = await resolve_model(self._model)  # into this node's own cache
-        binary = await anyio.to_thread.run_sync(find_llama_server, self._binary)
+        if self._build is None:
+            binary = await anyio.to_thread.run_sync(find_llama_server, self._binary)
+        else:  # the library's own build, in this node's cache (built once, then found there)
+            arch = self._build or None
+            build = functools.partial(build_llama_server, cuda_arch=arch, progress=None)
+            binary = await anyio.to_thread.run_sync(build)
         key = secrets.token_urlsafe(24)
         gpus = self._gpus = tuple(int(g) for g in ray.get_gpu_ids())
         config = dataclasses.replace(self._config, host=_node_ip(), port=0, api_key=key)
