@@ -14,8 +14,8 @@ import contextlib
 import dataclasses
 import json
 import os
-import sys
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
@@ -24,15 +24,20 @@ import anyio
 from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from .._errors import ConfigError
+from .._errors import ConfigError, LlamaWarning
 from .._version import __version__
+from ._sdk import span_events
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.trace import Event  # bound at run time by _is_sdk_span
-
     from ..client import Outcome
 
-__all__ = ["GenAIInstrumentation", "TokenEvents", "capture_content_from_env"]
+__all__ = [
+    "ContentCapture",
+    "GenAIInstrumentation",
+    "TokenEvents",
+    "capture_content_from_env",
+    "latest_experimental",
+]
 
 PROVIDER = "llama.cpp"
 _SCOPE = "llamatelemetry_async"
@@ -60,10 +65,57 @@ _REQUEST_PARAMS: dict[str, str] = {
 }
 
 
-def capture_content_from_env() -> bool:
-    """The GenAI instrumentations' switch for recording prompt and completion text."""
-    value = os.environ.get("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "")
-    return value.strip().lower() in ("1", "true", "yes", "on")
+ContentCapture = Literal["none", "span", "event", "span_and_event"]
+"""Where prompt and completion text go: nowhere, the span (attributes, and each token
+event's text), an event (``gen_ai.client.inference.operation.details``, a log record), or
+both."""
+
+_CONTENT_MODES: dict[str, ContentCapture] = {
+    "NO_CONTENT": "none",
+    "SPAN_ONLY": "span",
+    "EVENT_ONLY": "event",
+    "SPAN_AND_EVENT": "span_and_event",
+}
+_DETAILS_EVENT = "gen_ai.client.inference.operation.details"
+
+
+def latest_experimental() -> bool:
+    """``OTEL_SEMCONV_STABILITY_OPT_IN`` lists ``gen_ai_latest_experimental``."""
+    opted = os.environ.get("OTEL_SEMCONV_STABILITY_OPT_IN", "")
+    return "gen_ai_latest_experimental" in {v.strip().lower() for v in opted.split(",")}
+
+
+def capture_content_from_env() -> ContentCapture:
+    """``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``, read as OpenTelemetry's GenAI
+    instrumentations read it: a mode (``NO_CONTENT``, ``SPAN_ONLY``, ``EVENT_ONLY``,
+    ``SPAN_AND_EVENT``) under ``OTEL_SEMCONV_STABILITY_OPT_IN=gen_ai_latest_experimental``,
+    else a boolean (true: on the span)."""
+    value = os.environ.get("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "").strip()
+    if latest_experimental():
+        mode = _CONTENT_MODES.get(value.upper())
+        if mode is None and value:
+            warnings.warn(
+                f"OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT={value!r} is not one of "
+                f"{', '.join(_CONTENT_MODES)}: no content is captured",
+                LlamaWarning,
+                stacklevel=2,
+            )
+        return mode or "none"
+    return "span" if value.lower() in ("1", "true", "yes", "on") else "none"
+
+
+def _content_mode(value: bool | str | None) -> ContentCapture:
+    if value is None:
+        return capture_content_from_env()
+    if value is True or value is False:
+        return "span" if value else "none"
+    if value not in ("none", "span", "event", "span_and_event"):
+        raise ConfigError(
+            "capture_content must be True, False, 'none', 'span', 'event' or "
+            f"'span_and_event', got {value!r}",
+            field="capture_content",
+        )
+    return value  # type: ignore[return-value]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,10 +127,17 @@ class TokenEvents:
     - ``TokenEvents.every(k)``: every k-th token (and the first and last);
     - ``TokenEvents.off()``: none (the span still carries counts and timings).
 
+    Events follow tokens, not chunks: ``gen_ai.token.index`` is the index of the event's
+    first token and ``gen_ai.token.count`` how many tokens its chunk carried (llama-server
+    sends several at once after a held-back UTF-8 sequence or a partial stop word).
+
     OpenTelemetry's SDK keeps 128 events per span by default and silently drops the
-    *oldest*: ``setup_telemetry`` raises that limit to ``max_events``, and the policy never
-    emits more than the span can hold, so the first token is never the one lost. How many
-    token events were emitted and dropped is recorded on the span.
+    *oldest*. The policy fits the limit of the span it writes into, whatever provider made
+    it (``setup_telemetry`` raises it to ``max_events``; an application's own provider, or
+    ``OTEL_SPAN_EVENT_COUNT_LIMIT``, may not): it emits at most the limit less one (room for
+    an exception event), and always keeps the first and the last token. The span records
+    the tokens that events cover (``emitted``) and those they do not (``dropped``): the two
+    add up to ``gen_ai.usage.output_tokens``.
 
     ```python
     telemetry = setup_telemetry("my-service", token_events=TokenEvents.first_last(32))
@@ -132,16 +191,26 @@ class GenAIInstrumentation:
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
         token_events: TokenEvents | None = None,
-        capture_content: bool | None = None,
+        capture_content: bool | ContentCapture | None = None,
         model: str | None = None,
         chunk_metrics: Literal["each", "mean", "off"] = "mean",
+        logger_provider: Any = None,
     ) -> None:
         self.tracer = trace.get_tracer(_SCOPE, __version__, tracer_provider=tracer_provider)
         meter = metrics.get_meter(_SCOPE, __version__, meter_provider=meter_provider)
         self.token_events = token_events if token_events is not None else TokenEvents.all()
-        self.capture_content = (
-            capture_content_from_env() if capture_content is None else capture_content
-        )
+        self.content: ContentCapture = _content_mode(capture_content)
+        self.capture_content = self.content in ("span", "span_and_event")
+        """Content on the span: ``gen_ai.input/output.messages`` and each token's text."""
+        self.content_logger: Any = None
+        if self.content in ("event", "span_and_event"):
+            from opentelemetry import _logs  # the Logs API (its module is marked unstable)
+
+            self.content_logger = _logs.get_logger(
+                _SCOPE, __version__, logger_provider=logger_provider
+            )
+        # Before the latest experimental conventions, backends keyed on gen_ai.system.
+        self.legacy_names = not latest_experimental()
         self.model = model
         self.chunk_metrics = chunk_metrics
         self.duration = meter.create_histogram(
@@ -204,21 +273,25 @@ class _Observer:
     """One request's span and measurements."""
 
     __slots__ = (
+        "_add",
         "_attrs",
+        "_budget",
         "_chunks",
         "_emitted",
         "_ended",
+        "_events",
         "_first",
         "_gaps",
+        "_input",
         "_inst",
         "_last",
         "_last_chunk",
         "_model",
         "_operation",
-        "_sdk_span",
         "_server_attrs",
         "_start",
         "_stream",
+        "_tokens",
         "span",
     )
 
@@ -236,6 +309,8 @@ class _Observer:
             "gen_ai.request.model": model,
             "gen_ai.request.stream": stream,
         }
+        if inst.legacy_names:
+            attrs["gen_ai.system"] = PROVIDER
         for key, name in _REQUEST_PARAMS.items():
             value = body.get(key)
             if isinstance(value, int | float) and not isinstance(value, bool):
@@ -245,18 +320,23 @@ class _Observer:
             attrs["gen_ai.request.stop_sequences"] = [stop]
         elif isinstance(stop, Sequence) and all(isinstance(s, str) for s in stop):
             attrs["gen_ai.request.stop_sequences"] = list(stop)
+        self._input = _input_messages(body) if inst.content != "none" else None
         if inst.capture_content:
-            attrs["gen_ai.input.messages"] = _input_messages(body)
+            attrs["gen_ai.input.messages"] = self._input
         self._attrs = attrs
         self._server_attrs: dict[str, Any] = {}
         self.span = inst.tracer.start_span(
             f"{operation} {model}", kind=SpanKind.CLIENT, attributes=attrs
         )
-        self._sdk_span = _is_sdk_span(self.span)
+        events = span_events(self.span)
+        self._add = events.add
+        self._budget = _budget(inst.token_events, events.limit)
         self._start = time.perf_counter()
         self._last = self._start
         self._chunks = 0
-        self._emitted = 0
+        self._tokens = 0  # output tokens so far
+        self._events = 0  # token events emitted
+        self._emitted = 0  # tokens those events cover
         self._first = 0.0
         self._gaps: list[float] = []
         self._last_chunk: Any = None
@@ -295,36 +375,40 @@ class _Observer:
             self._gaps.append(gap)
         else:
             self._first = now - self._start
+        budget = self._budget
+        if not budget:
+            return
+        first = self._tokens
+        count = _tokens_in(chunk, first)
+        if not count:
+            return  # a chunk with no token (the role, the final usage)
+        self._tokens = first + count
         policy = self._inst.token_events
         mode = policy.mode
-        if mode == "off":
-            return
         # Room is kept for the last token, which is only known at the end.
-        if index < policy.max_events - 1 and (
+        if self._events < budget - 1 and (
             mode == "all"
-            or (mode == "first_last" and index < policy.n)
-            or (mode == "every" and index % policy.k == 0)
+            or (mode == "first_last" and first < policy.n)
+            # "every": the chunk holds a multiple of k (the first one at or after `first`).
+            or (mode == "every" and -(-first // policy.k) * policy.k < first + count)
         ):
-            self._token_event(index, chunk, now, gap)
+            self._token_event(first, count, chunk, now, gap)
             self._last_chunk = None
         else:
-            self._last_chunk = (index, chunk, now, gap)
+            self._last_chunk = (first, count, chunk, now, gap)
 
-    def _token_event(self, index: int, chunk: Any, now: float, gap: float) -> None:
+    def _token_event(self, first: int, count: int, chunk: Any, now: float, gap: float) -> None:
         attrs: dict[str, Any] = {
-            "gen_ai.token.index": index,
+            "gen_ai.token.index": first,
+            "gen_ai.token.count": count,
             "gen_ai.token.time_since_start": now - self._start,
             "gen_ai.token.gap": gap,
         }
         if self._inst.capture_content:
             attrs["gen_ai.token.text"] = chunk.text
-        if self._sdk_span:
-            # An SDK span: add the event without re-validating attributes built just above
-            # (4.5 -> 1.3 us per token); anything else gets the public API.
-            self.span._add_event(Event("gen_ai.token", attrs, time.time_ns()))  # type: ignore[attr-defined]
-        else:
-            self.span.add_event("gen_ai.token", attrs)
-        self._emitted += 1
+        self._add("gen_ai.token", attrs)
+        self._events += 1
+        self._emitted += count
 
     def on_end(self, outcome: Outcome) -> None:
         if self._ended:
@@ -339,6 +423,8 @@ class _Observer:
         if usage is not None:
             attrs["gen_ai.usage.input_tokens"] = usage.prompt_tokens
             attrs["gen_ai.usage.output_tokens"] = usage.completion_tokens
+            # The server's count is the truth (a chunk without a count was taken as one).
+            self._tokens = max(self._tokens, usage.completion_tokens)
         timings = outcome.timings
         if timings is not None:
             attrs.update(
@@ -351,14 +437,33 @@ class _Observer:
                     "llamacpp.timings.cache_n": timings.cache_n,
                 }
             )
-        if self._inst.capture_content:
-            attrs["gen_ai.output.messages"] = json.dumps(
+        if self._inst.content != "none":
+            output = json.dumps(
                 [{"role": "assistant", "parts": [{"type": "text", "content": outcome.text}]}]
             )
+            if self._inst.capture_content:
+                attrs["gen_ai.output.messages"] = output
+            if self._inst.content_logger is not None:
+                self._details_event(attrs, output)
         self._count_events(attrs)
         span.set_attributes(attrs)
         self._finish(None, usage, timings)
         span.end()
+
+    def _details_event(self, end_attrs: Mapping[str, Any], output: str) -> None:
+        """The request's content as an event (a log record in the span's context)."""
+        attrs = {k: v for k, v in self._attrs.items() if not k.startswith("gen_ai.input")}
+        attrs["gen_ai.input.messages"] = self._input
+        attrs["gen_ai.output.messages"] = output
+        for key in ("gen_ai.response.finish_reasons", "gen_ai.usage.input_tokens",
+                    "gen_ai.usage.output_tokens"):  # fmt: skip
+            if key in end_attrs:
+                attrs[key] = end_attrs[key]
+        self._inst.content_logger.emit(
+            event_name=_DETAILS_EVENT,
+            attributes=attrs,
+            context=trace.set_span_in_context(self.span),
+        )
 
     def on_error(self, exc: BaseException | None) -> None:
         if self._ended:
@@ -382,8 +487,9 @@ class _Observer:
 
     def _count_events(self, attrs: dict[str, Any]) -> None:
         attrs["llamatelemetry.token_events.policy"] = self._inst.token_events.mode
+        attrs["llamatelemetry.token_events.events"] = self._events
         attrs["llamatelemetry.token_events.emitted"] = self._emitted
-        attrs["llamatelemetry.token_events.dropped"] = self._chunks - self._emitted
+        attrs["llamatelemetry.token_events.dropped"] = self._tokens - self._emitted
 
     def _metric_attrs(self, error_type: str | None = None) -> dict[str, Any]:
         attrs = {
@@ -424,19 +530,39 @@ class _Observer:
             inst.server_duration.record((timings.prompt_ms + timings.predicted_ms) / 1000, attrs)
 
 
-def _is_sdk_span(span: trace.Span) -> bool:
-    """Whether ``span`` is the OTel SDK's, whose events can skip re-validation.
+def _budget(policy: TokenEvents, limit: int | None) -> int:
+    """Token events a span may get: the policy's, within what the span keeps, less one event
+    of room for an exception (``record_exception``) so that it never pushes token 0 out."""
+    if policy.mode == "off":
+        return 0
+    if limit is None:
+        return policy.max_events
+    return max(0, min(policy.max_events, limit - 1 if limit > 2 else limit))
 
-    Never imports the SDK: a span can only be the SDK's once the SDK is loaded, and with
-    the API alone (no provider set) loading it would cost ~15 ms for nothing. On the first
-    SDK span it binds this module's ``Event``, so the per-token path stays a global lookup.
+
+def _tokens_in(chunk: Any, before: int) -> int:
+    """How many output tokens ``chunk`` adds, ``before`` having come in earlier chunks.
+
+    llama-server counts them in native chunks (``tokens_predicted``) and, when asked with
+    ``timings_per_token``, in OpenAI ones (``timings.predicted_n``); otherwise a chunk with
+    output is taken as one token (the final usage corrects the total).
     """
-    global Event
-    if "opentelemetry.sdk.trace" not in sys.modules:
-        return False
-    from opentelemetry.sdk.trace import Event, Span
+    total = getattr(chunk, "tokens_predicted", None)
+    if total is None:
+        timings = getattr(chunk, "timings", None)
+        total = timings.predicted_n if timings is not None else None
+    if total:
+        return max(0, int(total) - before)
+    return 1 if chunk.text or _has_other_output(chunk) else 0
 
-    return isinstance(span, Span)
+
+def _has_other_output(chunk: Any) -> bool:
+    """Output that is not text: a chat delta's reasoning or tool calls."""
+    choices = getattr(chunk, "choices", None)
+    if not choices:
+        return False
+    delta = getattr(choices[0], "delta", None)
+    return delta is not None and bool(delta.reasoning_content or delta.tool_calls)
 
 
 def _input_messages(body: Mapping[str, Any]) -> str:
