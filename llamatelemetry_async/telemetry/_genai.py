@@ -273,7 +273,7 @@ class _Observer:
     """One request's span and measurements."""
 
     __slots__ = (
-        "_add",
+        "_add_tokens",
         "_attrs",
         "_budget",
         "_chunks",
@@ -288,9 +288,11 @@ class _Observer:
         "_last_chunk",
         "_model",
         "_operation",
+        "_pending",
         "_server_attrs",
         "_start",
         "_stream",
+        "_t0_ns",
         "_tokens",
         "span",
     )
@@ -329,8 +331,10 @@ class _Observer:
             f"{operation} {model}", kind=SpanKind.CLIENT, attributes=attrs
         )
         events = span_events(self.span)
-        self._add = events.add
+        self._add_tokens = events.add_tokens
+        self._pending: list[Any] = []  # token events' figures, added to the span at its end
         self._budget = _budget(inst.token_events, events.limit)
+        self._t0_ns = time.time_ns()  # token events' times: this plus their time since start
         self._start = time.perf_counter()
         self._last = self._start
         self._chunks = 0
@@ -398,24 +402,25 @@ class _Observer:
             self._last_chunk = (first, count, chunk, now, gap)
 
     def _token_event(self, first: int, count: int, chunk: Any, now: float, gap: float) -> None:
-        attrs: dict[str, Any] = {
-            "gen_ai.token.index": first,
-            "gen_ai.token.count": count,
-            "gen_ai.token.time_since_start": now - self._start,
-            "gen_ai.token.gap": gap,
-        }
-        if self._inst.capture_content:
-            attrs["gen_ai.token.text"] = chunk.text
-        self._add("gen_ai.token", attrs)
+        text = chunk.text if self._inst.capture_content else None
+        self._pending.append((first, count, now - self._start, gap, text, self._t0_ns))
         self._events += 1
         self._emitted += count
+
+    def _add_token_events(self) -> None:
+        """The request's token events onto its span, in one go, before it ends."""
+        if self._last_chunk is not None:
+            self._token_event(*self._last_chunk)
+            self._last_chunk = None
+        if self._pending:
+            self._add_tokens(self._pending)
+            self._pending = []
 
     def on_end(self, outcome: Outcome) -> None:
         if self._ended:
             return
         span = self.span
-        if self._last_chunk is not None:
-            self._token_event(*self._last_chunk)
+        self._add_token_events()
         attrs: dict[str, Any] = {"llamatelemetry.tokens.chunks": self._chunks}
         if outcome.finish_reason:
             attrs["gen_ai.response.finish_reasons"] = [outcome.finish_reason]
@@ -469,6 +474,7 @@ class _Observer:
         if self._ended:
             return
         span = self.span
+        self._add_token_events()  # the tokens that came, before the exception's event
         attrs: dict[str, Any] = {}
         self._count_events(attrs)
         if exc is None or isinstance(exc, anyio.get_cancelled_exc_class()):
