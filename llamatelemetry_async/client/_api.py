@@ -8,7 +8,7 @@ one signature and one return type wherever it is called.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import msgspec
@@ -36,6 +36,8 @@ from ._types import (
     ServedModel,
     TextCompletion,
     TextCompletionChunk,
+    Timings,
+    Usage,
 )
 
 __all__ = [
@@ -60,6 +62,38 @@ class _ModelList(msgspec.Struct, frozen=True):
 
 class _RerankResponse(msgspec.Struct, frozen=True):
     results: list[RerankResult] = msgspec.field(default_factory=list)
+    usage: Usage | None = None
+
+
+class _UsageOnly(msgspec.Struct, frozen=True):
+    """The ``usage`` of an OpenAI-shaped reply (``/v1/embeddings``, ``/rerank``), alone."""
+
+    usage: Usage | None = None
+
+
+_usage_only = msgspec.json.Decoder(_UsageOnly).decode
+
+
+class _Counted(NamedTuple):
+    """The ``Outcome`` of a request that generates no text (embeddings, rerank).
+
+    Only the prompt is read: ``usage`` counts its tokens (``completion_tokens`` 0), or is
+    ``None`` when the server's reply does not say.
+    """
+
+    usage: Usage | None
+    text: str = ""
+    finish_reason: str | None = None
+    timings: Timings | None = None
+
+
+def _counted(prompt_tokens: int | None) -> _Counted:
+    if prompt_tokens is None:
+        return _Counted(None)
+    return _Counted(Usage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens))
+
+
+_NO_ATTRIBUTES: Mapping[str, Any] = {}
 
 
 class _Tokens(msgspec.Struct, frozen=True):
@@ -78,13 +112,14 @@ class _Route(NamedTuple):
     slot: bool  # a generation request: it takes one of a server's slots
     operation: str | None = None  # the GenAI operation, for requests that are observed
     chunk: type[Any] | None = None  # the chunk type of its stream, if it streams
-    result: type[Any] | None = None  # the type of its whole answer
+    result: type[Any] | None = None  # the type of its whole answer (None: only its usage)
 
 
 _COMPLETION = _Route(True, "text_completion", CompletionChunk, Completion)
 _CHAT = _Route(True, "chat", ChatChunk, ChatCompletion)
 _TEXT = _Route(True, "text_completion", TextCompletionChunk, TextCompletion)
-_SLOT = _Route(True)
+_EMBEDDINGS = _Route(True, "embeddings")
+_RERANK = _Route(True, "rerank")
 
 # The paths ``forward()`` treats as generation requests (llama-server's aliases included);
 # any other path goes to any ready server.
@@ -95,13 +130,13 @@ _FORWARD: dict[str, _Route] = {
     "/v1/completions": _TEXT,
     "/v1/chat/completions": _CHAT,
     "/chat/completions": _CHAT,
-    "/embedding": _SLOT,
-    "/embeddings": _SLOT,
-    "/v1/embeddings": _SLOT,
-    "/rerank": _SLOT,
-    "/reranking": _SLOT,
-    "/v1/rerank": _SLOT,
-    "/v1/reranking": _SLOT,
+    "/embedding": _EMBEDDINGS,
+    "/embeddings": _EMBEDDINGS,
+    "/v1/embeddings": _EMBEDDINGS,
+    "/rerank": _RERANK,
+    "/reranking": _RERANK,
+    "/v1/rerank": _RERANK,
+    "/v1/reranking": _RERANK,
 }
 
 
@@ -492,11 +527,20 @@ class RequestMethods(abc.ABC):
         retries: int | None = None,
         **params: Any,
     ) -> list[dict[str, Any]]:
-        """Native ``POST /embedding`` (raw: its shape depends on ``--pooling``)."""
+        """Native ``POST /embedding`` (raw: its shape depends on ``--pooling``).
+
+        Its span (operation ``embeddings``) counts input tokens only with ``--pooling
+        none``, where the reply has one vector per token: a pooled reply does not say.
+        """
         options = self._options(params, timeout, None, extra_headers, extra_body, retries=retries)
         body = {"content": content, **params}
-        return await self._call(
-            "POST", "/embedding", body, list[dict[str, Any]], options, slot=True
+        return await self._measured(
+            "embeddings",
+            "/embedding",
+            body,
+            list[dict[str, Any]],
+            options,
+            _native_embeddings_outcome,
         )
 
     async def embeddings(
@@ -509,10 +553,16 @@ class RequestMethods(abc.ABC):
         retries: int | None = None,
         **params: Any,
     ) -> EmbeddingList:
-        """OpenAI ``POST /v1/embeddings`` (the server needs ``--embeddings``)."""
+        """OpenAI ``POST /v1/embeddings`` (the server needs ``--embeddings``).
+
+        Its span (operation ``embeddings``) has the reply's ``usage.prompt_tokens`` as
+        ``gen_ai.usage.input_tokens``.
+        """
         options = self._options(params, timeout, None, extra_headers, extra_body, retries=retries)
         body = {"input": input, **params}
-        return await self._call("POST", "/v1/embeddings", body, EmbeddingList, options, slot=True)
+        return await self._measured(
+            "embeddings", "/v1/embeddings", body, EmbeddingList, options, _embeddings_outcome
+        )
 
     async def rerank(
         self,
@@ -526,14 +576,22 @@ class RequestMethods(abc.ABC):
         retries: int | None = None,
         **params: Any,
     ) -> list[RerankResult]:
-        """``POST /rerank``: relevance of each document (the server needs ``--reranking``)."""
+        """``POST /rerank``: relevance of each document (the server needs ``--reranking``).
+
+        Its span (operation ``rerank``) has the tokens the server read (the query with each
+        document) as ``gen_ai.usage.input_tokens``, and the number of documents.
+        """
         options = self._options(params, timeout, None, extra_headers, extra_body, retries=retries)
-        body: dict[str, Any] = {"query": query, "documents": list(documents), **params}
+        documents = list(documents)
+        body: dict[str, Any] = {"query": query, "documents": documents, **params}
         if top_n is not None:
             body["top_n"] = top_n
-        return (
-            await self._call("POST", "/rerank", body, _RerankResponse, options, slot=True)
-        ).results
+
+        def measure(reply: _RerankResponse) -> tuple[Outcome, Mapping[str, Any]]:
+            return _rerank_outcome(len(documents), reply)
+
+        reply = await self._measured("rerank", "/rerank", body, _RerankResponse, options, measure)
+        return reply.results
 
     # ----------------------------------------------------------------- raw access
     async def request(
@@ -573,8 +631,8 @@ class RequestMethods(abc.ABC):
         For a proxy (the front door): ``body`` (decoded JSON) is sent as it is, with no
         parameter checks, and the reply body comes back as the server wrote it. Generation
         paths (completions, chat, infill, embeddings, rerank) take a slot as their methods
-        do, and completions and chat are observed by the instrumentation; other paths go to
-        any ready server. A 4xx/5xx answer raises ``HTTPStatusError`` with the server's body.
+        do and are observed by the instrumentation; other paths go to any ready server. A
+        4xx/5xx answer raises ``HTTPStatusError`` with the server's body.
         """
         route = _FORWARD.get(path)
         if route is not None and route.chunk is not None and _streams(body):
@@ -585,9 +643,10 @@ class RequestMethods(abc.ABC):
         options = request_options(timeout, None, extra_headers, None, retries)
         if route is None or not route.slot:
             return await self._send(method, path, body, options)
-        if route.operation is None or route.result is None or not isinstance(body, dict):
+        if route.operation is None or not isinstance(body, dict):
             return await self._send(method, path, body, options, slot=True)
-        reply, _ = await self._generate(route.operation, path, body, route.result, options)
+        read = _forwarded_usage if route.result is None else _outcome_reader(route.result)
+        reply, _ = await self._generate(route.operation, path, body, options, read)
         return reply
 
     def forward_stream(
@@ -659,30 +718,59 @@ class RequestMethods(abc.ABC):
         options: RequestOptions,
     ) -> OutcomeT:
         """A generation call, seen by the instrumentation when there is one."""
-        reply, outcome = await self._generate(operation, path, body, result, options)
+        reply, outcome = await self._generate(
+            operation, path, body, options, _outcome_reader(result)
+        )
         return outcome if outcome is not None else _decode(reply, result)
+
+    async def _measured(
+        self,
+        operation: str,
+        path: str,
+        body: dict[str, Any],
+        result: type[T],
+        options: RequestOptions,
+        measure: Callable[[T], tuple[Outcome, Mapping[str, Any]]],
+    ) -> T:
+        """A call that generates no text (embeddings, rerank), seen by the instrumentation
+        when there is one: ``measure`` makes the span's outcome and attributes of the
+        decoded answer."""
+
+        def read(reply: Reply) -> tuple[T, Outcome, Mapping[str, Any]]:
+            value = _decode(reply, result)
+            return (value, *measure(value))
+
+        reply, value = await self._generate(operation, path, body, options, read)
+        return value if value is not None else _decode(reply, result)
 
     async def _generate(
         self,
         operation: str,
         path: str,
         body: dict[str, Any],
-        result: type[OutcomeT],
         options: RequestOptions,
-    ) -> tuple[Reply, OutcomeT | None]:
-        """Send a generation request; with an observer, also its decoded outcome."""
+        read: Callable[[Reply], tuple[T, Outcome, Mapping[str, Any]]],
+    ) -> tuple[Reply, T | None]:
+        """Send a generation request; with an observer, also what ``read`` makes of it.
+
+        ``read`` gives the decoded answer, the outcome that ends the request's span, and
+        attributes the span gets first. The span is current while the request is sent, so
+        the request carries its trace context.
+        """
         observer = self._observe(operation, body, stream=False)
         if observer is None:
             return await self._send("POST", path, body, options, slot=True), None
         try:
             with observer.activate():
                 reply = await self._send("POST", path, body, options, slot=True, observer=observer)
-                outcome = _decode(reply, result)
+                value, outcome, attributes = read(reply)
         except BaseException as exc:
             observer.on_error(exc)
             raise
+        if attributes:
+            observer.annotate(attributes)
         observer.on_end(outcome)
-        return reply, outcome
+        return reply, value
 
     async def _call(
         self,
@@ -695,6 +783,63 @@ class RequestMethods(abc.ABC):
         slot: bool = False,
     ) -> T:
         return _decode(await self._send(method, path, body, options, slot=slot), result)
+
+
+def _outcome_reader(
+    result: type[OutcomeT],
+) -> Callable[[Reply], tuple[OutcomeT, Outcome, Mapping[str, Any]]]:
+    """A ``read`` for ``_generate``: a completion's answer is its own outcome."""
+
+    def read(reply: Reply) -> tuple[OutcomeT, Outcome, Mapping[str, Any]]:
+        value = _decode(reply, result)
+        return value, value, _NO_ATTRIBUTES
+
+    return read
+
+
+def _forwarded_usage(reply: Reply) -> tuple[None, Outcome, Mapping[str, Any]]:
+    """A ``read`` for a relayed embeddings or rerank reply: its usage, if it has one.
+
+    Never raises: the reply goes back as the server wrote it whatever its shape (a native
+    ``/embedding`` or a TEI-style ``/rerank`` answers a bare list, with no counts).
+    """
+    try:
+        usage = _usage_only(reply.content).usage
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        usage = None
+    return None, _counted(usage.prompt_tokens if usage is not None else None), _NO_ATTRIBUTES
+
+
+def _embeddings_outcome(reply: EmbeddingList) -> tuple[Outcome, Mapping[str, Any]]:
+    usage = reply.usage
+    # The type's default is zero counts: a reply without usage, which is not the truth.
+    counted = _counted(usage.prompt_tokens if usage.prompt_tokens or usage.total_tokens else None)
+    attrs: dict[str, Any] = {}
+    if reply.data:
+        attrs["gen_ai.embeddings.dimension.count"] = len(reply.data[0].embedding)
+    return counted, attrs
+
+
+def _native_embeddings_outcome(reply: list[dict[str, Any]]) -> tuple[Outcome, Mapping[str, Any]]:
+    """Native ``/embedding`` answers ``[{"index", "embedding": [[...], ...]}]``: one vector
+    per input when pooled, one per token with ``--pooling none``. Only the second counts
+    tokens, and tells itself apart by an input with more than one row."""
+    rows = [item.get("embedding") for item in reply if isinstance(item, dict)]
+    matrices = [r for r in rows if isinstance(r, list) and r and isinstance(r[0], list)]
+    attrs: dict[str, Any] = {}
+    if matrices:
+        attrs["gen_ai.embeddings.dimension.count"] = len(matrices[0][0])
+    per_token = len(matrices) == len(rows) and any(len(m) > 1 for m in matrices)
+    return _counted(sum(map(len, matrices)) if per_token else None), attrs
+
+
+def _rerank_outcome(documents: int, reply: _RerankResponse) -> tuple[Outcome, Mapping[str, Any]]:
+    usage = reply.usage
+    attrs = {
+        "llamatelemetry.rerank.documents": documents,
+        "llamatelemetry.rerank.results": len(reply.results),
+    }
+    return _counted(usage.prompt_tokens if usage is not None else None), attrs
 
 
 def _streams(body: object) -> bool:

@@ -10,25 +10,34 @@ options) and hand it to a ``Dispatcher``:
 
 A dispatcher answers a stream with a ``Source`` (read by a ``TokenStream``) and anything else
 with a ``Reply``. Request heads are built in one place: ``HttpDispatcher._headers``.
+
+Every request sent while an OpenTelemetry span is current carries that span's context
+(W3C ``traceparent``, or whatever the application's global propagators write), so a server
+that traces (a front door, a proxy) continues the caller's trace; see ``trace_context``.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
-from typing import Any, Final
+import sys
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Final
 
 import httpx
 
 from .._version import __version__
 from ._connection import Backend
 from ._errors_map import MAX_ERROR_BODY, map_httpx_error, read_status_error, status_error
+from ._headers import is_safe_header
 from ._observe import RequestObserver
 from ._params import NO_OPTIONS, RequestOptions, check_api_key, check_headers, encode_body
 from ._pool import ConnectionPool, PoolStats, Timeouts
 from ._stream import HttpxSource, PoolSource, Source
 
-__all__ = ["Dispatcher", "HttpDispatcher", "Reply", "Request", "pool_timeouts"]
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
+__all__ = ["Dispatcher", "HttpDispatcher", "Reply", "Request", "pool_timeouts", "trace_context"]
 
 _STREAM_HEADERS: Final = {"Accept": "text/event-stream", "Content-Type": "application/json"}
 _JSON_HEADERS: Final = {"Content-Type": "application/json"}
@@ -115,6 +124,47 @@ class Dispatcher(abc.ABC):
         """Close every connection this dispatcher owns."""
 
 
+# Bound on the first request made once OpenTelemetry is loaded (see ``trace_context``).
+_current_span: Callable[[], Span] | None = None
+_no_span: object = None
+_inject: Callable[[dict[str, str]], None] | None = None
+
+
+def trace_context() -> dict[str, str] | None:
+    """The trace headers of the span current now (``traceparent``...), or ``None``.
+
+    The check every request makes. Until OpenTelemetry is loaded no span can be current:
+    one dictionary lookup, and OpenTelemetry is never imported for it. Once loaded, one
+    call to ``get_current_span`` and an identity test when no span is current. With a span
+    whose context is valid (recording or not: an unsampled trace propagates too), the
+    global propagator writes the headers, so the application's ``OTEL_PROPAGATORS`` (or
+    ``set_global_textmap``) decide which. A header no server could parse is left out.
+    """
+    current_span = _current_span
+    if current_span is None:
+        if "opentelemetry.trace" not in sys.modules:
+            return None
+        current_span = _bind_opentelemetry()
+    span = current_span()
+    if span is _no_span or not span.get_span_context().is_valid:
+        return None
+    carrier: dict[str, str] = {}
+    assert _inject is not None
+    _inject(carrier)
+    headers = {k: v for k, v in carrier.items() if is_safe_header(k, v)}
+    return headers or None
+
+
+def _bind_opentelemetry() -> Callable[[], Span]:
+    global _current_span, _no_span, _inject
+    from opentelemetry import propagate, trace
+
+    _no_span = trace.INVALID_SPAN
+    _inject = propagate.inject
+    _current_span = trace.get_current_span
+    return _current_span
+
+
 def pool_timeouts(timeout: httpx.Timeout) -> Timeouts:
     """The pool's ``Timeouts`` from an ``httpx.Timeout``."""
     get = timeout.as_dict().get
@@ -174,15 +224,24 @@ class HttpDispatcher(Dispatcher):
         return self.pool.stats if self.pool is not None else None
 
     def _headers(
-        self, stream: bool, body: bool, options: RequestOptions, *, host: bool = True
+        self,
+        stream: bool,
+        body: bool,
+        options: RequestOptions,
+        *,
+        host: bool = True,
+        context: Mapping[str, str] | None = None,
     ) -> dict[str, str]:
         """Every header of a request, in one place (the pool's static heads come from here).
 
-        The library's defaults, then the client's headers, then this request's: each layer
-        replaces a name of the one below whatever its case. ``host=False`` for httpx, which
-        writes Host from the URL (unless the caller set one).
+        The library's defaults (with ``context``, the current span's trace headers), then
+        the client's headers, then this request's: each layer replaces a name of the one
+        below whatever its case, so a ``traceparent`` the caller sets is sent, not ours.
+        ``host=False`` for httpx, which writes Host from the URL (unless the caller set one).
         """
         defaults = {"Host": self._host_header()} if host else {}
+        if context is not None:
+            defaults.update(context)
         if stream:
             defaults.update(_STREAM_HEADERS)
         elif body:
@@ -198,11 +257,16 @@ class HttpDispatcher(Dispatcher):
     def _target(self, path: str) -> str:
         return self._prefix + path
 
-    def _pool_head(self, request: Request, payload: bytes | None) -> bytes:
-        if request.options.headers is None:
+    def _pool_head(
+        self, request: Request, payload: bytes | None, context: Mapping[str, str] | None
+    ) -> bytes:
+        if request.options.headers is None and context is None:
             lines = self._static[request.stream]
         else:
-            lines = _head_lines(self._headers(request.stream, payload is not None, request.options))
+            options = request.options
+            lines = _head_lines(
+                self._headers(request.stream, payload is not None, options, context=context)
+            )
         length = b"" if payload is None else b"Content-Length: %d\r\n" % len(payload)
         if payload is None and request.method == "POST":
             length = b"Content-Length: 0\r\n"
@@ -216,9 +280,13 @@ class HttpDispatcher(Dispatcher):
     def _pool_timeouts(self, options: RequestOptions) -> Timeouts:
         return self._timeouts if options.timeout is None else pool_timeouts(options.timeout)
 
-    def _httpx_request(self, request: Request, payload: bytes | None) -> httpx.Request:
+    def _httpx_request(
+        self, request: Request, payload: bytes | None, context: Mapping[str, str] | None
+    ) -> httpx.Request:
         assert self._http is not None
-        headers = self._headers(request.stream, payload is not None, request.options, host=False)
+        headers = self._headers(
+            request.stream, payload is not None, request.options, host=False, context=context
+        )
         return self._http.build_request(
             request.method,
             self.origin + self._target(request.path),
@@ -228,21 +296,27 @@ class HttpDispatcher(Dispatcher):
         )
 
     def open_stream(self, request: Request, observer: RequestObserver | None) -> Source:
-        """A ``PoolSource`` (or ``HttpxSource``) for ``request``, sent when it opens."""
+        """A ``PoolSource`` (or ``HttpxSource``) for ``request``, sent when it opens.
+
+        The trace headers are those of the span current when it opens (a ``TokenStream``
+        opens its source with the request's own span current), not when it is made.
+        """
         payload = request.payload
         url = self.origin + self._target(request.path)
         if self.pool is not None:
-            return PoolSource(
+            return _PoolSource(
+                self,
+                request,
                 self.pool,
                 self._host,
                 self._port,
-                self._pool_head(request, payload),
+                self._pool_head(request, payload, None),
                 payload or b"",
                 self._pool_timeouts(request.options),
                 url,
             )
         assert self._http is not None
-        return HttpxSource(self._http, self._httpx_request(request, payload))
+        return _HttpxSource(self, request, self._http, self._httpx_request(request, payload, None))
 
     async def send(self, request: Request, observer: RequestObserver | None) -> Reply:
         """Send ``request``, read the whole answer; ``HTTPStatusError`` for 4xx/5xx."""
@@ -253,7 +327,8 @@ class HttpDispatcher(Dispatcher):
         if self.pool is None:
             assert self._http is not None
             try:
-                response = await self._http.send(self._httpx_request(request, payload), stream=True)
+                built = self._httpx_request(request, payload, trace_context())
+                response = await self._http.send(built, stream=True)
             except httpx.HTTPError as exc:
                 raise map_httpx_error(exc, url) from exc
             if response.status_code >= 400:
@@ -271,7 +346,7 @@ class HttpDispatcher(Dispatcher):
         conn = await pool.request(
             self._host,
             self._port,
-            self._pool_head(request, payload),
+            self._pool_head(request, payload, trace_context()),
             payload or b"",
             self._pool_timeouts(request.options),
             head_only=request.method == "HEAD",
@@ -300,6 +375,61 @@ class HttpDispatcher(Dispatcher):
             await self.pool.aclose()
         elif self.owns_http and self._http is not None:
             await self._http.aclose()
+
+
+class _PoolSource(PoolSource):
+    """A ``PoolSource`` whose head gets the trace headers current when it opens."""
+
+    __slots__ = ("_dispatcher", "_request")
+
+    def __init__(
+        self,
+        dispatcher: HttpDispatcher,
+        request: Request,
+        pool: ConnectionPool,
+        host: str,
+        port: int,
+        head: bytes,
+        body: bytes,
+        timeouts: Timeouts,
+        url: str,
+    ) -> None:
+        super().__init__(pool, host, port, head, body, timeouts, url)
+        self._dispatcher = dispatcher
+        self._request = request
+
+    async def open(self, sink: Callable[[bytes], None], backlog: Callable[[], int]) -> None:
+        context = trace_context()
+        if context is not None:
+            request = self._request
+            self._head = self._dispatcher._pool_head(request, request.payload, context)
+        await super().open(sink, backlog)
+
+
+class _HttpxSource(HttpxSource):
+    """An ``HttpxSource`` whose request gets the trace headers current when it opens.
+
+    An instrumented httpx client (``instrument_httpx=True``, or the user's own) then
+    replaces ``traceparent`` with its HTTP span's: the request carries one, never two.
+    """
+
+    def __init__(
+        self,
+        dispatcher: HttpDispatcher,
+        request: Request,
+        http: httpx.AsyncClient,
+        built: httpx.Request,
+    ) -> None:
+        super().__init__(http, built)
+        self._dispatcher = dispatcher
+        self._source_request = request
+
+    async def open(self, sink: Callable[[bytes], None], backlog: Callable[[], int]) -> None:
+        context = trace_context()
+        if context is not None:
+            request = self._source_request
+            self._request = self._dispatcher._httpx_request(request, request.payload, context)
+        await super().open(sink, backlog)
 
 
 def merge_headers(base: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 
 from .._errors import UsageError
 
-__all__ = ["check_header", "check_headers", "check_request_head"]
+__all__ = ["check_header", "check_headers", "check_request_head", "is_safe_header"]
 
 # RFC 9110 5.1 token characters, and field values: visible ASCII, SP, HTAB and (in bytes
 # only) obs-text 0x80-0xFF. No other control character, and never CR, LF or NUL.
@@ -56,6 +56,20 @@ def check_header(name: str | bytes, value: str | bytes) -> tuple[bytes, bytes]:
             "the line and let the value inject headers or a second request)"
         )
     return raw_name, raw_value
+
+
+def is_safe_header(name: str, value: str) -> bool:
+    """Whether ``name: value`` (ASCII ``str``) can go on the wire as it is; never raises.
+
+    For headers the library did not get from its caller (a trace propagator's): one that is
+    not safe is left out rather than failing the request.
+    """
+    if not (isinstance(name, str) and isinstance(value, str)):
+        return False
+    if not (name.isascii() and value.isascii()):
+        return False
+    raw_name, raw_value = name.encode("ascii"), value.encode("ascii")
+    return _NAME_RE.fullmatch(raw_name) is not None and _VALUE_RE.fullmatch(raw_value) is not None
 
 
 def check_headers(

@@ -1,8 +1,12 @@
 """The hook through which telemetry observes requests (the client knows no OpenTelemetry).
 
 ``AsyncLlamaClient(..., instrumentation=...)`` and the engine call ``Instrumentation.start``
-once per generation request; the returned ``RequestObserver`` sees each streamed chunk and
-the end. With no instrumentation the per-token path pays one ``is None`` test.
+once per generation request (completions, chat, infill, embeddings, rerank); the returned
+``RequestObserver`` sees each streamed chunk and the end. With no instrumentation the
+per-token path pays one ``is None`` test.
+
+While the observer is active (``activate()``), its span is current: the request is sent then,
+and carries that span's trace context (``traceparent``), so a server that traces continues it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,12 @@ __all__ = ["Instrumentation", "Outcome", "RequestObserver"]
 
 
 class Outcome(Protocol):
-    """What a finished request looks like: a ``TokenStream`` or a whole response."""
+    """What a finished request looks like: a ``TokenStream`` or a whole response.
+
+    An embeddings or rerank request generates no text: its outcome has an empty ``text``, no
+    ``finish_reason`` and no ``timings``, and ``usage`` counts the input tokens the server
+    read (``completion_tokens`` 0), or is ``None`` when the server's reply does not say.
+    """
 
     @property
     def text(self) -> str:
@@ -72,5 +81,6 @@ class Instrumentation(Protocol):
     """Creates a ``RequestObserver`` per request."""
 
     def start(self, operation: str, body: Mapping[str, Any], *, stream: bool) -> RequestObserver:
-        """``operation`` is a GenAI operation name: "text_completion", "chat", "embeddings"."""
+        """``operation`` is a GenAI operation name: "text_completion", "chat", "embeddings",
+        or "rerank" (which the GenAI conventions do not name yet)."""
         ...

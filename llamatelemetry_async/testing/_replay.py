@@ -24,6 +24,11 @@ Endpoints (POST with a JSON body unless said otherwise):
   answers, then starts the pacing figures afresh.
 - ``GET /health`` and ``GET /v1/models``, as llama-server answers them; ``GET /props`` with
   ``total_slots`` (``--slots``), so an engine can route many streams to one replay server.
+- ``GET /requests``: ``{"requests": [{"method", "target", "headers": [[name, value], ...]}]}``,
+  the heads of the last 256 requests (oldest first; ``/stats`` and ``/requests`` left out),
+  each header line as it came, repeated names included, so a test can read what a client
+  sent (its ``traceparent``...). ``GET /requests?reset=1`` answers, then forgets them.
+  :func:`recorded_requests` reads it.
 
 Body fields: ``n_predict`` (``/completion``) or ``max_tokens`` / ``max_completion_tokens``
 (OpenAI routes) set the token count (default ``--tokens``); ``"_replay_ping": true`` sends an
@@ -52,8 +57,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import enum
+import http.client
 import math
 import os
 import resource
@@ -65,14 +72,16 @@ import time
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any, Final, cast
+from urllib.parse import urlsplit
 
 import msgspec
 
-__all__ = ["main", "replay_server", "serve"]
+__all__ = ["RecordedRequest", "main", "recorded_requests", "replay_server", "serve"]
 
 _TOKEN_ID: Final = 123
 _MAX_HEAD: Final = 64 * 1024
 _MAX_BODY: Final = 16 * 1024 * 1024
+_RECORDED: Final = 256  # request heads kept for GET /requests
 _FINGERPRINT: Final = "b11434"
 _TERMINATOR: Final = b"0\r\n\r\n"
 _CONTENT: Final = " tok"
@@ -455,6 +464,7 @@ class _State:
 
     __slots__ = (
         "connections",
+        "heads",
         "late",
         "late_max",
         "opened",
@@ -475,6 +485,11 @@ class _State:
         self.opened = 0
         self.requests = 0
         self.connections: set[_Connection] = set()
+        # The last requests' method, target and header lines, as they came (one append per
+        # request: the lines are split already, and parsed only when /requests asks).
+        self.heads: collections.deque[tuple[str, str, list[str]]] = collections.deque(
+            maxlen=_RECORDED
+        )
         self.reset_pacing()
 
     def reset_pacing(self) -> None:
@@ -508,6 +523,16 @@ class _State:
             "pacing_late_max_ms": round(self.late_max, 3),
             "process_cpu_s": round(time.process_time(), 6),
         }
+
+    def recorded(self) -> dict[str, Any]:
+        requests = []
+        for method, target, lines in self.heads:
+            headers = []
+            for line in lines:
+                name, _, value = line.partition(":")
+                headers.append([name.strip(), value.strip()])
+            requests.append({"method": method, "target": target, "headers": headers})
+        return {"requests": requests}
 
 
 class _Connection(asyncio.Protocol):
@@ -652,7 +677,7 @@ class _Connection(asyncio.Protocol):
         body = bytes(buf[end + 4 : total])
         del buf[:total]
         keep_alive = "close" not in headers.get("connection", "").lower()
-        self._start(self._route(method, target, body, keep_alive), keep_alive)
+        self._start(self._route(method, target, body, keep_alive, lines), keep_alive)
         return True
 
     def _reject(self, status: int, message: str) -> None:
@@ -661,7 +686,9 @@ class _Connection(asyncio.Protocol):
         self._buf.clear()
         self._start(_once(_json_response(status, body, False)), False)
 
-    def _route(self, method: str, target: str, raw: bytes, keep_alive: bool) -> _Response:
+    def _route(
+        self, method: str, target: str, raw: bytes, keep_alive: bool, lines: list[str]
+    ) -> _Response:
         state = self._state
         path, _, query = target.partition("?")
         if method == "GET":
@@ -670,7 +697,14 @@ class _Connection(asyncio.Protocol):
                 if query == "reset=1":
                     state.reset_pacing()
                 return _once(_json_response(200, body, keep_alive))
-            state.requests += 1
+            if path == "/requests":
+                body = msgspec.json.encode(state.recorded())
+                if query == "reset=1":
+                    state.heads.clear()
+                return _once(_json_response(200, body, keep_alive))
+        state.requests += 1
+        state.heads.append((method, target, lines[1:]))
+        if method == "GET":
             if path == "/health":
                 return _once(_json_response(200, b'{"status":"ok"}', keep_alive))
             if path == "/props":  # what an engine reads to size its routing
@@ -680,8 +714,6 @@ class _Connection(asyncio.Protocol):
                 model = {"id": "replay", "object": "model", "created": 0, "owned_by": "llamacpp"}
                 body = msgspec.json.encode({"object": "list", "data": [model]})
                 return _once(_json_response(200, body, keep_alive))
-        else:
-            state.requests += 1
         if path not in ("/completion", "/completions", "/v1/chat/completions", "/v1/completions"):
             body = _error_body(404, "File Not Found", "not_found_error")
             return _once(_json_response(404, body, keep_alive))
@@ -905,6 +937,54 @@ def replay_server(
         yield _read_url(proc, startup_timeout)
     finally:
         _stop(proc)
+
+
+class RecordedRequest:
+    """The head of one request a replay server received (see :func:`recorded_requests`)."""
+
+    __slots__ = ("headers", "method", "target")
+
+    def __init__(self, method: str, target: str, headers: list[tuple[str, str]]) -> None:
+        self.method = method
+        self.target = target
+        """The request target: the path, with its query if any."""
+        self.headers = headers
+        """Every header line as ``(name, value)``, in order, repeated names included."""
+
+    def header(self, name: str) -> list[str]:
+        """Every value sent under ``name`` (any case): empty if none, two if sent twice."""
+        lowered = name.lower()
+        return [value for key, value in self.headers if key.lower() == lowered]
+
+    def __repr__(self) -> str:
+        return f"<RecordedRequest {self.method} {self.target}>"
+
+
+def recorded_requests(
+    url: str, *, reset: bool = False, timeout: float = 10.0
+) -> list[RecordedRequest]:
+    """The heads of the last requests the replay server at ``url`` received, oldest first.
+
+    Blocking (a loopback round trip, without proxies); ``reset=True`` forgets them after
+    reading, so the next call sees only newer requests.
+    """
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(
+        parts.hostname or "127.0.0.1", parts.port, timeout=timeout
+    )
+    try:
+        connection.request("GET", "/requests?reset=1" if reset else "/requests")
+        response = connection.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"GET /requests answered {response.status}: {data[:200]!r}")
+    finally:
+        connection.close()
+    decoded = msgspec.json.decode(data)
+    return [
+        RecordedRequest(r["method"], r["target"], [(k, v) for k, v in r["headers"]])
+        for r in decoded["requests"]
+    ]
 
 
 def _read_url(proc: subprocess.Popen[bytes], timeout: float) -> str:
