@@ -264,14 +264,16 @@ def test_the_table_is_read_on_first_use_not_at_import(tmp_path: Path) -> None:
 
 def test_token_events_keep_the_sdk_fast_path() -> None:
     # The SDK is no longer imported by the telemetry module; a span from an SDK provider
-    # must still take the unvalidated event path, and a no-op span the public API.
+    # must still take the fast path (events made when the span is read), and a no-op span
+    # gets no events built at all.
     from opentelemetry import trace
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from llamatelemetry_async.telemetry import GenAIInstrumentation, _genai
+    from llamatelemetry_async.client import CompletionChunk
+    from llamatelemetry_async.telemetry import GenAIInstrumentation, _sdk
 
     exporter = InMemorySpanExporter()
     tracer_provider = TracerProvider()
@@ -279,16 +281,15 @@ def test_token_events_keep_the_sdk_fast_path() -> None:
     meter_provider = MeterProvider()
     inst = GenAIInstrumentation(tracer_provider=tracer_provider, meter_provider=meter_provider)
     observer = inst.start("text_completion", {"prompt": "x"}, stream=True)
-    assert observer._sdk_span
-    for _ in range(3):
-        observer.on_chunk(object())
+    for i in range(3):
+        observer.on_chunk(CompletionChunk(content="x", tokens_predicted=i + 1))
     observer.on_error(None)
     (span,) = exporter.get_finished_spans()
     assert [e.name for e in span.events] == ["gen_ai.token"] * 3
     assert [e.attributes["gen_ai.token.index"] for e in span.events if e.attributes] == [0, 1, 2]
+    assert {type(e).__name__ for e in span.events} == {"TokenEvent"}  # the fast path's
     tracer_provider.shutdown()
     meter_provider.shutdown()
 
-    noop = GenAIInstrumentation(tracer_provider=trace.NoOpTracerProvider())
-    assert not noop.start("chat", {}, stream=True)._sdk_span
-    assert not _genai._is_sdk_span(trace.INVALID_SPAN)
+    noop = trace.NoOpTracerProvider().get_tracer("t").start_span("s")
+    assert _sdk.span_events(noop).limit == 0

@@ -51,6 +51,11 @@ _TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.7
                  5.0, 7.5, 10.0]  # fmt: skip
 _TPOT_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5]
 
+# Operations that read input and generate no tokens.
+_NO_OUTPUT = frozenset({"embeddings", "rerank"})
+# Where a request's input text is (completions, infill, embeddings), first found wins.
+_INPUT_KEYS = ("prompt", "input_prefix", "input", "content")
+
 # Request parameters -> gen_ai.request.* attributes (llama.cpp and OpenAI spellings).
 _REQUEST_PARAMS: dict[str, str] = {
     "n_predict": "gen_ai.request.max_tokens",
@@ -317,6 +322,9 @@ class _Observer:
             value = body.get(key)
             if isinstance(value, int | float) and not isinstance(value, bool):
                 attrs[name] = value
+        encoding = body.get("encoding_format")
+        if isinstance(encoding, str):
+            attrs["gen_ai.request.encoding_formats"] = [encoding]
         stop = body.get("stop")
         if isinstance(stop, str):
             attrs["gen_ai.request.stop_sequences"] = [stop]
@@ -425,9 +433,11 @@ class _Observer:
         if outcome.finish_reason:
             attrs["gen_ai.response.finish_reasons"] = [outcome.finish_reason]
         usage = outcome.usage
+        generates = self._operation not in _NO_OUTPUT
         if usage is not None:
             attrs["gen_ai.usage.input_tokens"] = usage.prompt_tokens
-            attrs["gen_ai.usage.output_tokens"] = usage.completion_tokens
+            if generates:
+                attrs["gen_ai.usage.output_tokens"] = usage.completion_tokens
             # The server's count is the truth (a chunk without a count was taken as one).
             self._tokens = max(self._tokens, usage.completion_tokens)
         timings = outcome.timings
@@ -443,10 +453,14 @@ class _Observer:
                 }
             )
         if self._inst.content != "none":
-            output = json.dumps(
-                [{"role": "assistant", "parts": [{"type": "text", "content": outcome.text}]}]
+            output = (
+                json.dumps(
+                    [{"role": "assistant", "parts": [{"type": "text", "content": outcome.text}]}]
+                )
+                if generates
+                else None  # embeddings and rerank scores are not messages
             )
-            if self._inst.capture_content:
+            if self._inst.capture_content and output is not None:
                 attrs["gen_ai.output.messages"] = output
             if self._inst.content_logger is not None:
                 self._details_event(attrs, output)
@@ -455,11 +469,12 @@ class _Observer:
         self._finish(None, usage, timings)
         span.end()
 
-    def _details_event(self, end_attrs: Mapping[str, Any], output: str) -> None:
+    def _details_event(self, end_attrs: Mapping[str, Any], output: str | None) -> None:
         """The request's content as an event (a log record in the span's context)."""
         attrs = {k: v for k, v in self._attrs.items() if not k.startswith("gen_ai.input")}
         attrs["gen_ai.input.messages"] = self._input
-        attrs["gen_ai.output.messages"] = output
+        if output is not None:
+            attrs["gen_ai.output.messages"] = output
         for key in ("gen_ai.response.finish_reasons", "gen_ai.usage.input_tokens",
                     "gen_ai.usage.output_tokens"):  # fmt: skip
             if key in end_attrs:
@@ -518,9 +533,10 @@ class _Observer:
         inst.duration.record(now - self._start, attrs)
         if usage is not None:
             inst.token_usage.record(usage.prompt_tokens, {**attrs, "gen_ai.token.type": "input"})
-            inst.token_usage.record(
-                usage.completion_tokens, {**attrs, "gen_ai.token.type": "output"}
-            )
+            if self._operation not in _NO_OUTPUT:
+                inst.token_usage.record(
+                    usage.completion_tokens, {**attrs, "gen_ai.token.type": "output"}
+                )
         if self._stream and self._chunks and error_type is None:
             inst.first_chunk.record(self._first, attrs)
             gaps = self._gaps
@@ -572,6 +588,8 @@ def _has_other_output(chunk: Any) -> bool:
 
 
 def _input_messages(body: Mapping[str, Any]) -> str:
+    """The request's input as GenAI messages: chat messages, a prompt, the texts to embed,
+    or a rerank query with its documents."""
     messages = body.get("messages")
     if isinstance(messages, list):
         parts = [
@@ -579,7 +597,11 @@ def _input_messages(body: Mapping[str, Any]) -> str:
             for m in messages
             if isinstance(m, Mapping)
         ]
+        return json.dumps(parts, default=str)
+    if "query" in body:  # rerank
+        texts = [body.get("query"), *(body.get("documents") or ())]
     else:
-        prompt = body.get("prompt", body.get("input_prefix", ""))
-        parts = [{"role": "user", "parts": [{"type": "text", "content": prompt}]}]
+        text = next((body[k] for k in _INPUT_KEYS if k in body), "")
+        texts = text if isinstance(text, list) else [text]
+    parts = [{"role": "user", "parts": [{"type": "text", "content": t} for t in texts]}]
     return json.dumps(parts, default=str)
