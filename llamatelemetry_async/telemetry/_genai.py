@@ -275,6 +275,7 @@ class GenAIInstrumentation:
         return [Observation(n, dict(key)) for key, n in list(self.in_flight.items())]
 
     def count_in_flight(self, attributes: Mapping[str, Any], delta: int) -> None:
+        """A request on the server ``attributes`` name began (``delta`` 1) or ended (-1)."""
         key = tuple(attributes.items())
         self.in_flight[key] = self.in_flight.get(key, 0) + delta
 
