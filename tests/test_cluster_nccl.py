@@ -58,7 +58,8 @@ _LONELY = """
 import json, sys, time
 import anyio, ray
 from llamatelemetry_async import NCCLError, NCCLUsageError
-from llamatelemetry_async.cluster._rendezvous import ray_unique_id
+from llamatelemetry_async.cluster import NAMESPACE
+from llamatelemetry_async.cluster._rendezvous import _actor_name, ray_unique_id
 
 ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
 
@@ -73,6 +74,14 @@ async def lonely():  # rank 1 whose rank 0 never comes (trio: Ray's refs waited 
     return None
 
 
+def exists(group):
+    try:
+        ray.get_actor(_actor_name(group), namespace=NAMESPACE)
+    except ValueError:
+        return False
+    return True
+
+
 async def mismatched():  # rank 1 waits with nranks=2; rank 2 comes saying nranks=3
     result = {}
     async with anyio.create_task_group() as tg:
@@ -82,7 +91,9 @@ async def mismatched():  # rank 1 waits with nranks=2; rank 2 comes saying nrank
             except NCCLError as exc:
                 result["waiter"] = type(exc).__name__
         tg.start_soon(waiter)
-        await anyio.sleep(1.0)
+        with anyio.fail_after(10):  # until the waiter's rendezvous (nranks=2) exists
+            while not await anyio.to_thread.run_sync(exists, "mismatch"):
+                await anyio.sleep(0.02)
         try:
             await ray_unique_id("mismatch", 3, 2, timeout=3.0)
         except NCCLError as exc:

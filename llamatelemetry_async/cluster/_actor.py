@@ -125,8 +125,8 @@ class ServerActor:
                     started.set_exception(exc)
                     return
             self._exited.set()
-            await asyncio.sleep(0.2)  # wait_exit() answers first: the engine learns it now
             # The server is gone: so is this actor, and Ray restarts it where there is room.
+            # The engine learns it either way: wait_exit() answers, or fails as the actor dies.
             os._exit(70)
 
         self._task = asyncio.create_task(supervise())

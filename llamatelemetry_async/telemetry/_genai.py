@@ -363,7 +363,8 @@ class _Observer:
         self._events = 0  # token events emitted
         self._emitted = 0  # tokens those events cover
         self._first = 0.0
-        self._gaps: list[float] = []
+        # Every gap only when each is recorded; their mean follows from the first and last.
+        self._gaps: list[float] | None = [] if inst.chunk_metrics == "each" else None
         self._last_chunk: Any = None
         self._ended = False
 
@@ -396,10 +397,10 @@ class _Observer:
         self._chunks = index + 1
         gap = now - self._last
         self._last = now
-        if index:
-            self._gaps.append(gap)
-        else:
+        if not index:
             self._first = now - self._start
+        elif self._gaps is not None:
+            self._gaps.append(gap)
         budget = self._budget
         if not budget:
             return
@@ -552,12 +553,12 @@ class _Observer:
                 )
         if self._stream and self._chunks and error_type is None:
             inst.first_chunk.record(self._first, attrs)
-            gaps = self._gaps
-            if gaps and inst.chunk_metrics == "each":
-                for gap in gaps:  # at the end, off the per-token path; ~8 us per record
+            if self._gaps:
+                for gap in self._gaps:  # at the end, off the per-token path; ~8 us per record
                     inst.per_chunk.record(gap, attrs)
-            elif gaps and inst.chunk_metrics == "mean":
-                inst.per_chunk.record(sum(gaps) / len(gaps), attrs)
+            elif self._chunks > 1 and inst.chunk_metrics == "mean":
+                span = self._last - self._start - self._first  # first chunk to last
+                inst.per_chunk.record(span / (self._chunks - 1), attrs)
         if timings is not None:
             inst.server_ttft.record(timings.prompt_ms / 1000, attrs)
             if timings.predicted_n > 1:
