@@ -19,11 +19,13 @@ import importlib
 
 from ._errors import (
     APIError as APIError,
+    BuildArchiveError as BuildArchiveError,
     BuildError as BuildError,
     ClientClosedError as ClientClosedError,
     ConfigError as ConfigError,
     ConnectError as ConnectError,
     ConnectTimeout as ConnectTimeout,
+    CUDAArchitectureError as CUDAArchitectureError,
     DeadlineExceeded as DeadlineExceeded,
     EngineBusyError as EngineBusyError,
     EngineError as EngineError,
@@ -32,6 +34,7 @@ from ._errors import (
     LlamaServerError as LlamaServerError,
     LlamaServerNotFoundError as LlamaServerNotFoundError,
     LlamaWarning as LlamaWarning,
+    MergeLoraError as MergeLoraError,
     ModelDoesNotFitError as ModelDoesNotFitError,
     ModelError as ModelError,
     ModelFormatError as ModelFormatError,
@@ -83,7 +86,12 @@ if TYPE_CHECKING:
 
     __all__: list[str]  # derived from these imports; see __getattr__
 
-    from ._placement import Placement as Placement, RemoteServer as RemoteServer
+    from ._placement import (
+        Placement as Placement,
+        RemoteServer as RemoteServer,
+        available_cores as available_cores,
+        share_cores as share_cores,
+    )
     from .bench import (
         BenchConfig as BenchConfig,
         BenchMetrics as BenchMetrics,
@@ -121,6 +129,7 @@ if TYPE_CHECKING:
     )
     from .engine import (
         AsyncEngine as AsyncEngine,
+        EngineModel as EngineModel,
         ServerInfo as ServerInfo,
         ServerPlan as ServerPlan,
     )
@@ -139,10 +148,12 @@ if TYPE_CHECKING:
     from .models import (
         GPUSpec as GPUSpec,
         ModelInfo as ModelInfo,
+        RAMPlan as RAMPlan,
         RegistryModel as RegistryModel,
         VRAMPlan as VRAMPlan,
         inspect_model as inspect_model,
         list_models as list_models,
+        merge_lora as merge_lora,
         quantize as quantize,
         resolve_model as resolve_model,
     )
@@ -152,7 +163,9 @@ if TYPE_CHECKING:
         ServerConfig as ServerConfig,
         ServerState as ServerState,
         build_llama_server as build_llama_server,
+        export_build_archive as export_build_archive,
         find_llama_server as find_llama_server,
+        install_build_archive as install_build_archive,
         server_command as server_command,
     )
     from .telemetry import (

@@ -24,6 +24,8 @@ LlamaError
 ├── LlamaServerError ............... getting or running the llama-server binary
 │   ├── LlamaServerNotFoundError ... no binary found; says how to get one
 │   ├── BuildError ................. building llama-server from source failed
+│   ├── BuildArchiveError .......... a build archive is corrupt, hostile or not for this machine
+│   ├── CUDAArchitectureError ...... the binary has no code for its GPUs' compute capability
 │   ├── ServerStartError ........... a server exited or timed out while starting (log tail)
 │   └── ServerCrashedError ......... a server died with a request in flight
 ├── EngineError .................... the engine could not take the request
@@ -33,7 +35,8 @@ LlamaError
 │   ├── ModelFormatError ........... not a GGUF file, truncated or corrupt (path, problem)
 │   ├── ModelNotFoundError ......... a spec that resolves to nothing (lists what was tried)
 │   ├── ModelDoesNotFitError ....... no setting fits the GPUs (lists what would fit)
-│   └── QuantizeError .............. llama-quantize failed (exit code, log tail)
+│   ├── QuantizeError .............. llama-quantize failed (exit code, log tail)
+│   └── MergeLoraError ............. llama-export-lora failed (exit code, log tail)
 └── NCCLError ...................... an NCCL call failed (code, name, NCCL's own texts)
     ├── NCCLNotFoundError .......... no libnccl.so.2 found; says where it looked, what to install
     ├── NCCLSymbolError ............ the loaded NCCL lacks a function (older library)
@@ -52,7 +55,9 @@ from typing import Any
 
 __all__ = [
     "APIError",
+    "BuildArchiveError",
     "BuildError",
+    "CUDAArchitectureError",
     "ClientClosedError",
     "ConfigError",
     "ConnectError",
@@ -65,6 +70,7 @@ __all__ = [
     "LlamaServerError",
     "LlamaServerNotFoundError",
     "LlamaWarning",
+    "MergeLoraError",
     "ModelDoesNotFitError",
     "ModelError",
     "ModelFormatError",
@@ -265,6 +271,40 @@ class BuildError(LlamaServerError):
         self.log_tail = log_tail
 
 
+class BuildArchiveError(LlamaServerError):
+    """A build archive cannot be used: unreadable, corrupt, tampered with, or not for this
+    machine. ``archive`` is its path; the message says what is wrong and what to do."""
+
+    def __init__(self, message: str, *, archive: str) -> None:
+        super().__init__(message)
+        self.archive = archive
+
+
+class CUDAArchitectureError(LlamaServerError):
+    """The llama-server binary has no code its GPUs can run (raised before it starts).
+
+    ``binary`` is its path, ``architectures`` what it was built for (``"sm_90"``,
+    ``"compute_90"``), ``gpus`` the GPU ids it was given and ``compute_capabilities`` theirs
+    (``"7.5"``), in the same order. The message names the ``build-server --cuda-arch`` that
+    fixes it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        binary: str,
+        architectures: tuple[str, ...],
+        gpus: tuple[int, ...],
+        compute_capabilities: tuple[str, ...],
+    ) -> None:
+        super().__init__(message)
+        self.binary = binary
+        self.architectures = architectures
+        self.gpus = gpus
+        self.compute_capabilities = compute_capabilities
+
+
 class ServerStartError(LlamaServerError):
     """A llama-server exited, or did not become ready, while starting.
 
@@ -351,8 +391,8 @@ class ModelDoesNotFitError(ModelError):
         self.suggestions = suggestions
 
 
-class QuantizeError(ModelError):
-    """``llama-quantize`` failed; ``returncode`` and ``log_tail`` say how."""
+class _ToolError(ModelError):
+    """A llama.cpp model tool failed; ``returncode`` and ``log_tail`` say how."""
 
     def __init__(
         self,
@@ -365,6 +405,14 @@ class QuantizeError(ModelError):
         super().__init__(message, model=model)
         self.returncode = returncode
         self.log_tail = log_tail
+
+
+class QuantizeError(_ToolError):
+    """``llama-quantize`` failed; ``returncode`` and ``log_tail`` say how."""
+
+
+class MergeLoraError(_ToolError):
+    """``llama-export-lora`` failed; ``returncode`` and ``log_tail`` say how."""
 
 
 class NCCLError(LlamaError):

@@ -11,11 +11,17 @@ Placement.kaggle_t4x2_pair("60/40", split_mode="row").plans([0, 1])
 # [ServerPlan('gpu0+1', (0, 1), tensor_split=(0.6, 0.4), split_mode='row')]
 Placement.auto().plans([])
 # [ServerPlan('cpu0', ())]
+Placement.cpu(2).plans([], cores=[0, 1, 2, 3])
+# [ServerPlan('cpu0', (), cores=(0, 1), threads=2), ServerPlan('cpu1', (), cores=(2, 3), threads=2)]
 ```
+
+With ``cores`` the plans also divide the CPU cores among the servers (``share_cores``), so
+that servers on one machine do not spin threads against each other.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Final, Literal, Protocol, TypeAlias
@@ -23,7 +29,7 @@ from typing import Final, Literal, Protocol, TypeAlias
 from ._errors import ConfigError
 from .server import ServerPlan
 
-__all__ = ["Placement", "RemoteServer"]
+__all__ = ["GPU_SERVER_THREADS", "Placement", "RemoteServer", "available_cores", "share_cores"]
 
 PairSplitMode: TypeAlias = Literal["layer", "row", "tensor"]
 KaggleSplit: TypeAlias = Literal["50/50", "60/40", "70/30"]
@@ -251,12 +257,18 @@ class Placement:
 
     # -- resolution -----------------------------------------------------------------------
 
-    def plans(self, gpus: Sequence[int]) -> list[ServerPlan]:
+    def plans(self, gpus: Sequence[int], *, cores: Sequence[int] | None = None) -> list[ServerPlan]:
         """One ``ServerPlan`` per server, given the visible GPU ids (``visible_gpus()``).
 
+        ``cores``: the CPU cores the servers may use (``available_cores()``), divided among
+        them by ``share_cores``; ``None`` leaves threads and pinning to llama-server.
         Raises ``ConfigError`` when a named GPU is not visible, or when a GPU placement
         finds no GPUs (the message suggests ``Placement.cpu``).
         """
+        plans = self._plans(gpus)
+        return plans if cores is None else share_cores(plans, cores)
+
+    def _plans(self, gpus: Sequence[int]) -> list[ServerPlan]:
         available = list(dict.fromkeys(_gpu_id("gpus", gpu) for gpu in gpus))
         if self.kind == "remote":
             return []
@@ -285,6 +297,69 @@ class Placement:
             )
             for a, b in pairs
         ]
+
+
+GPU_SERVER_THREADS: Final = 4
+"""Threads a GPU server gets at most: with its layers on the GPU, the CPU only samples and
+runs the few operations left to it. Partial offload runs layers on the CPU: set
+``ServerConfig(threads=...)`` for it."""
+
+
+def available_cores() -> list[int]:
+    """The CPU cores this process may run on: its affinity mask (containers and CI runners
+    limit it), else every core."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def share_cores(plans: Sequence[ServerPlan], cores: Sequence[int]) -> list[ServerPlan]:
+    """``plans`` with the CPU ``cores`` divided among their servers. Pure.
+
+    - Each GPU server gets ``GPU_SERVER_THREADS`` cores, or its fair share if that is less.
+    - CPU servers divide the rest evenly (the first ones get one more when it does not
+      divide), so two CPU servers never compute on the same core.
+    - Each server is pinned to its own contiguous run of cores, with one thread per core.
+    - With more servers than cores, each server gets one thread, the cores are dealt round
+      the servers, and ``poll=0``: a thread that polls for work takes its core from the
+      server it shares it with.
+
+    Cores nobody gets (GPU servers only, on a big machine) stay free for the application.
+
+    ```python
+    share_cores([ServerPlan("gpu0", (0,)), ServerPlan("cpu0", ())], range(8))
+    # [ServerPlan('gpu0', (0,), cores=(0, 1, 2, 3), threads=4),
+    #  ServerPlan('cpu0', (), cores=(4, 5, 6, 7), threads=4)]
+    ```
+    """
+    pool = sorted({_core_id(core) for core in cores})
+    if not plans or not pool:
+        return list(plans)
+    if len(pool) < len(plans):
+        return [
+            replace(plan, cores=(pool[i % len(pool)],), threads=1, poll=0)
+            for i, plan in enumerate(plans)
+        ]
+    fair = len(pool) // len(plans)
+    sizes = [min(GPU_SERVER_THREADS, fair) if plan.gpus else 0 for plan in plans]
+    cpu_servers = [i for i, plan in enumerate(plans) if not plan.gpus]
+    if cpu_servers:
+        left = len(pool) - sum(sizes)
+        each, extra = divmod(left, len(cpu_servers))
+        for rank, i in enumerate(cpu_servers):
+            sizes[i] = each + (rank < extra)
+    shared: list[ServerPlan] = []
+    start = 0
+    for plan, size in zip(plans, sizes, strict=True):
+        shared.append(replace(plan, cores=tuple(pool[start : start + size]), threads=size))
+        start += size
+    return shared
+
+
+def _core_id(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _fail("cores", f"CPU core ids are ints >= 0, got {value!r}")
+    return value
 
 
 def _check_pairs(pairs: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:

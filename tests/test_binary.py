@@ -30,6 +30,7 @@ from llamatelemetry_async.server import (
     llama_server_version,
 )
 from llamatelemetry_async.server._build import (
+    BUILT_TOOLS,
     BuildProgress,
     build_cache_key,
     cmake_args,
@@ -392,7 +393,7 @@ def test_build_json_says_whether_the_build_is_portable(
             for line in _CONFIGURE_OUTPUT:
                 on_line(line)
         if "--build" in cmd:
-            for tool in ("llama-server", "llama-quantize"):
+            for tool in BUILT_TOOLS:
                 _fake_exe(Path(cmd[cmd.index("--build") + 1]) / "bin" / tool)
 
     def fake_source(_version: str, _root: Path, tmp: Path, *_rest: object) -> Path:

@@ -26,6 +26,7 @@ from llamatelemetry_async._cli._common import parse_sizes
 from llamatelemetry_async._cli._gpus import _gpus, inventory
 from llamatelemetry_async._errors import ConfigError
 from llamatelemetry_async.engine import Placement
+from llamatelemetry_async.testing import write_tiny_model
 from llamatelemetry_async.testing._fake_nvml import FakeGPU, FakeNVML
 from llamatelemetry_async.testing._replay import replay_server
 
@@ -271,7 +272,7 @@ def test_ctrl_c_stops_the_demo_and_its_servers(procs: list[subprocess.Popen[byte
     out = Reader(proc)
     pids = [
         int(p)
-        for p in re.findall(r"pid (\d+) at", out.until(r"(?s)cpu1: pid \d+ .*?prompt=").string)
+        for p in re.findall(r"\(pid (\d+),", out.until(r"(?s)server cpu1: .*?prompt=").string)
     ]
     assert len(pids) == 2
     out.until(r"prompt='Once upon a time'\n\n\s*\S+ \S+")  # tokens are streaming
@@ -303,13 +304,19 @@ def test_serve_until_a_signal_then_every_server_is_reaped(
     procs.append(proc)
     out = Reader(proc)
     out.until(r"ready: 2 server")
-    servers = re.findall(r"server (cpu\d): (http://\S+)\s+\(pid (\d+), CPU, 2 slots\)", out.data)
-    assert [name for name, _, _ in servers] == ["cpu0", "cpu1"]
-    pids = [int(pid) for _, _, pid in servers]
+    servers = re.findall(
+        r"server (cpu\d): (http://\S+)\s+\(pid (\d+), CPU, 2 slots, (\d+) threads? on cores ",
+        out.data,
+    )
+    assert [name for name, _, _, _ in servers] == ["cpu0", "cpu1"]
+    # The split is printed: the two servers' threads are the machine's cores between them.
+    cores = len(os.sched_getaffinity(0))
+    assert sum(int(threads) for *_, threads in servers) == max(cores, 2)  # 1 core: 1 each
+    pids = [int(pid) for _, _, pid, _ in servers]
     key_file = Path(out.until(r"api key: random, saved in (\S+) \(mode 0600").group(1))
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     key = key_file.read_text().strip()
-    for _, url, _ in servers:
+    for _, url, _, _ in servers:
         assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401
         auth = {"Authorization": f"Bearer {key}"}
         assert httpx.get(f"{url}/v1/models", headers=auth, timeout=10).status_code == 200
@@ -363,7 +370,7 @@ def test_serve_reports_a_crashed_server_and_its_restart(
     out.until("ready: 1 server")
     os.kill(first, signal.SIGKILL)
     out.until(r"server cpu0: exited \(code -9\); restarting")
-    match = out.until(r"server cpu0: (http://\S+)  \(pid (\d+), CPU, \d+ slots\): restarted")
+    match = out.until(r"server cpu0: (http://\S+)  \(pid (\d+), CPU, \d+ slots, [^)]*\): restarted")
     second = int(match.group(2))
     assert second != first
     assert httpx.get(f"{match.group(1)}/health").status_code == 200
@@ -421,6 +428,77 @@ def test_serve_puts_one_front_door_before_its_servers_and_stops_them(
     assert "Traceback" not in output
     assert gone(pids, timeout=2.0)
     assert keys.exists()  # the user's own file stays
+
+
+def test_serve_several_models_from_a_toml_file(
+    tiny_model: Path, tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    other = write_tiny_model(tmp_path / "other.gguf", seed=1)
+    models = tmp_path / "models.toml"
+    models.write_text(
+        f"""
+[models.tiny]
+model = "{tiny_model}"
+placement = "cpu:1"
+[models.tiny.server]
+ctx_size = 512
+n_parallel = 2
+
+[models.other]
+model = "{other}"
+placement = "cpu:1"
+ttl = 600
+preload = false
+"""
+    )
+    proc = spawn(["serve", "--models", str(models), "--port", "0", "--no-auth"])
+    procs.append(proc)
+    out = Reader(proc)
+    url = _door_url(out)
+    out.until("ready: 1 server")
+    assert "model tiny: ready" in out.data
+    assert "model other: stopped" in out.data
+    listed = httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
+    assert [(m["id"], m["status"]) for m in listed] == [("tiny", "ready"), ("other", "stopped")]
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "model": "other"}
+    reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert reply.status_code == 200, reply.text
+    servers = httpx.get(f"{url}/servers", timeout=10).json()["servers"]
+    assert sorted(s["name"] for s in servers) == ["other/cpu0", "tiny/cpu0"]
+    pids = [s["pid"] for s in servers]
+    missing = httpx.post(f"{url}/v1/chat/completions", json={**body, "model": "gpt-4"})
+    assert missing.status_code == 404
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, out.rest()
+    assert gone(pids, timeout=2.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("[models.a]\nplacement = 'cpu:1'\n", "needs model"),
+        ("[models.a]\nmodel = 'm.gguf'\nthreads = 2\n", "unknown key(s) threads"),
+        ("[models.a]\nmodel = 'm.gguf'\n[models.a.server]\nctx = 1\n", "not ServerConfig"),
+        ("[models.a]\nmodel = 'm.gguf'\nttl = -1\n", "ttl"),
+        ("[models.a]\nmodel = 'm.gguf'\nplacement = 'gpu:7'\n", "unknown placement"),
+        ("[other]\nx = 1\n", "[models.NAME] tables"),
+        ("[models.a\n", "not valid TOML"),
+    ],
+)
+def test_a_bad_models_file_is_one_clear_error(tmp_path: Path, text: str, fragment: str) -> None:
+    models = tmp_path / "models.toml"
+    models.write_text(text)
+    result = cli("serve", "--models", str(models), "--port", "0")
+    assert result.returncode == 2, result.stderr
+    assert_one_line_error(result.stderr)
+    assert fragment in result.stderr
+    assert str(models) in result.stderr
+
+
+def test_models_file_excludes_model_and_remote(tmp_path: Path) -> None:
+    result = cli("serve", "m.gguf", "--models", str(tmp_path / "x.toml"))
+    assert result.returncode == 2
+    assert "leave out MODEL" in result.stderr
 
 
 def test_serve_drains_a_stream_on_sigterm_and_refuses_new_requests(

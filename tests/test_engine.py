@@ -19,6 +19,7 @@ from llamatelemetry_async import (
     AsyncEngine,
     EngineBusyError,
     LlamaServerNotFoundError,
+    ModelFormatError,
     ModelNotFoundError,
     Placement,
     ReadTimeout,
@@ -139,8 +140,13 @@ async def test_start_errors_before_and_after_spawn(
             pass
     corrupt = tmp_path / "corrupt.gguf"
     corrupt.write_bytes(b"GGUF" + os.urandom(4096))
-    with pytest.raises(ServerStartError) as info:
+    # The RAM plan reads the model before anything is spawned: a broken file fails there.
+    with pytest.raises(ModelFormatError):
         async with AsyncEngine(corrupt, placement=Placement.cpu(2)):
+            pass
+    # Unplanned, it reaches llama-server, which refuses it.
+    with pytest.raises(ServerStartError) as info:
+        async with AsyncEngine(corrupt, placement=Placement.cpu(2), auto_configure=False):
             pass
     assert info.value.exit_code not in (None, 0)
     assert "model" in info.value.log_tail.lower()

@@ -24,6 +24,7 @@ from opentelemetry.trace import SpanKind
 
 from llamatelemetry_async import (
     AsyncEngine,
+    EngineModel,
     Placement,
     ServerConfig,
     TokenEvents,
@@ -31,6 +32,7 @@ from llamatelemetry_async import (
 )
 from llamatelemetry_async.bench import BenchConfig, run_bench
 from llamatelemetry_async.frontdoor import FrontDoor
+from llamatelemetry_async.testing import write_tiny_model
 
 pytestmark = pytest.mark.anyio
 
@@ -429,3 +431,29 @@ async def test_the_final_chunk_carries_the_requests_gpu_energy(
     assert final["usage"]["completion_tokens"] == 32
     assert all("llamatelemetry" not in json.loads(p) for p in payloads[:-2])  # only the last
     assert whole.json()["llamatelemetry"]["gpu"]["energy_j"] > 0
+
+
+# --------------------------------------------------------------------- several models
+async def test_the_front_door_routes_by_model_and_lists_them(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    other_model = write_tiny_model(tmp_path / "other.gguf", seed=1)
+    small = ServerConfig(n_parallel=2, ctx_size=512)
+    models = {
+        "a": EngineModel(tiny_model, placement=Placement.cpu(1), server=small),
+        "b": EngineModel(other_model, placement=Placement.cpu(1), server=small, preload=False),
+    }
+    door = FrontDoor(AsyncEngine(models=models), api_keys=[KEY])
+    async with running_door(door) as url, httpx.AsyncClient(base_url=url, headers=AUTH) as http:
+        listed = (await http.get("/v1/models")).json()
+        assert [m["id"] for m in listed["data"]] == ["a", "b"]
+        assert [m["status"] for m in listed["data"]] == ["ready", "stopped"]
+        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        reply = await http.post("/v1/chat/completions", json={**body, "model": "b"}, timeout=60)
+        assert reply.status_code == 200, reply.text
+        assert door.engine.model_states["b"] == "ready"
+        missing = await http.post("/v1/chat/completions", json={**body, "model": "gpt-4"})
+        assert missing.status_code == 404
+        assert missing.json()["error"]["code"] == "model_not_found"
+        servers = (await http.get("/servers")).json()["servers"]
+        assert {s["model"] for s in servers} == {"a", "b"}

@@ -372,9 +372,10 @@ def test_a_cache_without_llama_quantize_is_not_reused(
     assert server == cache / "llama-server" / build_cache_key() / "bin" / "llama-server"
     assert (server.parent / "llama-quantize").is_file()
     build = next(c for c in commands if "--build" in c)
-    assert build[build.index("--target") + 1 :][:2] == ["llama-server", "llama-quantize"]
+    assert build[build.index("--target") + 1 :][:3] == list(BUILT_TOOLS)
+    assert BUILT_TOOLS == ("llama-server", "llama-quantize", "llama-export-lora")
     info = json.loads((server.parent.parent / "build.json").read_text())
-    assert info["tools"] == ["llama-server", "llama-quantize"]
+    assert info["tools"] == list(BUILT_TOOLS)
     assert info["cmake_args"] == cmake_args()
     assert cached_builds(cache)[0] == server
     assert os.access(server.parent / "llama-quantize", os.X_OK)

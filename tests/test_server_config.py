@@ -68,6 +68,8 @@ def test_every_field_maps_to_its_flag() -> None:
         batch_size=1024,
         ubatch_size=256,
         threads=6,
+        threads_batch=3,
+        poll=0,
         flash_attn="on",
         cache_type_k="q8_0",
         cache_type_v="q4_0",
@@ -98,6 +100,8 @@ def test_every_field_maps_to_its_flag() -> None:
         "--batch-size", "1024",
         "--ubatch-size", "256",
         "--threads", "6",
+        "--threads-batch", "3",
+        "--poll", "0",
         "--flash-attn", "on",
         "--cache-type-k", "q8_0",
         "--cache-type-v", "q4_0",
@@ -262,17 +266,19 @@ def test_lora_adapters_in_order_with_scales(tmp_path: Path) -> None:
     )
     assert config.lora == (str(tmp_path / "a.gguf"), ("b.gguf", 0.5))
     argv, _ = command(config)
-    start = argv.index("--lora")
-    assert argv[start : start + 6] == [
-        "--lora",
-        str(tmp_path / "a.gguf"),
+    start = argv.index("--lora-scaled")
+    # One argument, in order: the adapters' ids are their places in it.
+    assert argv[start : start + 3] == [
         "--lora-scaled",
-        "b.gguf",
-        "0.5",
+        f"{tmp_path / 'a.gguf'}:1,b.gguf:0.5",
         "--lora-init-without-apply",
     ]
+    assert "--lora" not in argv
+    plain, _ = command(ServerConfig(lora=("a.gguf", "b.gguf")))
+    assert plain[plain.index("--lora") + 1] == "a.gguf,b.gguf"
     assert ServerConfig(lora="one.gguf").lora == ("one.gguf",)  # type: ignore[arg-type]
-    for bad in [[("a.gguf", "x")], [("a.gguf", 1, 2)], 3]:
+    bad_paths = [["a,b.gguf"], [("c:d.gguf", 0.5)], ["c:d.gguf", ("e.gguf", 0.5)]]
+    for bad in [[("a.gguf", "x")], [("a.gguf", 1, 2)], 3, *bad_paths]:
         with pytest.raises(ConfigError, match="lora") as info:
             ServerConfig(lora=bad)  # type: ignore[arg-type]
         assert info.value.field == "lora"
@@ -339,6 +345,14 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
     ({"batch_size": 256, "ubatch_size": 512}, "ubatch_size", "<= batch_size"),
     ({"threads": 0}, "threads", ">= 1"),
     ({"threads": 2.5}, "threads", "int"),
+    ({"threads_batch": 0}, "threads_batch", ">= 1"),
+    ({"poll": -1}, "poll", ">= 0"),
+    ({"poll": 101}, "poll", "0 to 100"),
+    ({"cpu_affinity": (0, -1)}, "cpu_affinity", "core id"),
+    ({"cpu_affinity": "0-3"}, "cpu_affinity", "core ids"),
+    ({"cpu_affinity": (True,)}, "cpu_affinity", "int"),
+    ({"extra_args": ("-tb", "2")}, "extra_args", "ServerConfig.threads_batch"),
+    ({"extra_args": ("--poll", "0")}, "extra_args", "ServerConfig.poll"),
     ({"flash_attn": "yes"}, "flash_attn", "on, off, auto"),
     ({"cache_type_k": "q9_0"}, "cache_type_k", "q8_0"),
     ({"cache_type_v": "fp8"}, "cache_type_v", "q8_0"),
@@ -415,6 +429,9 @@ def test_valid_edge_values() -> None:
         (("g", (), (1.0,)), "tensor_split"),
         (("g", (0,), None, "diagonal"), "split_mode"),
         (("g", (), None, "layer"), "split_mode"),
+        (("g", (), None, None, (-1,)), "cores"),
+        (("g", (), None, None, (0,), 0), "threads"),
+        (("g", (), None, None, (0,), 1, -1), "poll"),
     ],
 )
 def test_invalid_plan_names_its_field(args: tuple[Any, ...], field: str) -> None:
@@ -447,6 +464,8 @@ def _emittable_argvs() -> list[list[str]]:
         batch_size=64,
         ubatch_size=32,
         threads=1,
+        threads_batch=1,
+        poll=10,
         flash_attn="auto",
         cache_type_k="q8_0",
         cache_type_v="q8_0",
@@ -463,6 +482,9 @@ def _emittable_argvs() -> list[list[str]]:
         (full, pair),
         (full.replace(split_mode=None, main_gpu=None), CPU),
         (ServerConfig(metrics=False, slots_endpoint=False, reranking=True), GPU0),
+        # The adapters' list forms: llama-server parses them before --help acts.
+        (ServerConfig(lora=("a.gguf", ("b.gguf", 0.5)), lora_init_without_apply=True), CPU),
+        (ServerConfig(lora=("a.gguf", "b.gguf")), CPU),
     ]
     return [
         server_command(config, binary="llama-server", model="m.gguf", plan=plan)[0]
@@ -478,10 +500,11 @@ def test_every_flag_exists_in_the_real_help(help_text: str) -> None:
     emitted = {token for argv in _emittable_argvs() for token in argv[1:] if token[:1] == "-"}
     expected = {
         "--model", "--host", "--port", "--n-gpu-layers", "--device", "--ctx-size", "--parallel",
-        "--batch-size", "--ubatch-size", "--threads", "--flash-attn", "--cache-type-k",
+        "--batch-size", "--ubatch-size", "--threads", "--threads-batch", "--poll",
+        "--flash-attn", "--cache-type-k",
         "--cache-type-v", "--split-mode", "--tensor-split", "--main-gpu", "--embeddings",
         "--pooling", "--reranking", "--metrics", "--slots", "--no-slots", "--props",
-        "--slot-save-path",
+        "--slot-save-path", "--lora", "--lora-scaled", "--lora-init-without-apply",
     }  # fmt: skip
     assert emitted == expected  # the variants really cover every flag
     missing = sorted(flag for flag in emitted | set(_OWNED_FLAGS) if not _in_help(flag, help_text))

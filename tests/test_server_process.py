@@ -17,7 +17,7 @@ from _procs import gone
 
 from llamatelemetry_async import AsyncLlamaClient, ServerStartError, find_llama_server
 from llamatelemetry_async.server import _process
-from llamatelemetry_async.server._process import LlamaServer, _pdeath_argv, _SpawnThread
+from llamatelemetry_async.server._process import LlamaServer, _shim_argv, _SpawnThread
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux processes")
 
@@ -75,7 +75,7 @@ _WAITER = "import sys; print('ready', flush=True); sys.stdin.read(); print('aliv
 
 def _start_waiter() -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        _pdeath_argv([sys.executable, "-c", _WAITER]),
+        _shim_argv([sys.executable, "-c", _WAITER], pdeath=True),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )

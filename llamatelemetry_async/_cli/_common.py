@@ -23,6 +23,7 @@ from .._placement import Placement
 
 if TYPE_CHECKING:
     from .._placement import KaggleSplit
+    from ..engine import ServerInfo
 
 __all__ = [
     "EXIT_FAILURE",
@@ -33,11 +34,13 @@ __all__ = [
     "add_placement_options",
     "api_key_from",
     "gpu_memory",
+    "parse_placement",
     "parse_sizes",
     "placement_from",
     "private_dir",
     "resolve",
     "run",
+    "server_line",
     "stderr",
     "stop_on_signals",
     "write_private",
@@ -94,6 +97,13 @@ def _placement(text: str) -> Placement:
     raise ConfigError(
         f"unknown placement {text!r}; use auto, cpu:N, per-gpu[:0,1] or pairs[:0+1,2+3]"
     )
+
+
+def parse_placement(text: str) -> Placement:
+    """A placement as ``--placement`` or ``--preset`` write it (``cpu:2``, ``kaggle-t4x2``)."""
+    if text.strip().partition(":")[0] in ("kaggle-t4x2", "kaggle-t4x2-pair", "single-gpu"):
+        return _preset(text)
+    return _placement(text)
 
 
 def _preset(text: str) -> Placement:
@@ -343,6 +353,23 @@ def write_private(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
         f.write(text + "\n")
+
+
+def server_line(info: ServerInfo) -> str:
+    """One server as the commands print it: where it listens, what it runs on, its threads."""
+    from ..server import core_ranges
+
+    where = "GPU " + ",".join(map(str, info.gpus)) if info.gpus else "CPU"
+    threads = (
+        "default threads"
+        if info.threads is None
+        else f"{info.threads} thread{'s' if info.threads != 1 else ''}"
+    )
+    if info.cores:
+        threads += f" on cores {core_ranges(info.cores)}"
+    return (
+        f"server {info.name}: {info.url}  (pid {info.pid}, {where}, {info.slots} slots, {threads})"
+    )
 
 
 def stderr(*parts: object) -> None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._common import EXIT_OK, add_placement_options, placement_from, resolve, run
+from ._common import EXIT_OK, add_placement_options, placement_from, resolve, run, server_line
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan
@@ -94,10 +94,7 @@ async def _engine_demo(args: argparse.Namespace, tiny: Path | None) -> None:
             gpu_sampler=True,  # without NVML it only records why, and costs nothing
         ) as engine:
             for info in engine.servers:
-                gpus = ",".join(map(str, info.gpus)) or "cpu"
-                print(
-                    f"server {info.name}: pid {info.pid} at {info.url} ({gpus}, {info.slots} slots)"
-                )
+                print(server_line(info))
             await _requests(engine, args)
             await _front_door(engine, args)
             if engine.gpu_sampler is not None:

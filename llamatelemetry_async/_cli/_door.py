@@ -17,7 +17,7 @@ import signal
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import uvicorn
@@ -30,10 +30,14 @@ from ._common import (
     private_dir,
     resolve,
     run,
+    server_line,
     stderr,
     stop_on_signals,
     write_private,
 )
+
+if TYPE_CHECKING:
+    from ..engine import AsyncEngine
 
 __all__ = ["listen", "open_door_warning", "serve_door", "serving"]
 
@@ -138,12 +142,21 @@ def open_door_warning(host: str, port: int, keys: list[str]) -> str | None:
 
 
 async def _run(args: argparse.Namespace, keys: list[str], key_source: str) -> int:
-    from ..frontdoor import FrontDoor
+    from ..engine import AsyncEngine
     from ..server import ServerConfig
-    from ._serve import engine_for, ray_model, ray_placement
+    from ._serve import engine_for, load_models_file, ray_model, ray_placement
 
     model: Path | str | None
     placement: Placement | None
+    if args.models is not None:
+        engine = AsyncEngine(
+            models=await anyio.to_thread.run_sync(load_models_file, args.models),
+            binary=args.llama_server,
+            log_dir=args.log_dir,
+            ready_timeout=args.ready_timeout,
+            max_waiting=args.max_waiting,
+        )
+        return await _serve_engine(args, engine, keys, key_source)
     if args.ray is not None:  # the nodes resolve the model, each into its own cache
         model, placement = ray_model(args.model), ray_placement(args)
     else:
@@ -161,7 +174,14 @@ async def _run(args: argparse.Namespace, keys: list[str], key_source: str) -> in
     config = ServerConfig(
         ctx_size=args.ctx_size, n_parallel=args.parallel, n_gpu_layers=args.n_gpu_layers
     )  # on free loopback ports, each with a random key of the engine's
-    engine = engine_for(args, model, placement, config)
+    return await _serve_engine(args, engine_for(args, model, placement, config), keys, key_source)
+
+
+async def _serve_engine(
+    args: argparse.Namespace, engine: AsyncEngine, keys: list[str], key_source: str
+) -> int:
+    from ..frontdoor import FrontDoor
+
     if not args.max_body > 0:
         raise UsageError(f"--max-body must be a positive number of MiB, got {args.max_body}")
     door = FrontDoor(
@@ -217,13 +237,8 @@ async def _announce(door: object) -> None:
     engine = door.engine
     if engine.model is not None:
         print(f"model: {engine.model}")
+    for name, state in engine.model_states.items():
+        print(f"model {name}: {state}")
     for info in engine.servers:
-        where = "GPU " + ",".join(map(str, info.gpus)) if info.gpus else "CPU"
-        if info.kind == "remote":
-            where = "remote"
-        elif info.kind == "ray":
-            where = f"Ray node {(info.node or '?')[:12]}, pid {info.pid}, {where}"
-        else:
-            where = f"pid {info.pid}, {where}"
-        print(f"server {info.name}: {info.url}  ({where}, {info.slots} slots)")
+        print(server_line(info))
     print(f"ready: {len(engine.servers)} server(s); Ctrl-C or SIGTERM drains and stops", flush=True)

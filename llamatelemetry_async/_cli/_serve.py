@@ -4,6 +4,8 @@ in the foreground until Ctrl-C or SIGTERM, which stop it cleanly."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import secrets
 import signal
 from pathlib import Path
@@ -11,7 +13,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
 
-from .._errors import UsageError
+from .._errors import ConfigError, UsageError
 from ._common import (
     EXIT_OK,
     add_placement_options,
@@ -20,13 +22,14 @@ from ._common import (
     private_dir,
     resolve,
     run,
+    server_line,
     stop_on_signals,
     write_private,
 )
 
 if TYPE_CHECKING:
     from .._placement import Placement
-    from ..engine import AsyncEngine, ServerInfo
+    from ..engine import AsyncEngine, EngineModel
     from ..server import ServerConfig
 
 __all__ = ["add_parser"]
@@ -69,6 +72,13 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         help="a .gguf path, owner/repo:file.gguf or a registry name (none with --remote only)",
     )
     add_placement_options(serve)
+    serve.add_argument(
+        "--models",
+        metavar="FILE",
+        help="several models behind the door, from a TOML file instead of MODEL: a "
+        "[models.NAME] table each (model, placement, ttl, preload, and a [models.NAME.server] "
+        "table of ServerConfig settings); requests choose by their model field",
+    )
     remote = serve.add_argument_group("servers the engine did not start")
     remote.add_argument(
         "--remote",
@@ -163,9 +173,24 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 def _serve(args: argparse.Namespace) -> int:
     if args.port is not None and not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be 0..65535, got {args.port}")
-    if args.ray is not None and args.model is None:
+    if args.models is not None:
+        others = [
+            flag
+            for flag, given in (
+                ("MODEL", args.model is not None),
+                ("--remote", bool(args.remote)),
+                ("--ray", args.ray is not None),
+                ("--servers-only", args.servers_only),
+            )
+            if given
+        ]
+        if others:
+            raise UsageError(
+                f"--models names every model and where it runs; leave out {', '.join(others)}"
+            )
+    elif args.ray is not None and args.model is None:
         raise UsageError("--ray needs MODEL: a path every node has, or a spec each resolves")
-    if args.model is None and not args.remote:
+    if args.model is None and not args.remote and args.models is None:
         raise UsageError("serve needs MODEL, or --remote URL for servers already running")
     if args.servers_only:
         if args.ray is not None:
@@ -235,13 +260,93 @@ async def _run(args: argparse.Namespace, key: str, key_source: str) -> int:
         ):
             print(f"model: {model}")
             for info in engine.servers:
-                print(_describe(info))
+                print(server_line(info))
             print(f"api key: {key_source}")
             print(f"ready: {len(engine.servers)} server(s); Ctrl-C or SIGTERM stops them")
             await _report_restarts(engine)
     if stopped_by:
         print("stopped: every server exited and was reaped")
     return EXIT_OK
+
+
+def load_models_file(path: str | os.PathLike[str]) -> dict[str, EngineModel]:
+    """The models of ``serve --models FILE``: a TOML file, one table per model.
+
+    ```toml
+    [models.chat]
+    model = "qwen2.5-7b-instruct-q4_k_m.gguf"   # a path, registry name or owner/repo:file
+    placement = "per-gpu:0"                      # as --placement (auto, cpu:N, per-gpu, pairs)
+    [models.chat.server]                         # ServerConfig's fields
+    ctx_size = 8192
+
+    [models.small]
+    model = "smollm2"
+    placement = "cpu:1"
+    ttl = 300                                    # stopped after 300 s without a request
+    preload = false                              # started by its first request
+    ```
+
+    A missing file, bad TOML or an unknown key raises ``ConfigError`` naming the place.
+    """
+    import tomllib
+
+    from ..engine import EngineModel
+    from ..server import ServerConfig
+
+    where = os.fspath(path)
+    try:
+        with open(where, "rb") as file:
+            document = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(
+            f"--models {where}: cannot read it: {exc.strerror}", field="models"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--models {where}: not valid TOML: {exc}", field="models") from None
+    tables = document.get("models")
+    if not isinstance(tables, dict) or not tables or set(document) - {"models"}:
+        raise ConfigError(
+            f"--models {where}: expected only [models.NAME] tables, one per model",
+            field="models",
+        )
+    models: dict[str, EngineModel] = {}
+    for name, table in tables.items():
+        place = f"--models {where}: [models.{name}]"
+        if not isinstance(table, dict) or "model" not in table:
+            raise ConfigError(f'{place}: needs model = "path or spec"', field="models")
+        unknown = set(table) - {"model", "placement", "ttl", "preload", "server"}
+        if unknown:
+            raise ConfigError(
+                f"{place}: unknown key(s) {', '.join(sorted(unknown))}; known: model, "
+                "placement, ttl, preload, server",
+                field="models",
+            )
+        server = table.get("server", {})
+        fields = {f.name for f in dataclasses.fields(ServerConfig)}
+        if not isinstance(server, dict) or set(server) - fields:
+            bad = sorted(set(server) - fields) if isinstance(server, dict) else [repr(server)]
+            raise ConfigError(
+                f"{place}.server: not ServerConfig settings: {', '.join(bad)}", field="models"
+            )
+        try:
+            models[name] = EngineModel(
+                table["model"],
+                placement=_placement_of(table.get("placement", "auto")),
+                server=ServerConfig(**server),
+                ttl=table.get("ttl"),
+                preload=table.get("preload", True),
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"{place}: {exc}", field="models") from None
+    return models
+
+
+def _placement_of(text: object) -> Placement:
+    from ._common import parse_placement
+
+    if not isinstance(text, str):
+        raise ConfigError(f"placement is a string like cpu:1 or per-gpu:0, got {text!r}")
+    return parse_placement(text)
 
 
 def engine_for(
@@ -283,11 +388,6 @@ def ray_model(spec: str) -> str:
     return str(path.resolve()) if path.is_file() else spec
 
 
-def _describe(info: ServerInfo) -> str:
-    where = "GPU " + ",".join(map(str, info.gpus)) if info.gpus else "CPU"
-    return f"server {info.name}: {info.url}  (pid {info.pid}, {where}, {info.slots} slots)"
-
-
 async def _report_restarts(engine: AsyncEngine) -> NoReturn:
     """Print each server that exits and each restart (a new pid, and a new URL with port 0)."""
     running = {info.name: info.pid for info in engine.servers}
@@ -297,7 +397,7 @@ async def _report_restarts(engine: AsyncEngine) -> NoReturn:
             was = running[info.name]
             if info.state == "ready" and info.pid != was:
                 running[info.name] = info.pid
-                print(f"{_describe(info)}: restarted")
+                print(f"{server_line(info)}: restarted")
             elif info.state != "ready" and was is not None:
                 running[info.name] = None
                 print(f"server {info.name}: exited (code {info.exit_code}); restarting")

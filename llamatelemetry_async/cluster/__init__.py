@@ -97,11 +97,14 @@ class RayServers:
             )
         bundles = self.bundles()
         group = _Group(bundles, self.strategy, self.address, self.placement_timeout)
-        plan = (
+        plan: dict[str, object] = (
             {"tensor_split": self.tensor_split, "split_mode": self.split_mode}
             if self.gpus_per_server == 2
             else {}
         )
+        # As many threads as the CPUs Ray reserves for the server (the config's win): servers
+        # that Ray packs onto one node then share its cores instead of each taking them all.
+        plan["threads"] = max(1, int(self.cpus_per_server))
         sampler = {"interval": self.sampler_interval, "nvml": self.nvml}
         # Named actors (in the "llamatelemetry" namespace): `ray list actors`, the dashboard
         # and ray.util.list_named_actors show whose they are; the token tells engines apart.
@@ -163,7 +166,8 @@ def ray_servers(
 
     ``gpus_per_server``: 1 (one server per GPU), 2 (a tensor-split pair, split by
     ``tensor_split`` and ``split_mode`` as ``Placement.pairs`` does), 0 (a CPU server).
-    ``cpus_per_server``: the CPUs Ray reserves for each. ``resources``: custom Ray resources
+    ``cpus_per_server``: the CPUs Ray reserves for each, and the threads each computes with
+    (at least 1; ``ServerConfig.threads`` wins). ``resources``: custom Ray resources
     each server needs (cycled over the servers), e.g. to pin servers to labelled nodes.
     ``strategy``: how the placement group (one bundle per server) spreads over nodes:
     ``"SPREAD"`` (over nodes when it can), ``"STRICT_SPREAD"`` (one per node, or fail),

@@ -5,7 +5,8 @@ that run elsewhere to attach (``Placement.remote``); ``plans(gpus)`` resolves th
 against the visible GPUs into ``ServerPlan`` values for ``server_command``. ``AsyncEngine``
 starts them, supervises them and routes requests across them: its servers are backends
 (``Backend``: a local process, or a remote server it only watches), and a third kind (a
-server placed on another machine by a cluster scheduler) subclasses ``Backend``.
+server placed on another machine by a cluster scheduler) subclasses ``Backend``. With
+``models={name: EngineModel(...)}`` one engine serves several models, each loaded on demand.
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ from ._backends import (
 )
 from ._energy_book import EnergyBook as EnergyBook
 from ._engine import AsyncEngine as AsyncEngine, ServerInfo as ServerInfo
+from ._models import EngineModel as EngineModel, ModelState as ModelState
 
 __all__ = [
     "AsyncEngine",
     "Backend",
     "BackendContext",
     "EnergyBook",
+    "EngineModel",
     "LocalBackend",
+    "ModelState",
     "Placement",
     "RemoteBackend",
     "RemoteServer",

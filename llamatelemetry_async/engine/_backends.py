@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import itertools
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 import anyio.abc
@@ -76,6 +77,12 @@ class ServerInfo:
     ``"ray"`` (a server in a Ray actor)."""
     node: str | None = None
     """The cluster node it runs on (Ray's node id), for servers placed on a cluster."""
+    cores: tuple[int, ...] = ()
+    """The CPU cores its process is pinned to (``()``: any core, or unknown)."""
+    threads: int | None = None
+    """The CPU threads it computes with (``--threads``; ``None``: llama-server's default)."""
+    model: str | None = None
+    """The model it serves, in an engine of several models (``None``: the engine's one)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,6 +352,8 @@ class LocalBackend(Backend):
             recent_logs=tuple(process.recent_logs(20)),
             last_error=self.last_error,
             kind=self.kind,
+            cores=process.cores,
+            threads=_threads(process.argv),
         )
 
     def recent_logs(self, n: int) -> list[str]:
@@ -470,6 +479,15 @@ class RemoteBackend(Backend):
     def recent_logs(self, n: int) -> list[str]:
         """None: the engine does not see a remote server's output."""
         return []
+
+
+def _threads(argv: Sequence[str]) -> int | None:
+    """The ``--threads`` value in a llama-server argv (the last one, as llama-server reads)."""
+    found = None
+    for flag, value in itertools.pairwise(argv):
+        if flag == "--threads":
+            found = int(value)
+    return found
 
 
 class _Problem(Exception):

@@ -33,21 +33,39 @@ from .._errors import (
     UsageError,
 )
 from .._groups import Background, single_error
-from .._placement import Placement
-from ..client import DEFAULT_TIMEOUT, AsyncLlamaClient, RequestMethods, TimeoutTypes, lora_body
+from .._placement import Placement, available_cores
+from ..client import (
+    DEFAULT_TIMEOUT,
+    AsyncLlamaClient,
+    Dispatcher,
+    RequestMethods,
+    TimeoutTypes,
+    lora_body,
+)
 from ..gpu import GPUSampler, visible_gpus
 from ..models import (
+    RAMPlan,
     VRAMPlan,
     inspect_model,
     plan,
+    plan_ram,
     probe_gpu_specs,
     resolve_model,
     with_adapters,
 )
-from ..server import LlamaServer, ServerConfig, ServerPlan, find_llama_server, server_command
+from ..server import (
+    LlamaServer,
+    ServerConfig,
+    ServerPlan,
+    describe_cores,
+    find_llama_server,
+    server_affinity,
+    server_command,
+)
 from ..telemetry import GenAIInstrumentation, MetricsScraper, Telemetry
 from ._backends import Backend, BackendContext, LocalBackend, RemoteBackend, ServerInfo
 from ._energy_book import EnergyBook
+from ._models import EngineModel, _ModelSet
 from ._router import Router
 from ._routing import RoutedDispatcher
 
@@ -88,11 +106,17 @@ class AsyncEngine(RequestMethods, anyio.AsyncContextManagerMixin):
     ``placement`` says where servers run (``"auto"``: one per GPU found, else one on the
     CPU); ``server`` configures each of them. On GPUs, the settings ``server`` leaves unset
     among ``n_gpu_layers``, ``ctx_size`` and ``n_parallel`` are chosen per server to fit the
-    GPUs' free memory (``models.plan``; ``vram_plan`` holds the plan, the log explains it);
-    ``auto_configure=False`` leaves them to llama-server. Every server gets a fresh random API key
-    through its environment. When all slots are busy, requests wait in the engine, up to
-    ``max_waiting`` of them (``EngineBusyError`` beyond). A server that dies is restarted
-    (backoff capped at ``max_restart_delay`` seconds) while requests go to the others.
+    GPUs' free memory (``models.plan``; ``vram_plan`` holds the plan, the log explains it).
+    The machine's CPU cores (its affinity mask) are divided among the servers
+    (``share_cores``): each CPU server gets its own cores, pinned, one thread per core, and
+    each GPU server the few threads it needs, unless ``server`` sets ``threads`` or
+    ``cpu_affinity``; ``servers`` and the log show the split. CPU servers are checked to
+    fit in RAM together (``models.plan_ram``: the model is mapped once, each server adds
+    its KV cache). ``auto_configure=False`` leaves all of this to llama-server. Every server
+    gets a fresh random API key through its environment. When all slots are busy, requests
+    wait in the engine, up to ``max_waiting`` of them (``EngineBusyError`` beyond). A server
+    that dies is restarted (backoff capped at ``max_restart_delay`` seconds) while requests
+    go to the others.
 
     Failure bounds, so that nothing waits forever:
 
@@ -106,6 +130,16 @@ class AsyncEngine(RequestMethods, anyio.AsyncContextManagerMixin):
       requests until it answers again; unresponsive for ``hang_timeout`` seconds, it is
       killed and restarted, which fails its requests in flight with ``ServerCrashedError``.
       ``health_interval=None`` turns the probe off; ``hang_timeout=None`` never kills.
+
+    ``models``: several models behind one engine, by name (``EngineModel``: each with its own
+    file, placement, server settings, ``ttl`` and ``preload``), instead of ``model``,
+    ``placement`` and ``server``. A request names its model (``model="chat"``, the OpenAI
+    field; ``default_model``, else the first, when it names none) and is routed to that
+    model's servers, loaded first if they are not running; an unknown name raises
+    ``ModelNotFoundError``. A model idle for its ``ttl`` is stopped. A model that does not
+    fit beside the loaded ones (the VRAM or RAM plan) unloads the least recently used idle
+    one first. ``servers`` names each server ``model/server``; ``model_states`` says which
+    models are loaded.
 
     ``strict=True`` raises ``UsageError`` for a request keyword that is neither a known
     llama.cpp/OpenAI parameter nor passed through ``extra_body=`` (by default it is sent
@@ -129,6 +163,8 @@ class AsyncEngine(RequestMethods, anyio.AsyncContextManagerMixin):
         self,
         model: str | os.PathLike[str] | None = None,
         *,
+        models: Mapping[str, EngineModel] | None = None,
+        default_model: str | None = None,
         placement: Placement | str = "auto",
         server: ServerConfig | None = None,
         binary: str | os.PathLike[str] | None = None,
@@ -168,7 +204,15 @@ class AsyncEngine(RequestMethods, anyio.AsyncContextManagerMixin):
         if not isinstance(timeout, httpx.Timeout):
             _check_seconds("timeout", timeout)
         self.placement = Placement.coerce(placement)
-        if model is None and self.placement.has_local:
+        if models is not None and (model is not None or server is not None or placement != "auto"):
+            raise ConfigError(
+                "give either models= (several models, each with its placement and server) "
+                "or model=, placement= and server=, not both",
+                field="models",
+            )
+        if models is None and default_model is not None:
+            raise ConfigError("default_model names one of models=; give models", field="models")
+        if model is None and models is None and self.placement.has_local:
             raise ConfigError(
                 "model is needed to start local servers; pass the path of a .gguf file "
                 "(or use only Placement.remote(...))",
@@ -182,6 +226,8 @@ class AsyncEngine(RequestMethods, anyio.AsyncContextManagerMixin):
         self._auto_configure = auto_configure
         self.vram_plan: VRAMPlan | None = None
         """The VRAM plan the engine configured its GPU servers with, if it planned."""
+        self.ram_plan: RAMPlan | None = None
+        """The host-memory plan of its CPU servers, if it has any and planned."""
         self._lora_scales: list[dict[str, Any]] | None = None  # last set_lora_adapters body
         self._telemetry, self.instrumentation = _instrumentation(telemetry)
         self._scraper: MetricsScraper | None = None
@@ -219,13 +265,20 @@ class AsyncEngine(RequestMethods, anyio.AsyncContextManagerMixin):
             health_interval=health_interval,
             hang_timeout=hang_timeout,
         )
-        self._dispatcher = RoutedDispatcher(
+        self._retries = retries
+        self._server_prefix = ""  # "model/" for the servers of a model of a several-model engine
+        self._scrapes = True  # False: a several-model engine's scraper reads this one's servers
+        self._routes = RoutedDispatcher(
             self._backends,
             self._ctx,
             retries=retries,
             is_open=lambda: self._open,
             energy=lambda backend: self._energy if backend.energy is None else backend.energy,
         )
+        self._models = (
+            None if models is None else _ModelSet(models, default_model, self._model_engine)
+        )
+        self._dispatcher: Dispatcher = self._routes if self._models is None else self._models
 
     @property
     def _model_name(self) -> str | None:  # type: ignore[override]  # named on spans
@@ -235,7 +288,7 @@ class AsyncEngine(RequestMethods, anyio.AsyncContextManagerMixin):
     @contextlib.asynccontextmanager
     async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
         backends = await self._prepare()
-        sampler = self._gpu_sampler_for(backends)
+        sampler = await self._gpu_sampler_for(backends)
         async with contextlib.AsyncExitStack() as stack:
             if sampler is not None:
                 await stack.enter_async_context(sampler)  # unavailable: it just says why
@@ -244,11 +297,15 @@ class AsyncEngine(RequestMethods, anyio.AsyncContextManagerMixin):
             await stack.enter_async_context(self._running(backends))
             yield self
 
-    def _gpu_sampler_for(self, backends: list[Backend]) -> GPUSampler | None:
+    async def _gpu_sampler_for(self, backends: list[Backend]) -> GPUSampler | None:
         choice = self._sampler_choice
         if isinstance(choice, GPUSampler):
             return choice
-        if choice is False or (choice is None and not any(b.gpus for b in backends)):
+        if choice is None and self._models is not None:  # its models may load on any GPU
+            on_gpus = bool(await anyio.to_thread.run_sync(visible_gpus))
+        else:
+            on_gpus = any(b.gpus for b in backends)
+        if choice is False or (choice is None and not on_gpus):
             return None
         meter_provider = self._telemetry.meter_provider if self._telemetry else None
         return GPUSampler(meter_provider=meter_provider)
@@ -259,7 +316,9 @@ class AsyncEngine(RequestMethods, anyio.AsyncContextManagerMixin):
             async with anyio.create_task_group() as tg:
                 try:
                     await self._start_all(tg, backends)
-                    if self._scraper is not None:
+                    if self._models is not None:
+                        await self._models.run(tg)
+                    if self._scraper is not None and self._scrapes:
                         tg.start_soon(self._scraper.run, self._ready_clients, self._interval)
                     self._open = True
                     yield
@@ -334,12 +393,16 @@ class AsyncEngine(RequestMethods, anyio.AsyncContextManagerMixin):
     async def _prepare(self) -> list[Backend]:
         """Everything that can fail before a process is spawned fails here."""
         backends: list[Backend] = []
+        if self._models is not None:  # each model's own engine prepares its servers
+            return backends
         if self.placement.has_local:
             model = self.model = await self._model_path()
             self.model_name = model.name
-            binary = find_llama_server(self._binary)
+            # In a worker thread: with $LLAMA_SERVER_ARCHIVE it may unpack a build first.
+            binary = await anyio.to_thread.run_sync(find_llama_server, self._binary)
             gpus = await anyio.to_thread.run_sync(visible_gpus)  # NVML init blocks ~10 ms
-            plans = self.placement.plans(gpus)
+            cores = available_cores() if self._auto_configure else None
+            plans = self.placement.plans(gpus, cores=cores)
             config = dataclasses.replace(self.config, api_key=self._api_key)
             configs = await self._configure(model, config, plans)
             if self._log_dir is not None:
@@ -348,10 +411,16 @@ class AsyncEngine(RequestMethods, anyio.AsyncContextManagerMixin):
                 argv, env = server_command(
                     server_config, binary=binary, model=model, plan=server_plan
                 )
-                name = server_plan.name
-                log_file = self._log_dir / f"{name}.log" if self._log_dir else None
+                name = self._server_prefix + server_plan.name
+                logger.info("%s: %s", name, describe_cores(server_config, server_plan))
+                log_file = self._log_dir / f"{server_plan.name}.log" if self._log_dir else None
                 process = LlamaServer(
-                    argv, env, name=name, gpus=server_plan.gpus, log_file=log_file
+                    argv,
+                    env,
+                    name=name,
+                    gpus=server_plan.gpus,
+                    cores=server_affinity(server_config, server_plan),
+                    log_file=log_file,
                 )
                 backends.append(
                     LocalBackend(
@@ -398,19 +467,40 @@ class AsyncEngine(RequestMethods, anyio.AsyncContextManagerMixin):
     ) -> list[ServerConfig]:
         """One config per server: ``config``, with what it leaves unset planned on GPUs.
 
-        CPU servers keep ``config`` as it is. GPU servers get ``n_gpu_layers``, ``ctx_size``
-        and ``n_parallel`` from ``models.plan`` when ``config`` leaves them unset (or
-        ``n_gpu_layers="auto"``) and NVML says how much memory each GPU has free. The plan
-        counts the LoRA adapters of ``config.lora`` with the layers they adapt.
+        CPU servers keep ``config`` as it is, once ``models.plan_ram`` has found that they
+        fit in memory together (``ram_plan``; ``ModelDoesNotFitError`` if not). GPU servers
+        get ``n_gpu_layers``, ``ctx_size`` and ``n_parallel`` from ``models.plan`` when
+        ``config`` leaves them unset (or ``n_gpu_layers="auto"``) and NVML says how much
+        memory each GPU has free. The plan counts the LoRA adapters of ``config.lora`` with
+        the layers they adapt.
         """
         self.vram_plan = None
+        self.ram_plan = None
+        if not self._auto_configure:
+            return [config] * len(plans)
+        if any(not server_plan.gpus for server_plan in plans):
+            info = await inspect_model(model)  # parses in a worker thread
+            planning_ram = functools.partial(
+                plan_ram,
+                info,
+                plans,
+                ctx_size=config.ctx_size,
+                n_parallel=config.n_parallel,
+                cache_type_k=config.cache_type_k,
+                cache_type_v=config.cache_type_v,
+                ubatch_size=config.ubatch_size,
+                flash_attn=config.flash_attn,
+                swa_full="--swa-full" in config.extra_args,
+            )
+            self.ram_plan = await anyio.to_thread.run_sync(planning_ram)  # reads /proc
+            logger.info("RAM plan for %s: %s", model.name, self.ram_plan.summary())
         unset = (
             config.n_gpu_layers in (None, "auto")
             or config.ctx_size is None
             or config.n_parallel is None
         )
         gpu_ids = sorted({gpu for server_plan in plans for gpu in server_plan.gpus})
-        if not (self._auto_configure and unset and gpu_ids):
+        if not (unset and gpu_ids):
             return [config] * len(plans)
         specs, why = await anyio.to_thread.run_sync(probe_gpu_specs, gpu_ids)  # NVML blocks
         missing = sorted(set(gpu_ids) - {spec.index for spec in specs})
@@ -463,7 +553,46 @@ class AsyncEngine(RequestMethods, anyio.AsyncContextManagerMixin):
     @property
     def waiting(self) -> int:
         """Requests waiting now for a free slot (at most ``max_waiting``)."""
-        return self._router.waiting
+        return self._router.waiting + sum(engine.waiting for _, engine in self._loaded())
+
+    @property
+    def model_states(self) -> dict[str, str]:
+        """Each model of a several-model engine and where it is: ``"stopped"``, ``"loading"``,
+        ``"ready"`` or ``"unloading"`` (empty for a one-model engine)."""
+        if self._models is None:
+            return {}
+        return {name: state.value for name, state in self._models.states().items()}
+
+    def _loaded(self) -> list[tuple[str, AsyncEngine]]:
+        return [] if self._models is None else self._models.loaded()
+
+    def _model_engine(self, name: str, spec: EngineModel) -> AsyncEngine:
+        """The engine of one model of this several-model engine: this one's settings, its
+        telemetry, GPU sampler and scraper shared, its servers named ``name/...``."""
+        engine = AsyncEngine(
+            spec.model,
+            placement=spec.placement,
+            server=spec.server,
+            binary=self._binary,
+            timeout=self._timeout,
+            max_waiting=self._router.max_waiting,
+            ready_timeout=self._ready_timeout,
+            restart=self._restart,
+            max_restart_delay=self._max_restart_delay,
+            log_dir=None if self._log_dir is None else self._log_dir / name,
+            telemetry=False,  # requests are observed by this engine, which names the model
+            gpu_sampler=False,
+            auto_configure=self._auto_configure,
+            max_start_failures=self._max_start_failures,
+            health_interval=self._health_interval,
+            hang_timeout=self._hang_timeout,
+            retries=self._retries,
+            strict=self._strict,
+        )
+        engine._server_prefix = f"{name}/"
+        engine.gpu_sampler, engine._energy = self.gpu_sampler, self._energy
+        engine._scraper, engine._scrapes = self._scraper, False
+        return engine
 
     @property
     def telemetry(self) -> Telemetry | None:
@@ -473,7 +602,10 @@ class AsyncEngine(RequestMethods, anyio.AsyncContextManagerMixin):
     @property
     def servers(self) -> list[ServerInfo]:
         """One snapshot per server: URL, pid, GPUs, state, load, recent log lines."""
-        return [backend.info() for backend in self._backends]
+        infos = [backend.info() for backend in self._backends]
+        for name, engine in self._loaded():
+            infos += [dataclasses.replace(info, model=name) for info in engine.servers]
+        return infos
 
     def _process(self, name: str) -> LlamaServer:
         for backend in self._backends:
@@ -482,11 +614,14 @@ class AsyncEngine(RequestMethods, anyio.AsyncContextManagerMixin):
         raise KeyError(name)
 
     def _ready_clients(self) -> list[tuple[str, AsyncLlamaClient]]:
-        return [
+        clients = [
             (b.name, b.client)
             for b in self._backends
             if b.client is not None and b.member.ready and b.member.healthy
         ]
+        for _, engine in self._loaded():
+            clients += engine._ready_clients()
+        return clients
 
     def _check_open(self) -> None:
         if not self._open:

@@ -32,6 +32,7 @@ from .._errors import (
     EngineError,
     HTTPStatusError,
     LlamaError,
+    ModelNotFoundError,
     ServerCrashedError,
     TransportError,
     UsageError,
@@ -334,6 +335,8 @@ class FrontDoor(anyio.AsyncContextManagerMixin):
             if body is None:
                 return error_response(exc.status_code, exc.message, exc.error_type or "error")
             return Response(body, exc.status_code, media_type=_JSON)
+        if isinstance(exc, ModelNotFoundError):  # a model= the engine does not serve
+            return error_response(404, str(exc), "invalid_request_error", code="model_not_found")
         if isinstance(exc, EngineBusyError):
             return error_response(
                 429, str(exc), "rate_limit_error", headers={"Retry-After": self._retry_after()}

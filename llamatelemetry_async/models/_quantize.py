@@ -130,19 +130,17 @@ def _publish(tmp: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-async def _run(
-    argv: Sequence[str], on_progress: Callable[[QuantizeProgress], object] | None
-) -> tuple[int, list[str]]:
-    """Run llama-quantize to the end; its exit status and last lines of output."""
+async def run_tool(argv: Sequence[str], on_line: Callable[[str], object]) -> tuple[int, list[str]]:
+    """Run one of llama.cpp's tools to the end, each output line to ``on_line`` (on the event
+    loop); its exit status and last lines of output."""
     tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
+    tool = Path(argv[0]).name
 
     def line(raw: bytes) -> None:
         text = raw.decode("utf-8", "replace").rstrip("\r")
         tail.append(text)
-        logger.debug("llama-quantize: %s", text)
-        if on_progress is not None and (match := _PROGRESS.match(text)):
-            done, total, tensor = match.groups()
-            on_progress(QuantizeProgress(int(done), int(total), tensor))
+        logger.debug("%s: %s", tool, text)
+        on_line(text)
 
     # Its own process group (a kill reaches all of it), tied to this process on asyncio and trio.
     process = await open_process(list(argv))
@@ -157,7 +155,7 @@ async def _run(
             line(pending)
         returncode = await process.wait()
     except BaseException:
-        # Cancelled, or on_progress raised: the output file will be thrown away, so there is
+        # Cancelled, or on_line raised: the output file will be thrown away, so there is
         # nothing to finish cleanly; kill the group and reap it before going on.
         with anyio.CancelScope(shield=True):
             with contextlib.suppress(ProcessLookupError):
@@ -222,8 +220,14 @@ async def quantize(
         *([str(threads)] if threads is not None else []),
     ]
     logger.info("quantizing %s to %s -> %s", src_path, name, dst_path)
+
+    def on_line(text: str) -> None:
+        if on_progress is not None and (match := _PROGRESS.match(text)):
+            done, total, tensor = match.groups()
+            on_progress(QuantizeProgress(int(done), int(total), tensor))
+
     try:
-        returncode, tail = await _run(argv, on_progress)
+        returncode, tail = await run_tool(argv, on_line)
         if returncode != 0:
             log_tail = "\n".join(tail)
             hint = ""

