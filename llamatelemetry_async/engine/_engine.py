@@ -535,6 +535,45 @@ class AsyncEngine(RequestMethods, anyio.AsyncContextManagerMixin):
         logger.info("VRAM plan for %s: %s", model.name, vram.summary())
         return [vram.server(p.name).apply(config) for p in plans]
 
+    @classmethod
+    async def auto(
+        cls,
+        model: str | os.PathLike[str],
+        *,
+        server: ServerConfig | None = None,
+        binary: str | os.PathLike[str] | None = None,
+        build: bool = True,
+        say: Callable[[str], None] | None = print,
+        plan_settings: Mapping[str, Any] | None = None,
+        **engine_options: Any,
+    ) -> AsyncEngine:
+        """One call for a notebook (Kaggle, Colab, local): a started engine on ``model``.
+
+        It loads the notebook's secrets, finds the GPUs, gets a llama-server for them (an
+        archive from ``$LLAMA_SERVER_ARCHIVE``, the cache, or a build for their compute
+        capability), plans the model under each placement the GPUs allow and starts the
+        first that fits (one server per GPU, else a GPU pair, else the CPU), printing what
+        it chose and why through ``say``. Stop it with ``await engine.aclose()``.
+
+        ```python
+        spec = "Qwen/Qwen2.5-7B-Instruct-GGUF:qwen2.5-7b-instruct-q4_k_m.gguf"
+        engine = await AsyncEngine.auto(spec)
+        # Kaggle (GPU T4 x2) / GPU 0: Tesla T4, 14.7 GiB / GPU 1: Tesla T4, 14.7 GiB ...
+        # placement: per_gpu: every layer on the GPU (gpu0: all 28 layers + output, ...)
+        ```
+        """
+        from ._auto import auto_engine
+
+        return await auto_engine(
+            model,
+            server=server,
+            binary=binary,
+            build=build,
+            say=say,
+            plan_settings=plan_settings,
+            **engine_options,
+        )
+
     async def start(self) -> Self:
         """Start without ``async with`` (a notebook cell): ``await engine.aclose()`` later."""
         await self._background.start("AsyncEngine(...)")
