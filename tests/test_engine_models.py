@@ -201,3 +201,23 @@ def test_bad_settings_are_config_errors(tiny_model: Path) -> None:
         with pytest.raises(ConfigError) as info:
             make()
         assert info.value.field == field
+
+
+async def test_loads_cancelled_in_a_storm_leave_no_process_and_a_usable_model(
+    tiny_model: Path, other_model: Path
+) -> None:
+    models = _models(tiny_model, other_model, preload=False)
+    async with AsyncEngine(models=models) as engine:
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        # Requests that give up while their model loads, at several points of the load.
+        for delay in (0.0, 0.01, 0.05, 0.1, 0.2):
+            with anyio.move_on_after(delay):
+                await engine.completion("Hi", model="b", n_predict=2)
+        assert engine.model_states["b"] in ("stopped", "ready")
+        # Every llama-server alive now belongs to a model the engine says is loaded.
+        alive = {p.pid for p in psutil.Process().children(recursive=True)} - before
+        loaded = {s.pid for s in engine.servers}
+        assert {p for p in alive if psutil.Process(p).name() == "llama-server"} <= loaded
+        reply = await engine.completion("Hi", model="b", **GREEDY)
+        assert reply.content
+        assert engine.model_states["b"] == "ready"
