@@ -27,7 +27,7 @@ import anyio.to_thread
 
 from .._errors import ConfigError, MergeLoraError
 from ..server import find_llama_export_lora
-from ._quantize import run_tool
+from ._quantize import run_tool_into
 
 __all__ = ["LoraAdapter", "MergeLoraError", "MergeProgress", "merge_lora"]
 
@@ -38,7 +38,6 @@ _PROGRESS: Final = re.compile(r"^(merge|copy)_tensor\s*:\s+(\S+)\s+\[")
 # Its per-tensor chatter: the error (on unbuffered stderr) lands before the buffered
 # stdout, so the log tail keeps the other lines.
 _CHATTER: Final = re.compile(r"^(file_input|merge_tensor|copy_tensor|run_merge)\s*:")
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,11 +161,6 @@ def _prepare(
     return exe, model_path, info.tensor_count, out_path, Path(name)
 
 
-def _publish(tmp: Path, dst: Path) -> None:
-    tmp.chmod(0o644)  # mkstemp made it 0600; a model file is ordinary readable data
-    os.replace(tmp, dst)  # same folder: atomic
-
-
 def _format_scale(value: float) -> str:
     return repr(float(value))  # shortest round-trip text, which std::stof reads back
 
@@ -229,21 +223,16 @@ async def merge_lora(
             done += 1
             on_progress(MergeProgress(done, total, match.group(2), match.group(1) == "merge"))
 
-    try:
-        returncode, tail = await run_tool(argv, on_line)
-        if returncode != 0:
-            log_tail = "\n".join(notes or tail)
-            raise MergeLoraError(
-                f"llama-export-lora {model_path} + "
-                f"{', '.join(os.fspath(p) for p, _ in entries)} failed "
-                f"(exit status {returncode}):\n{log_tail}",
-                model=os.fspath(model_path),
-                returncode=returncode,
-                log_tail=log_tail,
-            )
-        await anyio.to_thread.run_sync(_publish, tmp, out_path)
-    except BaseException:
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(lambda: tmp.unlink(missing_ok=True))
-        raise
+    def failed(returncode: int, tail: list[str]) -> MergeLoraError:
+        log_tail = "\n".join(notes or tail)
+        return MergeLoraError(
+            f"llama-export-lora {model_path} + "
+            f"{', '.join(os.fspath(p) for p, _ in entries)} failed "
+            f"(exit status {returncode}):\n{log_tail}",
+            model=os.fspath(model_path),
+            returncode=returncode,
+            log_tail=log_tail,
+        )
+
+    await run_tool_into(argv, on_line, tmp, out_path, failed)
     return out_path

@@ -168,6 +168,27 @@ async def run_tool(argv: Sequence[str], on_line: Callable[[str], object]) -> tup
     return returncode, list(tail)
 
 
+async def run_tool_into(
+    argv: Sequence[str],
+    on_line: Callable[[str], object],
+    tmp: Path,
+    dst: Path,
+    failed: Callable[[int, list[str]], Exception],
+) -> None:
+    """Run a tool that writes ``tmp``; on success move it to ``dst`` (atomically), else raise
+    ``failed(exit status, last lines)``. ``tmp`` is removed whatever goes wrong, even when
+    cancelled."""
+    try:
+        returncode, tail = await run_tool(argv, on_line)
+        if returncode != 0:
+            raise failed(returncode, tail)
+        await anyio.to_thread.run_sync(_publish, tmp, dst)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(lambda: tmp.unlink(missing_ok=True))
+        raise
+
+
 async def quantize(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -226,26 +247,21 @@ async def quantize(
             done, total, tensor = match.groups()
             on_progress(QuantizeProgress(int(done), int(total), tensor))
 
-    try:
-        returncode, tail = await run_tool(argv, on_line)
-        if returncode != 0:
-            log_tail = "\n".join(tail)
-            hint = ""
-            if "requantiz" in log_tail and not allow_requantize:
-                hint = " (the model is already quantized: pass allow_requantize=True)"
-            elif "importance matrix" in log_tail:
-                hint = " (this type needs an importance matrix: extra_args=['--imatrix', file])"
-            raise QuantizeError(
-                f"llama-quantize {src_path} -> {name} failed (exit status {returncode}){hint}:"
-                f"\n{log_tail}",
-                model=os.fspath(src_path),
-                returncode=returncode,
-                log_tail=log_tail,
-            )
-        await anyio.to_thread.run_sync(_publish, tmp, dst_path)
-    except BaseException:
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(lambda: tmp.unlink(missing_ok=True))
-        raise
+    def failed(returncode: int, tail: list[str]) -> QuantizeError:
+        log_tail = "\n".join(tail)
+        hint = ""
+        if "requantiz" in log_tail and not allow_requantize:
+            hint = " (the model is already quantized: pass allow_requantize=True)"
+        elif "importance matrix" in log_tail:
+            hint = " (this type needs an importance matrix: extra_args=['--imatrix', file])"
+        return QuantizeError(
+            f"llama-quantize {src_path} -> {name} failed (exit status {returncode}){hint}:"
+            f"\n{log_tail}",
+            model=os.fspath(src_path),
+            returncode=returncode,
+            log_tail=log_tail,
+        )
+
+    await run_tool_into(argv, on_line, tmp, dst_path, failed)
     logger.info("quantized %s", dst_path)
     return dst_path
