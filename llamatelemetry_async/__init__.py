@@ -97,9 +97,16 @@ if TYPE_CHECKING:
         BenchMetrics as BenchMetrics,
         BenchPrompt as BenchPrompt,
         BenchResult as BenchResult,
+        Conversation as Conversation,
+        Ramp as Ramp,
         RequestRecord as RequestRecord,
+        SweepConfig as SweepConfig,
+        SweepResult as SweepResult,
         load_prompts_jsonl as load_prompts_jsonl,
+        load_sharegpt as load_sharegpt,
+        load_sharegpt_conversations as load_sharegpt_conversations,
         run_bench as run_bench,
+        run_sweep as run_sweep,
     )
     from .client import (
         DEFAULT_TIMEOUT as DEFAULT_TIMEOUT,

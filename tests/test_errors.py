@@ -25,7 +25,7 @@ CASES: list[errors.LlamaError] = [
         architectures=("sm_90",),
         gpus=(0,),
         compute_capabilities=("7.5",),
-    ),  # fmt: skip
+    ),
     errors.ServerStartError("exited", server="ray0", exit_code=1, log_tail="bad model"),
     errors.ServerCrashedError("died", server="gpu0", exit_code=-9),
     errors.ServerUnavailableError("none", servers=("a", "b"), log_tail="x"),

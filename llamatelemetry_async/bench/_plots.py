@@ -6,6 +6,7 @@ objects on their own ``FigureCanvasAgg``, so plotting is safe from a worker thre
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,16 +19,12 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from ._result import BenchResult
+    from ._sweep import SweepResult
 
-__all__ = ["plot_result"]
+__all__ = ["plot_result", "plot_sweep"]
 
 
-def plot_result(result: BenchResult, out_dir: Path) -> list[Path]:
-    """Write ttft.png, itl.png, throughput.png (and gpu.png with GPU samples) to out_dir.
-
-    Histograms are in milliseconds (their p50, p90 and p99 marked); time axes are seconds
-    since the run started, warm-up included.
-    """
+def _matplotlib() -> tuple[Any, Any]:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -36,6 +33,115 @@ def plot_result(result: BenchResult, out_dir: Path) -> list[Path]:
             "plots need matplotlib: pip install 'llamatelemetry_async[bench]' "
             "(or pass plots=False / --no-plots)"
         ) from exc
+    return FigureCanvasAgg, Figure
+
+
+def plot_sweep(result: SweepResult, out_dir: Path) -> list[Path]:
+    """Write sweep_latency.png, sweep_throughput.png and sweep_goodput.png to out_dir.
+
+    The x axis is the load (concurrency or request rate, log scale when it spans more
+    than a factor of 4); latencies in milliseconds.
+    """
+    canvas, figure = _matplotlib()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = result.rows()
+    loads = [row["load"] for row in rows]
+    xlabel = "concurrency" if result.sweep.load == "concurrency" else "request rate (req/s)"
+    subtitle = result.sweep.base.describe()
+    log_x = bool(loads) and min(loads) > 0 and max(loads) / min(loads) > 4
+    paths: list[Path] = []
+
+    def save(fig: Figure, name: str) -> None:
+        canvas(fig)
+        fig.suptitle(subtitle, fontsize=8)
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path, dpi=110)
+        paths.append(path)
+
+    def axis(ax: Axes, ylabel: str, title: str) -> None:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        if log_x:
+            ax.set_xscale("log")
+        ax.grid(True, alpha=0.3)
+
+    fig = figure(figsize=(10, 4.5))
+    for ax, key, name in zip(
+        fig.subplots(1, 2), ("ttft_ms", "itl_ms"), ("TTFT", "ITL"), strict=True
+    ):
+        for q, style in (("p50", "-"), ("p90", "--"), ("p99", ":")):
+            values = [row[key][q] for row in rows]
+            ax.plot(
+                loads,
+                [math.nan if v is None else v for v in values],
+                style,
+                marker="o",
+                label=f"{name} {q}",
+            )
+        axis(ax, f"{name} (ms)", f"{name} percentiles against load")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+    save(fig, "sweep_latency.png")
+
+    fig = figure(figsize=(8, 4.5))
+    ax = fig.add_subplot()
+    out = [row["output_throughput"] for row in rows]
+    ax.plot(loads, [math.nan if v is None else v for v in out], marker="o", color="tab:blue")
+    axis(ax, "output tokens/s", "Throughput against load (the knee)")
+    ax.set_ylabel("output tokens/s", color="tab:blue")
+    ax.set_ylim(bottom=0)
+    twin = ax.twinx()
+    req = [row["request_throughput"] for row in rows]
+    twin.plot(
+        loads,
+        [math.nan if v is None else v for v in req],
+        marker="s",
+        color="tab:orange",
+        alpha=0.8,
+    )
+    twin.set_ylabel("requests/s", color="tab:orange")
+    twin.set_ylim(bottom=0)
+    save(fig, "sweep_throughput.png")
+
+    fig = figure(figsize=(8, 4.5))
+    ax = fig.add_subplot()
+    goodput = [row["goodput"] for row in rows]
+    if any(v is not None for v in goodput):
+        ax.plot(
+            loads,
+            [math.nan if v is None else v for v in goodput],
+            marker="o",
+            color="tab:green",
+            label="goodput",
+        )
+        ax.plot(
+            loads,
+            [math.nan if v is None else v for v in req],
+            marker=".",
+            color="grey",
+            alpha=0.6,
+            label="completed",
+        )
+        ax.legend(fontsize=8)
+    else:
+        ax.text(
+            0.5, 0.5, "no SLO given: no goodput", ha="center", va="center", transform=ax.transAxes
+        )
+    axis(ax, "requests/s", "Goodput against load (requests within the SLOs)")
+    ax.set_ylim(bottom=0)
+    save(fig, "sweep_goodput.png")
+    return paths
+
+
+def plot_result(result: BenchResult, out_dir: Path) -> list[Path]:
+    """Write ttft.png, itl.png, throughput.png (and gpu.png with GPU samples) to out_dir.
+
+    Histograms are in milliseconds (their p50, p90 and p99 marked); time axes are seconds
+    since the run started, warm-up included.
+    """
+    canvas, figure = _matplotlib()
     out_dir.mkdir(parents=True, exist_ok=True)
     records = [r for r in result.records if not r.warmup and r.ok]
     metrics = result.metrics
@@ -43,13 +149,13 @@ def plot_result(result: BenchResult, out_dir: Path) -> list[Path]:
     paths = []
 
     def save(fig: Figure, name: str) -> None:
-        FigureCanvasAgg(fig)  # attaches itself: savefig renders with Agg
+        canvas(fig)  # attaches itself: savefig renders with Agg
         fig.tight_layout()
         path = out_dir / name
         fig.savefig(path, dpi=110)
         paths.append(path)
 
-    fig = Figure(figsize=(8, 4.5))
+    fig = figure(figsize=(8, 4.5))
     _histogram(
         fig.add_subplot(),
         [t * 1000 for r in records if (t := r.ttft) is not None],
@@ -61,7 +167,7 @@ def plot_result(result: BenchResult, out_dir: Path) -> list[Path]:
     fig.suptitle(subtitle, fontsize=8)
     save(fig, "ttft.png")
 
-    fig = Figure(figsize=(8, 4.5))
+    fig = figure(figsize=(8, 4.5))
     _histogram(
         fig.add_subplot(),
         pooled_itl(records) * 1000,
@@ -74,7 +180,7 @@ def plot_result(result: BenchResult, out_dir: Path) -> list[Path]:
     save(fig, "itl.png")
 
     timeline = throughput_timeline(result.records)
-    fig = Figure(figsize=(8, 4.5))
+    fig = figure(figsize=(8, 4.5))
     ax = fig.add_subplot()
     starts = [s + timeline.bin_s / 2 for s in timeline.starts]
     ax.plot(starts, timeline.output_tokens_per_s, color="tab:blue", label="output tokens/s")
@@ -90,7 +196,7 @@ def plot_result(result: BenchResult, out_dir: Path) -> list[Path]:
     save(fig, "throughput.png")
 
     if result.gpu_samples:
-        fig = Figure(figsize=(8, 6))
+        fig = figure(figsize=(8, 6))
         util_ax, power_ax = fig.subplots(2, 1, sharex=True)
         _gpu_series(util_ax, result, "utilization_gpu", "GPU utilization (%)")
         _gpu_series(power_ax, result, "power_w", "power (W)")

@@ -30,12 +30,16 @@ class Progress(anyio.AsyncContextManagerMixin):
         count: Callable[[], int],
         *,
         interval: float = 0.2,
+        unit: str = "req",
+        position: int | None = None,
     ) -> None:
         self.enabled = enabled
         self._total = total
         self._duration = duration
         self._count = count
         self._interval = interval
+        self._unit = unit
+        self._position = position
         self._bar: Any = None
         self._description = ""
         self._shown = 0
@@ -69,7 +73,10 @@ class Progress(anyio.AsyncContextManagerMixin):
         postfix = f"up to {self._duration:g} s" if self._duration is not None else None
         return tqdm(
             total=self._total,
-            unit="req",
+            unit=self._unit,
+            position=self._position,
+            # An inner bar (a sweep's point) clears itself: the outer one stays.
+            leave=not self._position,
             file=sys.stderr,
             mininterval=0,  # this class decides how often to draw
             dynamic_ncols=True,

@@ -8,6 +8,10 @@ tokens per word measured with ``/tokenize``, so their length is approximate, and
 template adds its own tokens. Without ``/tokenize`` both are text of ``input_tokens`` words
 (about one token per word for common English words in most vocabularies). Each record
 keeps the server's own count (``prompt_tokens``).
+
+A shared prefix (``prefix_tokens``) is drawn once per run from its own seeded stream and put
+in front of every synthetic prompt; ``range_ratio`` samples each prompt's input and output
+lengths uniformly in ``[n * (1 - r), n * (1 + r)]`` (at least 1).
 """
 
 from __future__ import annotations
@@ -79,6 +83,16 @@ class PromptSource:
         self._ids = np.asarray(sorted(set(vocabulary)), dtype=np.int64) if vocabulary else None
         # Measured tokens per word of WORDS (1.0 assumed when the server cannot say).
         self.tokens_per_word = len(vocabulary) / len(WORDS) if vocabulary else 1.0
+        # The shared prefix: its own stream, so it is the same whatever the prompts draw.
+        prefix_rng = np.random.default_rng([config.seed, 2])
+        self._prefix_ids: tuple[int, ...] = ()
+        self._prefix_text = ""
+        if config.prefix_tokens:
+            if self._ids is not None:
+                ids = prefix_rng.choice(self._ids, size=config.prefix_tokens)
+                self._prefix_ids = tuple(int(i) for i in ids)
+            words = prefix_rng.integers(0, len(WORDS), size=self._words(config.prefix_tokens))
+            self._prefix_text = " ".join(WORDS[int(i)] for i in words) + " "
 
     @property
     def exact(self) -> bool:
@@ -92,23 +106,36 @@ class PromptSource:
         config = self._config
         if self._given is not None:
             return f"{len(self._given)} given prompts, used in order and cycled"
+        extra = ""
+        if config.prefix_tokens:
+            extra += f"; the same {config.prefix_tokens}-token prefix in front of each"
+        if config.range_ratio:
+            extra += f"; lengths sampled within +-{config.range_ratio:.0%}"
         if self.exact:
             return (
                 f"exact: {config.input_tokens} token ids per prompt drawn from the server's "
-                "/tokenize ids of a word list (the server may add a BOS token)"
+                f"/tokenize ids of a word list (the server may add a BOS token){extra}"
             )
         if self._ids is not None:
             return (
-                f"approximate: {self._words()} words per prompt at a measured "
-                f"{self.tokens_per_word:.2f} tokens per word (plus the chat template)"
+                f"approximate: {self._words(config.input_tokens)} words per prompt at a "
+                f"measured {self.tokens_per_word:.2f} tokens per word (plus the chat "
+                f"template){extra}"
             )
         return (
             f"approximate: {config.input_tokens} common English words per prompt "
-            "(~1 token each; the server did not answer /tokenize)"
+            f"(~1 token each; the server did not answer /tokenize){extra}"
         )
 
-    def _words(self) -> int:
-        return max(1, round(self._config.input_tokens / self.tokens_per_word))
+    def _words(self, tokens: int) -> int:
+        return max(1, round(tokens / self.tokens_per_word))
+
+    def _length(self, n: int) -> int:
+        ratio = self._config.range_ratio
+        if not ratio:
+            return n
+        low, high = max(1, round(n * (1 - ratio))), max(1, round(n * (1 + ratio)))
+        return int(self._rng.integers(low, high + 1))
 
     def next(self) -> BenchPrompt:
         """The next prompt of the run."""
@@ -117,14 +144,14 @@ class PromptSource:
         if given is not None:
             return given[index % len(given)]
         config = self._config
+        n_in = self._length(config.input_tokens)
+        n_out = self._length(config.output_tokens)
         if self.exact:
             assert self._ids is not None
-            ids = self._rng.choice(self._ids, size=config.input_tokens)
-            return BenchPrompt(tuple(int(i) for i in ids), max_tokens=config.output_tokens)
-        words = self._rng.integers(0, len(WORDS), size=self._words())
-        text = " ".join(WORDS[int(i)] for i in words)
+            ids = self._rng.choice(self._ids, size=n_in)
+            return BenchPrompt(self._prefix_ids + tuple(int(i) for i in ids), max_tokens=n_out)
+        words = self._rng.integers(0, len(WORDS), size=self._words(n_in))
+        text = self._prefix_text + " ".join(WORDS[int(i)] for i in words)
         if config.endpoint == "chat":
-            return BenchPrompt(
-                messages=({"role": "user", "content": text},), max_tokens=config.output_tokens
-            )
-        return BenchPrompt(text, max_tokens=config.output_tokens)
+            return BenchPrompt(messages=({"role": "user", "content": text},), max_tokens=n_out)
+        return BenchPrompt(text, max_tokens=n_out)

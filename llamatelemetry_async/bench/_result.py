@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import itertools
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -20,7 +21,7 @@ from ._metrics import FORMULAS, BenchMetrics, RequestRecord, Stats, compute_metr
 __all__ = ["SCHEMA", "BenchResult"]
 
 #: The ``schema`` value of a result's JSON.
-SCHEMA = "llamatelemetry_async.bench/1"
+SCHEMA = "llamatelemetry_async.bench/2"
 
 # What the numbers of the JSON are in, written into it so that the file explains itself.
 _UNITS = {
@@ -33,6 +34,11 @@ _UNITS = {
         "of duration_s (requests/s or tokens/s)"
     ),
     "gpu_samples": "t in seconds since the run started; power in W; utilization in %",
+    "server": (
+        "counters are deltas over the measured requests (tokens, seconds); gauges mean and "
+        "max over polls; prompt_cache_hit_rate a fraction"
+    ),
+    "energy": "energy_j in joules, mean_power_w in watts, j_per_output_token in J/token",
 }
 
 
@@ -44,7 +50,9 @@ class BenchResult:
     (``warmup=True``; left out of every metric). ``environment``: library, Python, OS,
     llama-server build, model, servers, GPUs, how input lengths came about.
     ``gpu_samples``: the GPU sampler's readings during the run, ``t`` in seconds since
-    the run started (empty without a sampler).
+    the run started (empty without a sampler). ``server``: what the servers counted
+    themselves over the measured requests (``/metrics`` deltas and ``/slots`` polls; empty
+    when not read). ``energy`` and ``per_server`` are computed from these.
 
     ```python
     result = await run_bench("http://127.0.0.1:8080", BenchConfig(concurrency=4))
@@ -58,6 +66,56 @@ class BenchResult:
     records: tuple[RequestRecord, ...]
     environment: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
     gpu_samples: tuple[GPUSample, ...] = ()
+    server: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
+
+    @functools.cached_property
+    def energy(self) -> dict[str, Any] | None:
+        """GPU energy over the measured requests, or ``None`` without GPU samples.
+
+        Per GPU, the energy counter's rise (``energy_j``, Volta and newer) or else power
+        integrated over time (trapezoids); ``energy_j`` is their sum,
+        ``mean_power_w`` that over the measured span, ``j_per_output_token`` that over the
+        output tokens of the completed requests.
+        """
+        start = float(self.environment.get("measured_from_s", 0.0) or 0.0)
+        samples = [s for s in self.gpu_samples if s.t >= start]
+        if not samples:
+            return None
+        per_gpu: dict[str, float] = {}
+        span = 0.0
+        for index in sorted({s.index for s in samples}):
+            mine = [s for s in samples if s.index == index]
+            span = max(span, mine[-1].t - mine[0].t)
+            counters = [s.energy_j for s in mine if s.energy_j is not None]
+            if len(counters) >= 2:
+                per_gpu[str(index)] = counters[-1] - counters[0]
+                continue
+            powered = [(s.t, s.power_w) for s in mine if s.power_w is not None]
+            per_gpu[str(index)] = sum(
+                (t1 - t0) * (p0 + p1) / 2 for (t0, p0), (t1, p1) in itertools.pairwise(powered)
+            )
+        total = sum(per_gpu.values())
+        tokens = self.metrics.output_tokens
+        return {
+            "energy_j": total,
+            "energy_j_per_gpu": per_gpu,
+            "seconds": span,
+            "mean_power_w": total / span if span > 0 else None,
+            "output_tokens": tokens,
+            "j_per_output_token": total / tokens if tokens else None,
+        }
+
+    def per_server(self) -> dict[str, BenchMetrics]:
+        """The metrics of each server's requests (an engine's run), by server name."""
+        names = sorted({r.server for r in self.records if r.server is not None})
+        return {
+            name: compute_metrics(
+                [r for r in self.records if r.server == name],
+                ttft_slo_ms=self.config.ttft_slo_ms,
+                tpot_slo_ms=self.config.tpot_slo_ms,
+            )
+            for name in names
+        }
 
     @functools.cached_property
     def metrics(self) -> BenchMetrics:
@@ -78,8 +136,8 @@ class BenchResult:
         """Everything as JSON values: the document ``write_json`` writes.
 
         Keys: ``schema`` (``SCHEMA``), ``config``, ``environment``, ``units``,
-        ``formulas``, ``metrics``, ``errors``, ``records``, ``gpu_samples``; the
-        benchmarking guide lists every field.
+        ``formulas``, ``metrics``, ``errors``, ``server``, ``energy``, ``per_server``,
+        ``records``, ``gpu_samples``; the benchmarking guide lists every field.
         """
         doc = self._head_json()
         doc["records"] = [r.to_json() for r in self.records]
@@ -95,6 +153,9 @@ class BenchResult:
             "formulas": dict(FORMULAS),
             "metrics": self.metrics.to_json(),
             "errors": self.errors,
+            "server": dict(self.server),
+            "energy": self.energy,
+            "per_server": {name: m.to_json() for name, m in self.per_server().items()},
         }
 
     def write_json(self, path: str | os.PathLike[str]) -> Path:
@@ -205,6 +266,43 @@ class BenchResult:
                 f"{label:<13}"
                 + "".join(f"{_num(v):>10}" for v in values)
                 + f"{stats.count:>10}   {formula}"
+            )
+        server_tpot = m.server_predicted_per_token_ms
+        if server_tpot.count:
+            lines.append(
+                f"llama.cpp's clock: TPOT mean {_num(m.tpot_ms.mean)} ms (client) vs "
+                f"{_num(server_tpot.mean)} ms (timings.predicted_per_token_ms); TTFT - "
+                f"prompt_ms mean {_num(m.ttft_minus_server_prompt_ms.mean)} ms, p99 "
+                f"{_num(m.ttft_minus_server_prompt_ms.p99)} (HTTP + queueing)"
+            )
+        if m.prompt_cache_hit_rate is not None:
+            lines.append(f"prompt cache hit rate (timings): {m.prompt_cache_hit_rate:.1%}")
+        side = self.server
+        if side:
+            hit = side.get("prompt_cache_hit_rate")
+            lines.append(
+                f"server side: prompt tokens sent {side.get('prompt_tokens_sent')}, "
+                f"processed {_num(side.get('prompt_tokens_processed'))}"
+                + (f" (cache hit rate {hit:.1%})" if hit is not None else "")
+                + f", requests deferred max {_num(side.get('requests_deferred_max'))}"
+            )
+            for one in side.get("servers", []):
+                if one.get("metrics_error"):
+                    lines.append(f"  {one['name']}: /metrics unavailable ({one['metrics_error']})")
+        per_server = self.per_server()
+        if len(per_server) > 1:
+            for name, pm in per_server.items():
+                lines.append(
+                    f"  server {name}: {pm.requests_completed} completed, "
+                    f"{_num(pm.output_throughput)} tok/s, TTFT p50 {_num(pm.ttft_ms.p50)} ms, "
+                    f"TPOT mean {_num(pm.tpot_ms.mean)} ms"
+                )
+        energy = self.energy
+        if energy is not None:
+            lines.append(
+                f"energy: {_num(energy['energy_j'])} J, mean power "
+                f"{_num(energy['mean_power_w'])} W, {_num(energy['j_per_output_token'])} "
+                "J per output token"
             )
         decode = m.server_predicted_per_second
         if decode.count:

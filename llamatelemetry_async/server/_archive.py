@@ -58,7 +58,6 @@ _CHUNK = 1 << 20
 _MAX_MANIFEST = 1 << 20
 
 
-
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -51,7 +51,6 @@ _CMAKE_ITEM = re.compile(r"^(\d+)([af]?)(?:-(real|virtual))?$")
 _CUOBJDUMP_ITEM = re.compile(r"\.sm_(\d+)([af]?)\.(cubin|ptx)\s*$")
 
 
-
 @dataclass(frozen=True, slots=True, order=True)
 class CUDATarget:
     """One architecture a binary carries code for: ``sm_75`` (SASS) or ``compute_75`` (PTX)."""

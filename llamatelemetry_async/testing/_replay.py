@@ -24,10 +24,11 @@ Endpoints (POST with a JSON body unless said otherwise):
   answers, then starts the pacing figures afresh.
 - ``GET /health`` and ``GET /v1/models``, as llama-server answers them; ``GET /props`` with
   ``total_slots`` (``--slots``), so an engine can route many streams to one replay server.
-- ``GET /requests``: ``{"requests": [{"method", "target", "headers": [[name, value], ...]}]}``,
-  the heads of the last 256 requests (oldest first; ``/stats`` and ``/requests`` left out),
-  each header line as it came, repeated names included, so a test can read what a client
-  sent (its ``traceparent``...). ``GET /requests?reset=1`` answers, then forgets them.
+- ``GET /requests``: ``{"requests": [{"method", "target", "headers": [[name, value], ...],
+  "body"}]}``, the heads and the first 64 KiB of the bodies of the last 256 requests
+  (oldest first; ``/stats`` and ``/requests`` left out), each header line as it came,
+  repeated names included, so a test can read what a client sent (its ``traceparent``,
+  the messages of a conversation's turns...). ``GET /requests?reset=1`` answers, then forgets them.
   :func:`recorded_requests` reads it.
 
 Body fields: ``n_predict`` (``/completion``) or ``max_tokens`` / ``max_completion_tokens``
@@ -82,6 +83,7 @@ _TOKEN_ID: Final = 123
 _MAX_HEAD: Final = 64 * 1024
 _MAX_BODY: Final = 16 * 1024 * 1024
 _RECORDED: Final = 256  # request heads kept for GET /requests
+_RECORDED_BODY: Final = 64 * 1024  # of each request's body, kept beside its head
 _FINGERPRINT: Final = "b11434"
 _TERMINATOR: Final = b"0\r\n\r\n"
 _CONTENT: Final = " tok"
@@ -487,7 +489,7 @@ class _State:
         self.connections: set[_Connection] = set()
         # The last requests' method, target and header lines, as they came (one append per
         # request: the lines are split already, and parsed only when /requests asks).
-        self.heads: collections.deque[tuple[str, str, list[str]]] = collections.deque(
+        self.heads: collections.deque[tuple[str, str, list[str], bytes]] = collections.deque(
             maxlen=_RECORDED
         )
         self.reset_pacing()
@@ -526,12 +528,13 @@ class _State:
 
     def recorded(self) -> dict[str, Any]:
         requests = []
-        for method, target, lines in self.heads:
+        for method, target, lines, body in self.heads:
             headers = []
             for line in lines:
                 name, _, value = line.partition(":")
                 headers.append([name.strip(), value.strip()])
-            requests.append({"method": method, "target": target, "headers": headers})
+            text = body.decode("utf-8", "replace")
+            requests.append({"method": method, "target": target, "headers": headers, "body": text})
         return {"requests": requests}
 
 
@@ -703,7 +706,7 @@ class _Connection(asyncio.Protocol):
                     state.heads.clear()
                 return _once(_json_response(200, body, keep_alive))
         state.requests += 1
-        state.heads.append((method, target, lines[1:]))
+        state.heads.append((method, target, lines[1:], raw[:_RECORDED_BODY]))
         if method == "GET":
             if path == "/health":
                 return _once(_json_response(200, b'{"status":"ok"}', keep_alive))
@@ -942,14 +945,22 @@ def replay_server(
 class RecordedRequest:
     """The head of one request a replay server received (see :func:`recorded_requests`)."""
 
-    __slots__ = ("headers", "method", "target")
+    __slots__ = ("body", "headers", "method", "target")
 
-    def __init__(self, method: str, target: str, headers: list[tuple[str, str]]) -> None:
+    def __init__(
+        self, method: str, target: str, headers: list[tuple[str, str]], body: str = ""
+    ) -> None:
         self.method = method
         self.target = target
         """The request target: the path, with its query if any."""
         self.headers = headers
         """Every header line as ``(name, value)``, in order, repeated names included."""
+        self.body = body
+        """The request's body as text (its first 64 KiB; undecodable bytes replaced)."""
+
+    def json(self) -> Any:
+        """The body decoded as JSON."""
+        return msgspec.json.decode(self.body)
 
     def header(self, name: str) -> list[str]:
         """Every value sent under ``name`` (any case): empty if none, two if sent twice."""
@@ -982,7 +993,7 @@ def recorded_requests(
         connection.close()
     decoded = msgspec.json.decode(data)
     return [
-        RecordedRequest(r["method"], r["target"], [(k, v) for k, v in r["headers"]])
+        RecordedRequest(r["method"], r["target"], [(k, v) for k, v in r["headers"]], r["body"])
         for r in decoded["requests"]
     ]
 
