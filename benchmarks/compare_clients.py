@@ -219,6 +219,8 @@ class Cell:
                 "exported": [r.exported for r in runs],
                 "gc_full": [r.gc_full for r in runs],
                 "gc_max_ms": [r.gc_max_ms for r in runs],
+                "gc_max_cpu_ms": [r.gc_max_cpu_ms for r in runs],
+                "gc_collections": [r.gc_collections for r in runs],
                 "reads_per_token": (
                     [r.reads / max(r.tokens, 1) for r in runs] if READS.installed else None
                 ),
@@ -415,12 +417,17 @@ def print_level(cells: list[Cell], args: argparse.Namespace) -> None:
     for c in cells:
         runs = c.runs["lag"] + c.runs["sampler"]
         if runs and (worst := max(r.gc_max_ms for r in runs)) > 5:
+            cpu = max(r.gc_max_cpu_ms for r in runs)
             full = max(r.gc_full for r in runs)
-            pauses.append(f"{c.arm.key} {worst:.0f} ms ({full} full)")
+            collections = max(r.gc_collections for r in runs)
+            pauses.append(
+                f"{c.arm.key} {worst:.0f} ms, {cpu:.0f} ms CPU ({full} full of {collections})"
+            )
     if pauses:
         notes.append(
-            "longest garbage-collection pause in a lag run (it stops the loop as long; most "
-            f"full collections in one run): {', '.join(pauses)}"
+            "longest garbage-collection pause in a lag run (it stops the loop as long; the "
+            "collector's own CPU time, less than the wall time when other processes preempt "
+            f"it; most full collections in one run, of all collections): {', '.join(pauses)}"
         )
     for note in notes:
         print(f"- {note}")

@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.util import BoundedList
 
-from llamatelemetry_async.telemetry._sdk import SDK_DEFAULT_MAX_EVENTS, span_events
+from llamatelemetry_async.telemetry._sdk import SDK_DEFAULT_MAX_EVENTS, TokenFigures, span_events
 
 
 def test_the_sdk_still_has_what_the_adapter_reads() -> None:
@@ -57,7 +57,10 @@ def test_the_limit_and_the_fast_add_of_an_sdk_span(
     events = span_events(span)
     assert events.limit == expected
     span.add_event("user's own", timestamp=1_000 + 600_000_000)  # between the two tokens
-    events.add_tokens([(0, 2, 0.5, 0.1, None, 1_000), (2, 1, 0.75, 0.25, "cat", 1_000)])
+    tokens = TokenFigures(1_000, texts=True)
+    tokens.add(0, 2, 0.5, 0.1, None)
+    tokens.add(2, 1, 0.75, 0.25, "cat")
+    events.add_tokens(tokens)
     span.end()
     [finished] = exporter.get_finished_spans()
     assert len(finished.events) == 3
@@ -105,7 +108,9 @@ def test_another_implementations_span_gets_the_public_api_and_no_limit() -> None
     span = OtherSpan()
     events = span_events(span)
     assert events.limit is None
-    events.add_tokens([(3, 1, 0.5, 0.1, None, 1_000)])
+    tokens = TokenFigures(1_000)
+    tokens.add(3, 1, 0.5, 0.1, "not kept: no content capture")
+    events.add_tokens(tokens)
     assert span.added == [
         (
             "gen_ai.token",

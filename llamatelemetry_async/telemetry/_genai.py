@@ -27,7 +27,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .._errors import ConfigError, LlamaWarning
 from .._version import __version__
-from ._sdk import span_events
+from ._sdk import TokenFigures, span_events
 
 if TYPE_CHECKING:
     from ..client import Outcome
@@ -263,6 +263,9 @@ class GenAIInstrumentation:
         )
         # Counted here and observed at collection: an SDK record costs ~10 us, twice a request.
         self.in_flight: dict[tuple[tuple[str, Any], ...], int] = {}
+        # Metric attribute sets, built once per (operation, model, server, error): a request
+        # looks its set up instead of building four dicts (the SDK copies what it records).
+        self._metric_sets: dict[tuple[Any, ...], _MetricAttributes] = {}
         meter.create_observable_up_down_counter(
             "llamatelemetry.server.requests.in_flight",
             callbacks=[self._observe_in_flight],
@@ -279,12 +282,57 @@ class GenAIInstrumentation:
         key = tuple(attributes.items())
         self.in_flight[key] = self.in_flight.get(key, 0) + delta
 
+    def metric_attributes(
+        self,
+        operation: str,
+        model: str,
+        server: tuple[tuple[str, Any], ...],
+        error_type: str | None = None,
+    ) -> _MetricAttributes:
+        """The attribute sets a request's metrics carry (shared: never change them)."""
+        key = (operation, model, server, error_type)
+        found = self._metric_sets.get(key)
+        if found is None:
+            if len(self._metric_sets) >= _MAX_METRIC_SETS:
+                self._metric_sets.clear()  # many models or error types: start afresh
+            found = self._metric_sets[key] = _MetricAttributes(*key)
+        return found
+
     def start(self, operation: str, body: Mapping[str, Any], *, stream: bool) -> _Observer:
         """Open one request's span (``operation``: "chat", "text_completion"...).
 
         The client and the engine call this per request; ``body`` is the request's JSON.
         """
         return _Observer(self, operation, body, stream)
+
+
+_MAX_METRIC_SETS = 1024
+
+
+class _MetricAttributes:
+    """One request's metric attributes: its operation, model, server and error."""
+
+    __slots__ = ("base", "input", "key", "output")
+
+    def __init__(
+        self,
+        operation: str,
+        model: str,
+        server: tuple[tuple[str, Any], ...],
+        error_type: str | None,
+    ) -> None:
+        base: dict[str, Any] = {
+            "gen_ai.operation.name": operation,
+            "gen_ai.provider.name": PROVIDER,
+            "gen_ai.request.model": model,
+            **dict(server),
+        }
+        if error_type is not None:
+            base["error.type"] = error_type
+        self.base = base
+        self.key = tuple(base.items())  # the in-flight count's key
+        self.input = {**base, "gen_ai.token.type": "input"}
+        self.output = {**base, "gen_ai.token.type": "output"}
 
 
 class _Observer:
@@ -305,12 +353,14 @@ class _Observer:
         "_last",
         "_last_chunk",
         "_model",
+        "_numbers",
         "_operation",
-        "_pending",
-        "_server_attrs",
+        "_server",
+        "_server_span_attrs",
         "_start",
         "_stream",
-        "_t0_ns",
+        "_texts",
+        "_token_figures",
         "_tokens",
         "span",
     )
@@ -346,16 +396,22 @@ class _Observer:
         self._input = _input_messages(body) if inst.content != "none" else None
         if inst.capture_content:
             attrs["gen_ai.input.messages"] = self._input
-        self._attrs = attrs
-        self._server_attrs: dict[str, Any] = {}
+        # Kept for the content event only.
+        self._attrs = attrs if inst.content_logger is not None else None
+        self._server: tuple[tuple[str, Any], ...] = ()  # address and port, once routed
+        self._server_span_attrs: dict[str, Any] | None = None  # set with the end's
         self.span = inst.tracer.start_span(
             f"{operation} {model}", kind=SpanKind.CLIENT, attributes=attrs
         )
         events = span_events(self.span)
-        self._add_tokens = events.add_tokens
-        self._pending: list[Any] = []  # token events' figures, added to the span at its end
+        self._add_tokens = events.add  # a shared function, not a closure per request
         self._budget = _budget(inst.token_events, events.limit)
-        self._t0_ns = time.time_ns()  # token events' times: this plus their time since start
+        # Token events' figures, added to the span at its end: numbers in one list, nothing
+        # per token for the garbage collector; times are the start's plus time since start.
+        figures = TokenFigures(time.time_ns(), texts=inst.capture_content)
+        self._token_figures = figures
+        self._numbers = figures.numbers
+        self._texts = figures.texts
         self._start = time.perf_counter()
         self._last = self._start
         self._chunks = 0
@@ -372,20 +428,27 @@ class _Observer:
         return trace.use_span(self.span, end_on_exit=False)
 
     def on_server(self, url: str, name: str | None, gpus: tuple[int, ...]) -> None:
+        if self._server:  # routed again (a retry elsewhere): the first one is done
+            self._count_in_flight(-1)
         parts = urlsplit(url)
         attrs: dict[str, Any] = {}
         if parts.hostname:
             attrs["server.address"] = parts.hostname
         if parts.port:
             attrs["server.port"] = parts.port
-        self._server_attrs = attrs
-        span_attrs = dict(attrs)
+        self._server = tuple(attrs.items())
         if name is not None:
-            span_attrs["llamatelemetry.server.name"] = name
+            attrs["llamatelemetry.server.name"] = name
         if gpus:
-            span_attrs["llamatelemetry.server.gpus"] = list(gpus)
-        self.span.set_attributes(span_attrs)
-        self._inst.count_in_flight(self._metric_attrs(), 1)
+            attrs["llamatelemetry.server.gpus"] = gpus  # the SDK keeps sequences as tuples
+        # Set with the end's attributes: one validation pass and lock per span, not two.
+        self._server_span_attrs = attrs
+        self._count_in_flight(1)
+
+    def _count_in_flight(self, delta: int) -> None:
+        in_flight = self._inst.in_flight
+        key = self._metric_attributes().key
+        in_flight[key] = in_flight.get(key, 0) + delta
 
     def annotate(self, attributes: Mapping[str, Any]) -> None:
         if not self._ended:
@@ -412,38 +475,43 @@ class _Observer:
         policy = self._inst.token_events
         mode = policy.mode
         # Room is kept for the last token, which is only known at the end.
+        texts = self._texts
         if self._events < budget - 1 and (
             mode == "all"
             or (mode == "first_last" and first < policy.n)
             # "every": the chunk holds a multiple of k (the first one at or after `first`).
             or (mode == "every" and -(-first // policy.k) * policy.k < first + count)
         ):
-            self._token_event(first, count, chunk, now, gap)
+            self._numbers.extend((first, count, now - self._start, gap))
+            if texts is not None:
+                texts.append(chunk.text)
+            self._events += 1
+            self._emitted += count
             self._last_chunk = None
         else:
-            self._last_chunk = (first, count, chunk, now, gap)
-
-    def _token_event(self, first: int, count: int, chunk: Any, now: float, gap: float) -> None:
-        text = chunk.text if self._inst.capture_content else None
-        self._pending.append((first, count, now - self._start, gap, text, self._t0_ns))
-        self._events += 1
-        self._emitted += count
+            # Not the chunk itself: keeping it alive would keep its objects for the collector.
+            text = chunk.text if texts is not None else None
+            self._last_chunk = (first, count, now - self._start, gap, text)
 
     def _add_token_events(self) -> None:
         """The request's token events onto its span, in one go, before it ends."""
-        if self._last_chunk is not None:
-            self._token_event(*self._last_chunk)
+        last = self._last_chunk
+        if last is not None:
+            self._token_figures.add(*last)
+            self._events += 1
+            self._emitted += last[1]
             self._last_chunk = None
-        if self._pending:
-            self._add_tokens(self._pending)
-            self._pending = []
+        if self._numbers:
+            self._add_tokens(self.span, self._token_figures)
+            self._numbers = []  # added once: a second call adds nothing
 
     def on_end(self, outcome: Outcome) -> None:
         if self._ended:
             return
         span = self.span
         self._add_token_events()
-        attrs: dict[str, Any] = {"llamatelemetry.tokens.chunks": self._chunks}
+        attrs = self._end_attributes()
+        attrs["llamatelemetry.tokens.chunks"] = self._chunks
         if outcome.finish_reason:
             attrs["gen_ai.response.finish_reasons"] = [outcome.finish_reason]
         usage = outcome.usage
@@ -485,7 +553,8 @@ class _Observer:
 
     def _details_event(self, end_attrs: Mapping[str, Any], output: str | None) -> None:
         """The request's content as an event (a log record in the span's context)."""
-        attrs = {k: v for k, v in self._attrs.items() if not k.startswith("gen_ai.input")}
+        start = self._attrs or {}  # kept whenever there is a content logger
+        attrs = {k: v for k, v in start.items() if not k.startswith("gen_ai.input")}
         attrs["gen_ai.input.messages"] = self._input
         if output is not None:
             attrs["gen_ai.output.messages"] = output
@@ -504,7 +573,7 @@ class _Observer:
             return
         span = self.span
         self._add_token_events()  # the tokens that came, before the exception's event
-        attrs: dict[str, Any] = {}
+        attrs = self._end_attributes()
         self._count_events(attrs)
         if exc is None or isinstance(exc, anyio.get_cancelled_exc_class()):
             attrs["llamatelemetry.closed_early"] = True  # the caller stopped it: not an error
@@ -520,37 +589,33 @@ class _Observer:
             self._finish(attrs["error.type"], None, None)
         span.end()
 
+    def _end_attributes(self) -> dict[str, Any]:
+        """A dict for the span's last attributes, starting with the server's."""
+        server = self._server_span_attrs
+        return dict(server) if server else {}
+
     def _count_events(self, attrs: dict[str, Any]) -> None:
         attrs["llamatelemetry.token_events.policy"] = self._inst.token_events.mode
         attrs["llamatelemetry.token_events.events"] = self._events
         attrs["llamatelemetry.token_events.emitted"] = self._emitted
         attrs["llamatelemetry.token_events.dropped"] = self._tokens - self._emitted
 
-    def _metric_attrs(self, error_type: str | None = None) -> dict[str, Any]:
-        attrs = {
-            "gen_ai.operation.name": self._operation,
-            "gen_ai.provider.name": PROVIDER,
-            "gen_ai.request.model": self._model,
-            **self._server_attrs,
-        }
-        if error_type is not None:
-            attrs["error.type"] = error_type
-        return attrs
+    def _metric_attributes(self, error_type: str | None = None) -> _MetricAttributes:
+        return self._inst.metric_attributes(self._operation, self._model, self._server, error_type)
 
     def _finish(self, error_type: str | None, usage: Any, timings: Any) -> None:
         self._ended = True
         inst = self._inst
         now = time.perf_counter()
-        attrs = self._metric_attrs(error_type)
-        if self._server_attrs:
-            inst.count_in_flight(self._metric_attrs(), -1)
+        sets = self._metric_attributes(error_type)
+        attrs = sets.base
+        if self._server:
+            self._count_in_flight(-1)
         inst.duration.record(now - self._start, attrs)
         if usage is not None:
-            inst.token_usage.record(usage.prompt_tokens, {**attrs, "gen_ai.token.type": "input"})
+            inst.token_usage.record(usage.prompt_tokens, sets.input)
             if self._operation not in _NO_OUTPUT:
-                inst.token_usage.record(
-                    usage.completion_tokens, {**attrs, "gen_ai.token.type": "output"}
-                )
+                inst.token_usage.record(usage.completion_tokens, sets.output)
         if self._stream and self._chunks and error_type is None:
             inst.first_chunk.record(self._first, attrs)
             if self._gaps:
