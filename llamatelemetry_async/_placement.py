@@ -21,9 +21,11 @@ that servers on one machine do not spin threads against each other.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Final, Literal, Protocol, TypeAlias
 
 from ._errors import ConfigError
@@ -307,10 +309,66 @@ runs the few operations left to it. Partial offload runs layers on the CPU: set
 
 def available_cores() -> list[int]:
     """The CPU cores this process may run on: its affinity mask (containers and CI runners
-    limit it), else every core."""
+    limit it), else every core; under a cgroup CPU quota (``docker --cpus=2``: every core
+    in the mask, two cores' worth of time), only as many of them as the quota pays for."""
     if hasattr(os, "sched_getaffinity"):
-        return sorted(os.sched_getaffinity(0))
-    return list(range(os.cpu_count() or 1))
+        cores = sorted(os.sched_getaffinity(0))
+    else:
+        cores = list(range(os.cpu_count() or 1))
+    quota = _cpu_quota()
+    # Threads beyond the quota are throttled mid-step, and llama.cpp's threads wait for
+    # each other: one thread per core the quota pays for is faster than one per core seen.
+    return cores if quota is None else cores[: max(1, quota)]
+
+
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+_PROC_CGROUP = Path("/proc/self/cgroup")
+
+
+def _cpu_quota() -> int | None:
+    """Cores' worth of CPU time this process's cgroup (or one above it) allows, rounded
+    up; ``None`` without a quota or off Linux."""
+    v2_path, v1_path = "", ""
+    try:
+        for line in _PROC_CGROUP.read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":
+                v2_path = path.strip("/")
+            elif "cpu" in controllers.split(","):
+                v1_path = path.strip("/")
+    except (OSError, ValueError):
+        pass
+    found: list[float] = []
+    for mount, path, read in (
+        (_CGROUP_ROOT, v2_path, _v2_quota),
+        (_CGROUP_ROOT / "cpu", v1_path, _v1_quota),
+    ):
+        own = mount / path if path and (mount / path).is_dir() else mount
+        while True:
+            quota = read(own)
+            if quota is not None:
+                found.append(quota)
+            if own == mount or own == own.parent:
+                break
+            own = own.parent
+    return math.ceil(min(found) - 1e-9) if found else None
+
+
+def _v2_quota(cgroup: Path) -> float | None:
+    try:
+        limit, period = (cgroup / "cpu.max").read_text().split()[:2]
+        return None if limit == "max" else int(limit) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def _v1_quota(cgroup: Path) -> float | None:
+    try:
+        limit = int((cgroup / "cpu.cfs_quota_us").read_text())
+        period = int((cgroup / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if limit <= 0 or period <= 0 else limit / period
 
 
 def share_cores(plans: Sequence[ServerPlan], cores: Sequence[int]) -> list[ServerPlan]:

@@ -19,6 +19,7 @@ import anyio
 import pytest
 
 from llamatelemetry_async._errors import LlamaServerError, LlamaWarning
+from llamatelemetry_async.gpu import read_gpu_inventory
 from llamatelemetry_async.server import (
     CUDAArchitectureError,
     CUDATarget,
@@ -30,7 +31,7 @@ from llamatelemetry_async.server import (
     find_llama_server,
     parse_cuda_architectures,
 )
-from llamatelemetry_async.testing._fake_nvml import FakeGPU, FakeNVML
+from llamatelemetry_async.testing._fake_nvml import FakeGPU, FakeNVML, NVMLError_GpuIsLost
 
 T4 = ("Tesla T4", (7, 5))
 H100 = ("NVIDIA H100 80GB HBM3", (9, 0))
@@ -341,3 +342,19 @@ def test_llama_export_lora_is_built_only_with_the_cpu_backend_linked_in() -> Non
         assert tools == ("llama-server", "llama-quantize"), extra
     on_then_off = ["-DGGML_BACKEND_DL=ON", "-DGGML_BACKEND_DL=OFF"]  # the last one wins
     assert building.built_tools(on_then_off) == building.BUILT_TOOLS
+
+
+def test_a_gpu_nvml_cannot_name_is_left_out_of_the_inventory() -> None:
+    # "NVML half works": one GPU lost (or forbidden) must not take the others with it.
+    class HalfLost(NVML):
+        def nvmlDeviceGetName(self, h: FakeGPU) -> str:
+            if h.lost:
+                raise NVMLError_GpuIsLost("GPU is lost")
+            return h.name
+
+    nvml = HalfLost(T4, H100)
+    nvml.gpus[0].lost = True
+    inventory = read_gpu_inventory(nvml=nvml)
+    assert inventory is not None
+    assert inventory.names == ("NVIDIA H100 80GB HBM3",)
+    assert inventory.compute_capabilities == ("9.0",)

@@ -132,8 +132,14 @@ async def auto_engine(
     tell(f"placement: {why}")
     engine = AsyncEngine(path, placement=placement, server=server, binary=found, **engine_options)
     await engine.start()
-    for info_line in engine.servers:
-        tell(f"server {info_line.name}: {info_line.url} ({info_line.state})")
+    try:
+        for info_line in engine.servers:
+            tell(f"server {info_line.name}: {info_line.url} ({info_line.state})")
+    except BaseException:
+        # The caller never gets the engine (``say`` failed, or a cancel): stop its servers.
+        with anyio.CancelScope(shield=True):
+            await engine.aclose()
+        raise
     return engine
 
 

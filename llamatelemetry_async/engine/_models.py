@@ -13,11 +13,17 @@ do not fit beside the loaded ones (``ModelDoesNotFitError`` from the VRAM or RAM
 from what NVML and the kernel report free) unloads the least recently used idle model and
 tries again; with none left to unload, the planner's error, and its suggestions, reach the
 request.
+
+Timing the code relies on: a model chosen for eviction leaves ``READY`` at once (no request
+takes it between the choice and its unload); requests that waited for a load that failed
+get that load's error (one try, not one per request); closing the engine cancels the load
+in progress and answers its waiting requests with ``EngineError``.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 import math
 import os
 import time
@@ -30,7 +36,7 @@ import anyio
 import anyio.abc
 import msgspec
 
-from .._errors import ConfigError, ModelDoesNotFitError, ModelNotFoundError
+from .._errors import ConfigError, EngineError, ModelDoesNotFitError, ModelNotFoundError
 from .._placement import Placement
 from ..client import Dispatcher, Reply, Request, RequestObserver, Source, TokenStream
 from ..server import ServerConfig
@@ -39,6 +45,8 @@ if TYPE_CHECKING:
     from ._engine import AsyncEngine
 
 __all__ = ["EngineModel", "ModelState"]
+
+logger = logging.getLogger("llamatelemetry_async.engine")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +57,8 @@ class EngineModel:
     ``server`` are those of a one-model ``AsyncEngine``. ``ttl``: seconds without a request
     after which the model's servers are stopped (``None``: kept while the engine runs); it
     loads again on its next request. ``preload``: start it with the engine (else on its first
-    request).
+    request); models are preloaded in order, and one that does not fit beside those before
+    it is left to its first request (logged) instead of unloading them.
 
     ```python
     models = {
@@ -108,6 +117,8 @@ class _Model:
         self.in_flight = 0
         self.last_used = 0.0
         self.loads = 0
+        self.tries_over = 0  # loads tried that ended: a waiting request sees one end
+        self.load_error: Exception | None = None  # how the last try failed, if it did
         self.evict = anyio.Event()  # set: unload now (it is idle; another model needs room)
         self.stopped = anyio.Event()  # set when an unload finished
         self.stopped.set()
@@ -150,18 +161,39 @@ class _ModelSet(Dispatcher):
         self._make = make
         self._tg: anyio.abc.TaskGroup | None = None
         self._load_lock = anyio.Lock()  # one load (and its evictions) at a time
+        self._loading: anyio.CancelScope | None = None  # the load in progress
+        self._closed = False
 
     # ----------------------------------------------------------------- lifecycle
     async def run(self, tg: anyio.abc.TaskGroup) -> None:
         """Take ``tg`` for the inner engines; load the models to preload, in order."""
         self._tg = tg
+        self._closed = False
         for model in self.models.values():
             if model.spec.preload:
                 async with self._load_lock:
-                    await self._load(model)
+                    try:
+                        # Never by unloading another preloaded model: that load was wasted.
+                        await self._load(model, evict=False)
+                    except ModelDoesNotFitError as exc:
+                        if not self.loaded():
+                            raise  # it fits nowhere: the start fails
+                        logger.info(
+                            "model %s not preloaded, it does not fit beside %s; it loads on "
+                            "its first request: %s",
+                            model.name,
+                            ", ".join(name for name, _ in self.loaded()),
+                            exc,
+                        )
 
     async def aclose(self) -> None:
-        """Close every loaded model's connections (its servers stop with the task group)."""
+        """Close every loaded model's connections (its servers stop with the task group);
+        a load in progress stops, and requests waiting for one get ``EngineError``."""
+        self._closed = True
+        if self._loading is not None:
+            # Until started, a load runs in its request's cancel scope, not the task
+            # group's: cancelling the group would not stop it.
+            self._loading.cancel()
         for model in self.models.values():
             if model.engine is not None:
                 await model.engine._dispatcher.aclose()
@@ -201,15 +233,36 @@ class _ModelSet(Dispatcher):
             if not model.in_flight and time.monotonic() - model.last_used >= ttl:
                 return
 
-    async def _load(self, model: _Model) -> None:
-        """Start ``model``'s engine (the load lock held), unloading idle models for room."""
-        assert self._tg is not None, "the engine is not running"
+    def _check_running(self) -> None:
+        if self._tg is None:
+            raise EngineError("the engine is not running: use `async with AsyncEngine(...)`")
+        if self._closed:
+            raise EngineError("the engine is closed")
+
+    async def _load(self, model: _Model, *, evict: bool = True) -> None:
+        """Start ``model``'s engine (the load lock held), unloading idle models for room
+        (``evict``). Its error, if it fails, is kept for the requests that waited for it."""
+        self._check_running()
+        model.load_error = None
+        try:
+            with anyio.CancelScope() as self._loading:
+                await self._load_evicting(model, evict)
+        except Exception as exc:
+            model.load_error = exc
+            raise
+        finally:
+            self._loading = None
+            model.tries_over += 1
+        self._check_running()  # closed while it loaded: the load was cancelled
+
+    async def _load_evicting(self, model: _Model, evict: bool) -> None:
+        assert self._tg is not None
         await model.stopped.wait()  # an unload in progress finishes first
         while True:
             try:
                 await self._tg.start(self._serve, model)
             except ModelDoesNotFitError as exc:
-                victim = self._least_recently_used(model)
+                victim = self._least_recently_used(model) if evict else None
                 if victim is None:
                     loaded = [m.name for m in self.models.values() if m.engine is not None]
                     if loaded:
@@ -217,6 +270,9 @@ class _ModelSet(Dispatcher):
                             f"loaded now, each with requests in flight: {', '.join(loaded)}"
                         )
                     raise
+                # Not READY from now: a request arriving before the victim's own task
+                # runs must wait for a load, not take servers that are about to stop.
+                victim.state = ModelState.UNLOADING
                 victim.evict.set()
                 await victim.stopped.wait()
             else:
@@ -250,9 +306,17 @@ class _ModelSet(Dispatcher):
     async def acquire(self, model: _Model) -> AsyncEngine:
         """``model``'s running engine, loaded first if need be; counted as in use."""
         while (engine := model.ready_engine()) is None:
+            self._check_running()
+            tries_over = model.tries_over
             async with self._load_lock:
-                if model.ready_engine() is None:  # nobody loaded it while this one waited
-                    await self._load(model)
+                if model.ready_engine() is not None:  # loaded while this one waited
+                    continue
+                if model.tries_over != tries_over and model.load_error is not None:
+                    # The load this request waited for failed: its error, not a try per
+                    # waiting request (each could take ready_timeout). The same object, as
+                    # a future gives each awaiter.
+                    raise model.load_error
+                await self._load(model)
         model.in_flight += 1  # no await since the check: an idle unload cannot start now
         model.last_used = time.monotonic()
         return engine

@@ -210,8 +210,11 @@ def read_gpu_inventory(*, nvml: Any = None) -> GPUInventory | None:
         names: list[str] = []
         capabilities: list[str] = []
         for index in range(int(nvml.nvmlDeviceGetCount())):
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            names.append(_text(nvml.nvmlDeviceGetName(handle)))
+            try:
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                names.append(_text(nvml.nvmlDeviceGetName(handle)))
+            except nvml.NVMLError:  # a lost or forbidden GPU: left out, as its figures are
+                continue
             with contextlib.suppress(nvml.NVMLError):
                 major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
                 capabilities.append(f"{major}.{minor}")

@@ -11,8 +11,9 @@ runs on the CPU, with the same arithmetic as the VRAM planner (``models.plan``):
   compute buffer (``compute_buffer_bytes``, the same estimate as on a GPU) and
   ``SERVER_OVERHEAD_BYTES`` for the process itself.
 
-What is available is the kernel's ``MemAvailable``, lowered to the cgroup's memory limit
-when the process runs in a container that sets one (``read_available_ram``).
+What is available is the kernel's ``MemAvailable``, lowered to the room under the cgroup's
+memory limit when the process runs in a container that sets one (``read_available_ram``;
+page cache that no process maps counts as room there, as it does in ``MemAvailable``).
 
 ```python
 info = await inspect_model("model.gguf")
@@ -130,22 +131,84 @@ def read_available_ram() -> int | None:
     return min(found) if found else None
 
 
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+_PROC_CGROUP = Path("/proc/self/cgroup")
+
+# memory.stat keys, cgroup v2 then v1 (hierarchical): file pages on the LRU lists, and those
+# mapped by some process.
+_FILE_KEYS: Final = (
+    (("active_file", "inactive_file"), "file_mapped"),
+    (("total_active_file", "total_inactive_file"), "total_mapped_file"),
+)
+
+
 def _cgroup_room() -> int | None:
-    # cgroup v2 (/sys/fs/cgroup/memory.max) or v1 (memory/memory.limit_in_bytes); "max" or
-    # a huge v1 value means no limit.
-    root = Path("/sys/fs/cgroup")
-    for limit_file, usage_file in (
-        (root / "memory.max", root / "memory.current"),
-        (root / "memory" / "memory.limit_in_bytes", root / "memory" / "memory.usage_in_bytes"),
-    ):
-        try:
-            limit_text = limit_file.read_text().strip()
-            if limit_text == "max" or int(limit_text) >= 2**60:
-                return None
-            return max(0, int(limit_text) - int(usage_file.read_text().strip()))
-        except (OSError, ValueError):
-            continue
+    # cgroup v2 (memory.max) or v1 (memory/memory.limit_in_bytes); "max" or a huge v1 value
+    # means no limit. The charge (memory.current) includes the page cache: a GGUF file just
+    # downloaded, or mapped by a model's servers that have exited, stays charged until the
+    # kernel reclaims it under pressure. That part, file pages no process maps, is room (as
+    # MemAvailable counts it); pages mapped now (running servers' weights) are not.
+    # The process's own cgroup and each one above it limit it: the least room wins.
+    root = _CGROUP_ROOT
+    rooms: list[int] = []
+    for v2, (lru_keys, mapped_key) in zip((True, False), _FILE_KEYS, strict=True):
+        limit_name, usage_name = (
+            ("memory.max", "memory.current")
+            if v2
+            else ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        )
+        for base in _own_cgroup_dirs(root if v2 else root / "memory", v2):
+            try:
+                limit_text = (base / limit_name).read_text().strip()
+                if limit_text == "max" or int(limit_text) >= 2**60:
+                    continue
+                limit, used = int(limit_text), int((base / usage_name).read_text().strip())
+            except (OSError, ValueError):
+                continue
+            stat = _memory_stat(base / "memory.stat")
+            unmapped = sum(stat.get(key, 0) for key in lru_keys) - stat.get(mapped_key, 0)
+            rooms.append(max(0, limit - (used - max(0, unmapped))))
+        if rooms:
+            return min(rooms)
     return None
+
+
+def _own_cgroup_dirs(mount: Path, v2: bool) -> list[Path]:
+    """This process's memory cgroup under ``mount`` and every one above it, up to ``mount``.
+
+    Where the cgroup's path (``/proc/self/cgroup``) is not under the mount (a container
+    that mounts its own cgroup as the root), the mount alone.
+    """
+    path = ""
+    try:
+        for line in _PROC_CGROUP.read_text().splitlines():
+            _, controllers, cgroup_path = line.split(":", 2)
+            if (v2 and controllers == "") or (not v2 and "memory" in controllers.split(",")):
+                path = cgroup_path.strip("/")
+                break
+    except (OSError, ValueError):
+        pass
+    own = mount / path if path else mount
+    if not own.is_dir():
+        return [mount]
+    dirs = [own]
+    while dirs[-1] != mount:
+        dirs.append(dirs[-1].parent)
+    return dirs
+
+
+def _memory_stat(path: Path) -> dict[str, int]:
+    """``key value`` lines of a cgroup's memory.stat; empty where it cannot be read."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return {}
+    stat: dict[str, int] = {}
+    for line in lines:
+        key, _, value = line.partition(" ")
+        if value.strip().isdigit():
+            stat[key] = int(value)
+    return stat
 
 
 def plan_ram(
