@@ -61,7 +61,7 @@ async def _arm(
         gpu_sampler=False,
     ) as engine:
         split = "; ".join(
-            f"{s.name}: {s.threads or 'default'} threads on "
+            f"{s.name}: {s.threads or 'default'} thread{'' if s.threads == 1 else 's'} on "
             f"{','.join(map(str, s.cores)) or 'any core'}"
             for s in engine.servers
         )
