@@ -133,3 +133,20 @@ def test_front_door_quick(tmp_path: Path) -> None:
     assert arms["direct"]["proxy_cpu_s"] is None
     assert {row["target"].split(" ")[0] for row in report["targets"]} == {"door"}
     assert "| arm | wall / ideal |" in stdout
+
+
+@pytest.mark.timeout(180)
+def test_cpu_share_quick(tiny_model: Path) -> None:
+    argv = [sys.executable, str(BENCHMARKS / "cpu_share.py"), "--rounds", "1",
+            "--concurrency", "4", "--tokens", "8", "--model", str(tiny_model)]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=170, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    out = done.stdout
+    # Each arm ran, and the "after" arms ran as split: one server per share of the cores.
+    for arm in ("before cpu(1)", "before cpu(2)", "after cpu(1)", "after cpu(2)"):
+        assert f"| {arm} |" in out
+    row = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert "cpu0: default threads on any core" in row["before cpu(2)"]
+    assert "cpu1:" in row["after cpu(2)"]
+    assert "any core" not in row["after cpu(2)"]  # both servers pinned to their own cores
+    assert "two servers / one, after:" in out
