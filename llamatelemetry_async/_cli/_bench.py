@@ -193,7 +193,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ramp-min-goodput",
         type=float,
         metavar="FRACTION",
-        help="ramp bound: goodput requests / completed (needs --ttft-slo or --tpot-slo)",
+        help="ramp bound: goodput requests / measured, failed ones included (needs "
+        "--ttft-slo or --tpot-slo)",
     )
     sweep.add_argument(
         "--sweep-warmup",

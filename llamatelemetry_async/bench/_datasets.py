@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +52,13 @@ def load_sharegpt(
     Blocking (reads the file): from async code use ``anyio.to_thread.run_sync``.
     """
     prompts = []
-    for conversation in load_sharegpt_conversations(path, limit=None):
+    # One prompt per conversation: the limit passes through, and reading stops there.
+    for conversation in load_sharegpt_conversations(path, limit=limit):
         messages: list[dict[str, str]] = []
         if conversation.system is not None:
             messages.append({"role": "system", "content": conversation.system})
         messages.append({"role": "user", "content": conversation.turns[0]})
         prompts.append(BenchPrompt(messages=tuple(messages)))
-        if limit is not None and len(prompts) >= limit:
-            break
     return tuple(prompts)
 
 
@@ -80,22 +80,14 @@ def parse_sharegpt(
     data: bytes | str, path: str | os.PathLike[str] = "<sharegpt>", *, limit: int | None = None
 ) -> tuple[Conversation, ...]:
     """``load_sharegpt_conversations`` on a document already in memory."""
-    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    # utf-8-sig: a byte-order mark (editors on Windows write one) is not JSON.
+    text = data.decode("utf-8-sig", "replace") if isinstance(data, bytes) else data
+    text = text.removeprefix("\ufeff")
     stripped = text.lstrip()
     if not stripped:
         raise _bad(path, None, "the file is empty")
-    items: list[tuple[int, Any]]
-    if stripped.startswith("["):
-        items = _array_items(text, path)
-    else:  # JSONL: one conversation per line
-        items = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                items.append((number, msgspec.json.decode(line)))
-            except msgspec.DecodeError as exc:
-                raise _bad(path, number, f"not valid JSON ({exc})") from exc
+    # Entries are decoded one at a time, so that ``limit`` stops reading a big file early.
+    items = _array_items(text, path) if stripped.startswith("[") else _jsonl_items(text, path)
     conversations = []
     for number, item in items:
         conversation = _conversation(item, path, number)
@@ -108,12 +100,38 @@ def parse_sharegpt(
     return tuple(conversations)
 
 
-def _array_items(text: str, path: str | os.PathLike[str]) -> list[tuple[int, Any]]:
+def _jsonl_items(text: str, path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
+    # split("\n"), not splitlines(): that also breaks at U+2028, U+0085 and others, which
+    # JSON allows unescaped inside strings (text pasted from web pages has them).
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = msgspec.json.decode(line)
+        except msgspec.DecodeError as exc:
+            # msgspec refuses escaped lone surrogates ("\ud83d"), which json reads (and the
+            # array form accepts): one rule for both forms, the text repaired in _text.
+            try:
+                value = json.loads(line)
+            except ValueError:
+                raise _bad(path, number, f"not valid JSON ({exc})") from exc
+        yield number, value
+
+
+def _array_items(text: str, path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
     """The array's items with the line each starts on (the stdlib decoder gives offsets)."""
     decoder = json.JSONDecoder()
-    items: list[tuple[int, Any]] = []
     pos = text.index("[") + 1
     end = len(text)
+    # Lines are counted from the last item on, not from the start of the text each time:
+    # ShareGPT's 640 MB file has 94,000 entries.
+    counted, lines = 0, 1
+
+    def line_at(at: int) -> int:
+        nonlocal counted, lines
+        lines += text.count("\n", counted, at)
+        counted = at
+        return lines
 
     def skip(at: int) -> int:
         while at < end and text[at] in " \t\r\n":
@@ -122,25 +140,23 @@ def _array_items(text: str, path: str | os.PathLike[str]) -> list[tuple[int, Any
 
     pos = skip(pos)
     if pos < end and text[pos] == "]":
-        return items
+        return
     while True:
-        line = text.count("\n", 0, pos) + 1
+        line = line_at(pos)
         try:
             value, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
             raise _bad(path, exc.lineno, f"not valid JSON ({exc.msg})") from exc
-        items.append((line, value))
+        yield line, value
         pos = skip(pos)
         if pos < end and text[pos] == ",":
             pos = skip(pos + 1)
             continue
         if pos < end and text[pos] == "]":
             if skip(pos + 1) != end:
-                line = text.count("\n", 0, pos) + 1
-                raise _bad(path, line, "text after the closing ']'")
-            return items
-        line = text.count("\n", 0, pos) + 1
-        raise _bad(path, line, "expected ',' or ']' between conversations")
+                raise _bad(path, line_at(pos), "text after the closing ']'")
+            return
+        raise _bad(path, line_at(pos), "expected ',' or ']' between conversations")
 
 
 def _conversation(item: Any, path: str | os.PathLike[str], number: int) -> Conversation | None:
@@ -161,7 +177,12 @@ def _conversation(item: Any, path: str | os.PathLike[str], number: int) -> Conve
         if not isinstance(role, str) or not isinstance(value, str):
             raise _bad(path, number, f"turn {k} needs a 'from' and a 'value' (strings)")
         role = role.lower()
-        if role == "system" and not users and system is None:
+        value = _text(value)
+        if role == "system":
+            if users or system is not None:
+                raise _bad(
+                    path, number, f"turn {k} is a system message after the conversation began"
+                )
             system = value
         elif role in _USER:
             users.append(value)
@@ -170,3 +191,14 @@ def _conversation(item: Any, path: str | os.PathLike[str], number: int) -> Conve
     if not users:
         return None  # as vLLM: a conversation without a user turn is skipped
     return Conversation(tuple(users), system=system)
+
+
+def _text(value: str) -> str:
+    # JSON may escape a lone UTF-16 surrogate ("\ud83d", half an emoji cut off by a
+    # scraper); such a str cannot be encoded as UTF-8, so a request carrying it would fail
+    # to send. Each becomes U+FFFD, as an invalid byte does when the file is decoded.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in value)
+    return value

@@ -289,6 +289,8 @@ class BenchResult:
             for one in side.get("servers", []):
                 if one.get("metrics_error"):
                     lines.append(f"  {one['name']}: /metrics unavailable ({one['metrics_error']})")
+                elif one.get("counters_unknown"):
+                    lines.append(f"  {one['name']}: counts unknown ({one['counters_unknown']})")
         per_server = self.per_server()
         if len(per_server) > 1:
             for name, pm in per_server.items():

@@ -10,7 +10,7 @@ import math
 import platform
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -560,16 +560,27 @@ class _EngineReads:
             now = anyio.current_time()
             cached = self._cache.get(what)
             if cached is None or now - cached[0] > 0.05:
-                if what == "metrics":
-                    values: dict[str, Any] = await self._engine.each_server(lambda c: c.metrics())
-                else:
-                    values = await self._engine.each_server(lambda c: c.slots())
+                values = await self._engine.each_server(
+                    lambda c: _read_or_error(c.metrics() if what == "metrics" else c.slots())
+                )
                 cached = self._cache[what] = (anyio.current_time(), values)
             if name not in cached[1]:
                 raise APIError(f"server {name} is not ready")
-            return cached[1][name]
+            value = cached[1][name]
+            if isinstance(value, LlamaError):
+                raise value
+            return value
 
         return read
+
+
+async def _read_or_error(read: Awaitable[Any]) -> Any:
+    # Each server's failure is its own: each_server raises the first failure, which would
+    # make every server's reading fail with one server's 404 or restart.
+    try:
+        return await read
+    except LlamaError as exc:
+        return exc
 
 
 def _local_environment() -> dict[str, Any]:

@@ -4,7 +4,10 @@ Before the measured load, every server's ``/metrics`` is read; while it runs, ``
 and ``/slots`` are polled (gauges: requests deferred and processing, KV cache usage where
 the build reports it, busy slots); after it, ``/metrics`` is read again. Counters become
 deltas over the run; gauges become their mean and max over the polls. A server without
-``--metrics`` (or not a llama-server) is reported as such, and the run goes on.
+``--metrics`` (or not a llama-server) is reported as such, and the run goes on. A counter
+that goes down between two reads (the server restarted), or a read that fails after the
+first, leaves that server's counters unknown (``counters_unknown`` says why), never a
+negative delta.
 """
 
 from __future__ import annotations
@@ -56,15 +59,35 @@ class _One:
         self.kv_used: list[float] = []
         self.metrics_error: str | None = None
         self.slots_error: str | None = None
+        self.last: dict[str, float] | None = None  # the latest /metrics that answered
+        # Why the counters' deltas cannot be trusted: a counter went down (the server
+        # restarted) or a read failed after the first (it may have restarted then).
+        self.counters_unknown: str | None = None
 
     async def read_metrics(self) -> dict[str, float] | None:
         if self.metrics_error is not None:
             return None
         try:
             values: dict[str, float] = await self.metrics()
-        except LlamaError as exc:  # no --metrics, or not a llama-server: say so, go on
-            self.metrics_error = f"{type(exc).__name__}: {exc}"
+        except LlamaError as exc:
+            if self.last is None:  # no --metrics, or not a llama-server: say so, go on
+                self.metrics_error = f"{type(exc).__name__}: {exc}"
+            elif self.counters_unknown is None:
+                self.counters_unknown = (
+                    f"a /metrics read failed during the run ({type(exc).__name__}: {exc}); "
+                    "the server may have restarted"
+                )
             return None
+        if self.last is not None and self.counters_unknown is None:
+            for name in _COUNTERS:
+                was, now = self.last.get(_PREFIX + name), values.get(_PREFIX + name)
+                if was is not None and now is not None and now < was:
+                    self.counters_unknown = (
+                        f"{name} went down from {was:g} to {now:g}: the server restarted "
+                        "during the run"
+                    )
+                    break
+        self.last = values
         return values
 
     async def poll(self) -> None:
@@ -109,7 +132,7 @@ class _One:
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name}
-        if self.before is not None and self.after is not None:
+        if self.before is not None and self.after is not None and self.counters_unknown is None:
             out["counters"] = {
                 name: self.after[_PREFIX + name] - self.before[_PREFIX + name]
                 for name in _COUNTERS
@@ -125,6 +148,7 @@ class _One:
         out["busy_slots_max"] = max(self.busy_slots) if self.busy_slots else None
         out["kv_cache_usage_max"] = max(self.kv_used) if self.kv_used else None
         out["metrics_error"] = self.metrics_error
+        out["counters_unknown"] = self.counters_unknown
         out["slots_error"] = self.slots_error
         return out
 

@@ -43,9 +43,9 @@ class Ramp:
     """Grow the load from ``start`` by ``factor`` until a bound breaks (or ``points`` run).
 
     Bounds (give one or more): ``max_ttft_p99_ms``, ``max_tpot_p99_ms``, and
-    ``min_goodput_fraction`` (goodput requests / completed requests, with the base
-    config's SLOs). The point that breaks a bound is kept in the result, and the ramp
-    stops there. Concurrencies are rounded up to whole numbers, always growing.
+    ``min_goodput_fraction`` (goodput requests / measured requests, failed ones included,
+    with the base config's SLOs). The point that breaks a bound is kept in the result, and
+    the ramp stops there. Concurrencies are rounded up to whole numbers, always growing.
 
     ```python
     Ramp("concurrency", start=1, factor=2, max_ttft_p99_ms=2000)
@@ -111,7 +111,9 @@ class Ramp:
             return f"p99 TPOT {tpot:.2f} ms > {self.max_tpot_p99_ms:g} ms"
         if self.min_goodput_fraction is not None:
             good = m.goodput_requests
-            fraction = (good or 0) / m.requests_completed
+            # A failed request is not good: over completed ones alone, a server that fails
+            # most requests under the load passes on the few it answers in time.
+            fraction = (good or 0) / (m.requests_completed + m.requests_failed)
             if fraction < self.min_goodput_fraction:
                 return f"goodput fraction {fraction:.2f} < {self.min_goodput_fraction:g}"
         return None
@@ -182,6 +184,12 @@ class SweepConfig:
             not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0
         ):
             raise ConfigError(f"warmup must be an int >= 0, got {warmup!r}", field="warmup")
+        # Every point's config is checked here, not when the sweep reaches it: by then an
+        # engine has started and the points before it have run (conversations at a rate,
+        # rate=inf without a request count). A ramp's points differ only in the load.
+        loads = self.concurrencies or self.rates or (next(self.ramp.loads()) if self.ramp else 1,)
+        for load in loads:
+            self.point(load)
 
     @property
     def load(self) -> Load:

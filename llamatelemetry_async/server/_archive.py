@@ -11,12 +11,15 @@ seconds. The format (a gzip-compressed tar, stdlib only)::
     llama-server-build/lib/<library>    shared libraries, when the build has any
 
 ``FILE.sha256`` beside it (``sha256sum`` format) holds the archive's own SHA-256: when it is
-there it is checked before anything is read, and every file is checked against the
-manifest whether it is there or not. Unpacking never lets ``tarfile`` create a path: each
-member must be a regular file with one of the names above; it is streamed into a staging
-folder beside the cache entry, checked, and renamed into place (the server last), so a
-reader sees the old build or the new one, never half of one. Links, devices, absolute or
-``..`` paths, unknown or duplicate names and files the manifest does not list are refused.
+there it is checked before anything is unpacked (only the manifest is read first, to tell
+whether the build is already here), and every file is checked against the manifest whether
+it is there or not. Unpacking never lets ``tarfile`` create a path: each member must be a
+regular file with one of the names above; it is streamed into a staging folder beside the
+cache entry (after a check that the disk has room for what the manifest lists), checked,
+and renamed into place (the server last, then the marker that says the entry is whole), so
+a first install is found whole or not at all, and an install cut off part-way is done again
+by the next. Links, devices, absolute or ``..`` paths, unknown or duplicate names and files
+the manifest does not list are refused.
 """
 
 from __future__ import annotations
@@ -111,6 +114,19 @@ def export_build_archive(
         )
     if not _KEY.match(key_dir.name):
         raise UsageError(f"{key_dir} is not a build cache folder (b<build>-<flavour>-<hash>)")
+    target = Path(file).expanduser()
+    if target.is_dir():
+        raise UsageError(f"{target} is a directory; give the archive's file name")
+    with contextlib.ExitStack() as stack:
+        # The build's own lock: a build-server --force or an install of the same key
+        # rewriting these files while they are hashed and packed would give an archive
+        # whose manifest does not match its contents.
+        with contextlib.suppress(OSError):  # a read-only folder: nothing can rewrite it
+            stack.enter_context(_locked(key_dir / ".lock", lambda _message: None))
+        return _export(key_dir, target)
+
+
+def _export(key_dir: Path, target: Path) -> Path:
     files = _entry_files(key_dir)
     manifest: dict[str, Any] = {"format": FORMAT, "key": key_dir.name, "files": {}}
     for name, path in files:
@@ -120,9 +136,6 @@ def export_build_archive(
             "size": path.stat().st_size,
             "mode": mode,
         }
-    target = Path(file).expanduser()
-    if target.is_dir():
-        raise UsageError(f"{target} is a directory; give the archive's file name")
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     tmp = Path(tmp_name)
@@ -307,6 +320,7 @@ def install_build_archive(file: str | os.PathLike[str], *, cache_dir: Path | Non
             return key_dir / "bin" / "llama-server"
         for stale in key_dir.glob(".unpack-*"):
             shutil.rmtree(stale, ignore_errors=True)  # left by a killed unpack, under the lock
+        _check_space(archive, manifest, key_dir)
         staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=key_dir))
         try:
             _unpack(archive, manifest, staging)
@@ -316,9 +330,29 @@ def install_build_archive(file: str | os.PathLike[str], *, cache_dir: Path | Non
                 marker["archive_sha256"] = sidecar
             (staging / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
             _publish(staging, key_dir, manifest)
+        except OSError as exc:  # the disk filled up, or the cache is not writable
+            raise _fail(
+                archive,
+                f"unpacking it into {key_dir} failed ({exc})",
+                "free space there, or point LLAMATELEMETRY_CACHE at a disk with room",
+            ) from exc
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return key_dir / "bin" / "llama-server"
+
+
+def _check_space(archive: Path, manifest: dict[str, Any], key_dir: Path) -> None:
+    # Before anything is written: a manifest that promises more than the disk holds (a
+    # build for every CUDA architecture, or a hostile archive) fails here, not at ENOSPC.
+    need = sum(entry["size"] for entry in manifest["files"].values())
+    free = shutil.disk_usage(key_dir).free
+    if need > free:
+        raise _fail(
+            archive,
+            f"it unpacks to {need / 1e6:,.1f} MB and {key_dir.parent} has {free / 1e6:,.1f} MB "
+            "free",
+            "free space there, or point LLAMATELEMETRY_CACHE at a disk with room",
+        )
 
 
 def _built_here(key_dir: Path) -> bool:
@@ -395,6 +429,12 @@ def _check_build_record(archive: Path, record: Path) -> None:
 
 def _publish(staging: Path, key_dir: Path, manifest: dict[str, Any]) -> None:
     """Rename the checked files into the cache entry: record first, the server last."""
+    # First, a marker that vouches for nothing: a crash part-way through replacing an entry
+    # unpacked from another archive must not leave that archive's marker over a mix of
+    # both builds (it would be taken as installed), nor no marker (taken as built here).
+    publishing = staging / ".publishing.json"
+    publishing.write_text('{"manifest_sha256": null, "publishing": true}\n')
+    os.replace(publishing, key_dir / _MARKER)
     (key_dir / "bin").mkdir(exist_ok=True)
     names = sorted(manifest["files"], key=lambda n: (n == "bin/llama-server", n))
     if any(n.startswith("lib/") for n in names):

@@ -75,13 +75,17 @@ class CUDATarget:
         return capability >= (major, minor)
 
 
-def parse_cuda_architectures(spec: str | Iterable[str]) -> tuple[CUDATarget, ...] | None:
+def parse_cuda_architectures(
+    spec: str | Iterable[str | int],
+) -> tuple[CUDATarget, ...] | None:
     """The targets a ``CMAKE_CUDA_ARCHITECTURES`` value builds (``"75;90-real"``).
 
     ``None`` when it cannot be told from the value alone (``native``, ``all``, ``all-major``,
     anything unrecognised): such a binary is not checked.
     """
-    items = spec.replace(",", ";").split(";") if isinstance(spec, str) else list(spec)
+    # A build record written by hand may hold a JSON list, of numbers as often as strings.
+    joined = spec if isinstance(spec, str) else ";".join(str(item) for item in spec)
+    items = joined.replace(",", ";").split(";")
     targets: set[CUDATarget] = set()
     for raw in items:
         item = raw.strip()
@@ -130,13 +134,14 @@ def binary_cuda_targets(
         st = path.stat()
     except OSError:
         return "unknown", None
-    key = (os.fspath(path.resolve()), st.st_size, st.st_mtime_ns)
+    real = path.resolve()  # a link to a cached build: its record is beside the target
+    key = (os.fspath(real), st.st_size, st.st_mtime_ns)
     with _cache_lock:
         if key in _cache:
             return _cache[key]
-    found = _from_build_record(path)
+    found = _from_build_record(real)
     if found is None:
-        found = _from_cuobjdump(path)
+        found = _from_cuobjdump(real)
     with _cache_lock:
         _cache[key] = found
     return found
