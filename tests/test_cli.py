@@ -7,6 +7,7 @@ SIGTERM; errors are one ``error:`` line and a ``hint:`` line, with no traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import selectors
@@ -862,3 +863,26 @@ def test_bench_needs_a_target() -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "--url" in result.stderr
+
+
+def test_server_lines_say_where_each_kind_of_server_runs() -> None:
+    from llamatelemetry_async._cli._common import server_line
+    from llamatelemetry_async.engine import ServerInfo
+
+    base = ServerInfo(
+        name="cpu0", url="http://127.0.0.1:9000", pid=42, gpus=(), state="ready", slots=4,
+        outstanding=0, served=0, starts=1, exit_code=None, recent_logs=(),
+    )  # fmt: skip
+    pinned = dataclasses.replace(base, threads=2, cores=(0, 1, 3))
+    assert server_line(pinned) == (
+        "server cpu0: http://127.0.0.1:9000  (pid 42, CPU, 4 slots, 2 threads on cores 0-1,3)"
+    )
+    one = dataclasses.replace(base, name="gpu0", gpus=(0,), threads=1, cores=(5,))
+    assert server_line(one).endswith("(pid 42, GPU 0, 4 slots, 1 thread on cores 5)")
+    assert server_line(base).endswith("4 slots, default threads)")
+    remote = dataclasses.replace(base, name="remote0", kind="remote", pid=None)
+    assert server_line(remote) == "server remote0: http://127.0.0.1:9000  (remote, 4 slots)"
+    ray = dataclasses.replace(base, name="ray0", kind="ray", node="0123456789abcdef")
+    assert server_line(ray) == (
+        "server ray0: http://127.0.0.1:9000  (Ray node 0123456789ab, pid 42, CPU, 4 slots)"
+    )

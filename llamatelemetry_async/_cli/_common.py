@@ -360,6 +360,11 @@ def server_line(info: ServerInfo) -> str:
     from ..server import core_ranges
 
     where = "GPU " + ",".join(map(str, info.gpus)) if info.gpus else "CPU"
+    if info.kind == "remote":
+        return f"server {info.name}: {info.url}  (remote, {info.slots} slots)"
+    if info.kind == "ray":
+        where = f"Ray node {(info.node or '?')[:12]}, pid {info.pid}, {where}"
+        return f"server {info.name}: {info.url}  ({where}, {info.slots} slots)"
     threads = (
         "default threads"
         if info.threads is None
